@@ -1,0 +1,1 @@
+//! Placeholder crate; see the open issues.
