@@ -1,1 +1,150 @@
-pub fn x(){}
+//! The seer-rs shard format, shared by every stage.
+//!
+//! A dataset is a folder in an object store (or a local folder) holding:
+//!
+//! - **shards**: plain POSIX (ustar) tar files named `PREFIX-000000.tar`,
+//!   `PREFIX-000001.tar`, ... in the WebDataset convention: a sample is the
+//!   adjacent members `KEY.jpg` (or `.png`, `.webp`) and `KEY.json`
+//!   ([`SampleMeta`]); keys are unique in the dataset and contain no dots.
+//!   GNU `tar`, Python's `tarfile` and the `webdataset` package read them.
+//! - beside each shard an **index** (`PREFIX-000000.index.json`, [`ShardIndex`]:
+//!   member offsets and sizes, so one sample costs one ranged read) and a
+//!   **stats** file (`PREFIX-000000_stats.json`, [`ShardStats`]).
+//! - at the root a **manifest** (`manifest.json`, [`Manifest`]) listing every
+//!   completed shard with its sample count, size and SHA-256. Readers work
+//!   from it; no bucket listing is needed.
+//!
+//! ```
+//! use shards::{ShardWriter, SampleReader};
+//! let mut writer = ShardWriter::new(Vec::new(), "demo-000000.tar");
+//! writer.add("a1b2", &[("jpg", b"...jpeg bytes...".as_slice()), ("json", b"{}".as_slice())]).unwrap();
+//! let finished = writer.finish().unwrap();
+//! let samples: Vec<_> = SampleReader::new(&finished.out[..], "demo-000000.tar").collect::<Result<_, _>>().unwrap();
+//! assert_eq!(samples[0].key, "a1b2");
+//! assert_eq!(finished.index.samples[0].members["json"].size, 2);
+//! ```
+
+pub mod dataset;
+pub mod meta;
+pub mod reader;
+pub mod store;
+pub mod tar;
+pub mod writer;
+
+pub use dataset::Dataset;
+pub use meta::{Failure, IndexEntry, Manifest, ManifestShard, MemberSpan, SampleMeta, ShardIndex, ShardNames, ShardStats, StageSeconds};
+pub use reader::{Sample, SampleReader, ShardStream};
+pub use store::{Location, StoreOptions};
+pub use writer::{FinishedShard, ShardWriter};
+
+/// Errors reading or writing shards.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// The tar structure is broken (names the shard and byte offset).
+    #[error("shard {shard}: {source}")]
+    Tar {
+        /// The shard.
+        shard: String,
+        /// What is wrong, with the byte offset.
+        source: tar::TarError,
+    },
+    /// The tar is well-formed but breaks a rule of the format.
+    #[error("shard {shard}: {reason}")]
+    Invalid {
+        /// The shard.
+        shard: String,
+        /// The rule broken.
+        reason: String,
+    },
+    /// A sample key breaks the key rules.
+    #[error("invalid sample key {key:?}: {reason}")]
+    BadKey {
+        /// The key.
+        key: String,
+        /// Why it is invalid.
+        reason: &'static str,
+    },
+    /// Reading or writing bytes failed.
+    #[error("shard {shard}: {source}")]
+    Io {
+        /// The shard.
+        shard: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The object store failed.
+    #[error("shard {shard}: {source}")]
+    Store {
+        /// The shard.
+        shard: String,
+        /// The store's error.
+        source: object_store::Error,
+    },
+}
+
+/// Errors opening stores and reading the dataset's documents.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL cannot be opened.
+    #[error("cannot open {url}: {reason}")]
+    BadUrl {
+        /// The URL or path given.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// A request to the store failed (after retries).
+    #[error("{url}: {source}")]
+    Store {
+        /// The object's URL.
+        url: String,
+        /// The store's error.
+        source: object_store::Error,
+    },
+    /// A JSON document does not parse.
+    #[error("{url}: malformed document: {reason}")]
+    BadDocument {
+        /// The document's URL.
+        url: String,
+        /// The parse error.
+        reason: String,
+    },
+    /// A local file could not be read.
+    #[error("{}: {source}", path.display())]
+    Local {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A shard is broken.
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+}
+
+/// Longest key accepted: member names must fit a ustar name field.
+pub const MAX_KEY_LEN: usize = 80;
+
+/// Checks a sample key: 1 to [`MAX_KEY_LEN`] ASCII letters, digits, `_` or `-`.
+/// No dots (WebDataset splits member names at the first dot) and no slashes.
+pub fn validate_key(key: &str) -> Result<(), ShardError> {
+    let bad = |reason| Err(ShardError::BadKey { key: key.to_string(), reason });
+    if key.is_empty() {
+        return bad("empty");
+    }
+    if key.len() > MAX_KEY_LEN {
+        return bad("longer than 80 characters");
+    }
+    if !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return bad("only ASCII letters, digits, '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+/// Checks a member extension: lower-case ASCII letters, digits and dots.
+pub fn validate_extension(ext: &str) -> Result<(), ShardError> {
+    if ext.is_empty() || ext.len() > 16 || !ext.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.') {
+        return Err(ShardError::BadKey { key: ext.to_string(), reason: "extensions are 1 to 16 lower-case letters, digits or dots" });
+    }
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! The JSON documents of a dataset: per-sample metadata, per-shard index and
+//! stats, and the dataset manifest.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Metadata stored as `KEY.json` beside each image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleMeta {
+    /// The sample key (also the member names' stem).
+    pub key: String,
+    /// Where the original came from (`s3://bucket/key`, `https://...`, `file:///...`).
+    pub url: String,
+    /// Size in bytes of the original object.
+    pub source_size: u64,
+    /// ETag of the original object, where the store reports one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// Last modification time of the original object (RFC 3339), where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_modified: Option<String>,
+    /// Width of the original as displayed (after EXIF orientation).
+    pub original_width: u32,
+    /// Height of the original as displayed (after EXIF orientation).
+    pub original_height: u32,
+    /// Width of the stored image.
+    pub width: u32,
+    /// Height of the stored image.
+    pub height: u32,
+    /// Stored format: the image member's extension (`jpg`, `png`, `webp`).
+    pub format: String,
+    /// Hex SHA-256 of the original bytes.
+    pub sha256: String,
+    /// 64-bit perceptual hash of the stored pixels, 16 hex digits.
+    pub phash: String,
+    /// True when the stored bytes are the original JPEG with its metadata stripped.
+    pub kept_original: bool,
+    /// Label given at ingest, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cls: Option<String>,
+}
+
+/// Where one member of a sample lies in its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberSpan {
+    /// Byte offset of the member's data.
+    pub offset: u64,
+    /// Size of the member's data in bytes.
+    pub size: u64,
+}
+
+/// One sample in a shard index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexEntry {
+    /// The sample key.
+    pub key: String,
+    /// Byte offset of the sample's first header.
+    pub offset: u64,
+    /// Bytes from `offset` to the end of the sample's last member (padding included):
+    /// one ranged read of `offset..offset+size` returns the whole sample.
+    pub size: u64,
+    /// Members by extension.
+    pub members: BTreeMap<String, MemberSpan>,
+}
+
+/// The index beside each shard (`PREFIX-NNNNNN.index.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardIndex {
+    /// Format version of this document.
+    pub version: u32,
+    /// The shard's file name.
+    pub shard: String,
+    /// Total size of the shard in bytes.
+    pub bytes: u64,
+    /// Samples in archive order.
+    pub samples: Vec<IndexEntry>,
+}
+
+/// One failed sample, listed in the shard's stats so that it can be retried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Failure {
+    /// The source URL.
+    pub url: String,
+    /// Short, stable reason code (`fetch`, `undecodable`, `too_many_pixels`, ...).
+    pub reason: String,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// Seconds spent in each stage of ingest, summed over the shard's samples
+/// (stages overlap across workers, so the sum can exceed the wall time).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSeconds {
+    /// Reading the original bytes from storage.
+    pub fetch: f64,
+    /// Decoding (and orientation and color conversion).
+    pub decode: f64,
+    /// Resizing.
+    pub resize: f64,
+    /// Encoding and hashing.
+    pub encode: f64,
+    /// Writing the shard and uploading it.
+    pub write: f64,
+}
+
+/// Statistics beside each shard (`PREFIX-NNNNNN_stats.json`), modelled on img2dataset's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardStats {
+    /// Format version of this document.
+    pub version: u32,
+    /// The shard's file name.
+    pub shard: String,
+    /// Sources planned into this shard.
+    pub count: u64,
+    /// Samples written.
+    pub successes: u64,
+    /// Sources that failed.
+    pub failed: u64,
+    /// Sources skipped as exact duplicates (same SHA-256) of a sample written earlier in the job.
+    pub duplicates: u64,
+    /// Failures by reason code.
+    pub failed_by_reason: BTreeMap<String, u64>,
+    /// Original bytes read.
+    pub bytes_in: u64,
+    /// Bytes of the shard written.
+    pub bytes_out: u64,
+    /// Wall time of the shard in seconds.
+    pub duration_s: f64,
+    /// Start time (RFC 3339).
+    pub start_time: String,
+    /// End time (RFC 3339).
+    pub end_time: String,
+    /// Time split by stage.
+    pub stage_seconds: StageSeconds,
+    /// Every failed source with its reason (for `--retry-failed`).
+    pub failures: Vec<Failure>,
+}
+
+/// One completed shard in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestShard {
+    /// The shard's file name, relative to the dataset root.
+    pub name: String,
+    /// Number of samples.
+    pub samples: u64,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Hex SHA-256 of the shard's bytes.
+    pub sha256: String,
+}
+
+/// The dataset manifest (`manifest.json` at the dataset root): every completed shard.
+///
+/// A shard appears here only after its tar, index and stats are all stored, so
+/// readers that work from the manifest never see a partial shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Format version of this document.
+    pub version: u32,
+    /// Shards sorted by name.
+    pub shards: Vec<ManifestShard>,
+}
+
+/// Current version of every document above.
+pub const FORMAT_VERSION: u32 = 1;
+
+impl Manifest {
+    /// Total samples over all shards.
+    pub fn total_samples(&self) -> u64 {
+        self.shards.iter().map(|s| s.samples).sum()
+    }
+
+    /// Total bytes over all shards.
+    pub fn total_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.bytes).sum()
+    }
+
+    /// Adds or replaces a shard, keeping the list sorted by name.
+    pub fn upsert(&mut self, shard: ManifestShard) {
+        match self.shards.binary_search_by(|s| s.name.cmp(&shard.name)) {
+            Ok(i) => self.shards[i] = shard,
+            Err(i) => self.shards.insert(i, shard),
+        }
+    }
+
+    /// Merges several manifests (for example one per partition) into one.
+    /// A shard named in two manifests with different contents is an error.
+    pub fn merge<'a>(parts: impl IntoIterator<Item = &'a Manifest>) -> Result<Manifest, String> {
+        let mut merged = Manifest { version: FORMAT_VERSION, shards: Vec::new() };
+        for part in parts {
+            for shard in &part.shards {
+                if let Ok(i) = merged.shards.binary_search_by(|s| s.name.cmp(&shard.name))
+                    && merged.shards[i] != *shard
+                {
+                    return Err(format!("shard {} appears twice with different contents", shard.name));
+                }
+                merged.upsert(shard.clone());
+            }
+        }
+        Ok(merged)
+    }
+}
+
+/// Names of the objects that belong to one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardNames {
+    /// `PREFIX-NNNNNN.tar`
+    pub tar: String,
+    /// `PREFIX-NNNNNN.index.json`
+    pub index: String,
+    /// `PREFIX-NNNNNN_stats.json` (img2dataset's naming)
+    pub stats: String,
+}
+
+impl ShardNames {
+    /// Names of shard number `id` of a dataset whose shards are called `prefix`.
+    pub fn new(prefix: &str, id: u64) -> Self {
+        let stem = format!("{prefix}-{id:06}");
+        Self { tar: format!("{stem}.tar"), index: format!("{stem}.index.json"), stats: format!("{stem}_stats.json") }
+    }
+
+    /// The names of the index and stats that go with a shard's tar name.
+    pub fn for_tar(tar: &str) -> Self {
+        let stem = tar.strip_suffix(".tar").unwrap_or(tar);
+        Self { tar: tar.to_string(), index: format!("{stem}.index.json"), stats: format!("{stem}_stats.json") }
+    }
+}
+
+/// File name of the manifest at the dataset root.
+pub const MANIFEST: &str = "manifest.json";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        let n = ShardNames::new("data", 12);
+        assert_eq!(n.tar, "data-000012.tar");
+        assert_eq!(n.index, "data-000012.index.json");
+        assert_eq!(n.stats, "data-000012_stats.json");
+        assert_eq!(ShardNames::for_tar("data-000012.tar"), n);
+    }
+
+    #[test]
+    fn merge_rejects_conflicts() {
+        let a = ManifestShard { name: "a-000000.tar".into(), samples: 1, bytes: 10, sha256: "x".into() };
+        let mut b = a.clone();
+        let m1 = Manifest { version: 1, shards: vec![a.clone()] };
+        let m2 = Manifest { version: 1, shards: vec![a.clone()] };
+        assert_eq!(Manifest::merge([&m1, &m2]).unwrap().shards.len(), 1);
+        b.samples = 2;
+        let m3 = Manifest { version: 1, shards: vec![b] };
+        assert!(Manifest::merge([&m1, &m3]).is_err());
+    }
+}

@@ -1,0 +1,269 @@
+//! Reading shards: streamed with constant memory, or one sample at a time
+//! through the index.
+
+use std::io::Read;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use crate::ShardError;
+use crate::meta::IndexEntry;
+use crate::tar::{Member, TarParser};
+
+/// Largest member a reader accepts by default (256 MiB): far above any image
+/// ingest writes, small enough that a corrupt size field cannot exhaust memory.
+pub const DEFAULT_MAX_MEMBER_SIZE: u64 = 256 << 20;
+
+/// One sample: the members that share a key, in archive order.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// The key: the member names up to their first dot.
+    pub key: String,
+    /// Byte offset of the sample's first header in its shard.
+    pub offset: u64,
+    /// `(extension, data)` per member.
+    pub members: Vec<(String, Bytes)>,
+}
+
+impl Sample {
+    /// The data of the member with extension `ext`.
+    pub fn get(&self, ext: &str) -> Option<&Bytes> {
+        self.members.iter().find(|(e, _)| e == ext).map(|(_, d)| d)
+    }
+
+    /// The first member whose extension is an image format the project stores.
+    pub fn image(&self) -> Option<(&str, &Bytes)> {
+        self.members
+            .iter()
+            .find(|(e, _)| matches!(e.as_str(), "jpg" | "jpeg" | "png" | "webp"))
+            .map(|(e, d)| (e.as_str(), d))
+    }
+}
+
+/// Splits a member name WebDataset's way: the key is everything up to the
+/// first dot of the file name (directories included), the extension the rest.
+pub fn split_member_name(name: &str) -> Option<(&str, &str)> {
+    let file_start = name.rfind('/').map_or(0, |i| i + 1);
+    let dot = file_start + name[file_start..].find('.')?;
+    let (key, ext) = (&name[..dot], &name[dot + 1..]);
+    if key.is_empty() || ext.is_empty() || key.ends_with('/') {
+        return None;
+    }
+    Some((key, ext))
+}
+
+/// Groups adjacent members into samples.
+struct Grouper {
+    shard: String,
+    pending: Option<Sample>,
+}
+
+impl Grouper {
+    fn push(&mut self, member: Member) -> Result<Option<Sample>, ShardError> {
+        let (key, ext) = split_member_name(&member.name).ok_or_else(|| ShardError::Invalid {
+            shard: self.shard.clone(),
+            reason: format!("member {:?} at byte {} has no KEY.EXT name", member.name, member.header_offset),
+        })?;
+        if let Some(sample) = &mut self.pending
+            && sample.key == key
+        {
+            if sample.get(ext).is_some() {
+                return Err(ShardError::Invalid {
+                    shard: self.shard.clone(),
+                    reason: format!("sample {key} has two .{ext} members (the second at byte {})", member.header_offset),
+                });
+            }
+            sample.members.push((ext.to_string(), member.data));
+            return Ok(None);
+        }
+        let next = Sample { key: key.to_string(), offset: member.header_offset, members: vec![(ext.to_string(), member.data)] };
+        Ok(self.pending.replace(next))
+    }
+}
+
+/// Reads samples from a shard through any [`Read`], with memory bounded by
+/// the largest sample.
+///
+/// A truncated or corrupt shard yields an error naming the shard and byte
+/// offset; the sample being assembled when it happened is never yielded.
+pub struct SampleReader<R> {
+    input: R,
+    parser: TarParser,
+    grouper: Grouper,
+    buf: BytesMut,
+    finished: bool,
+}
+
+impl<R: Read> SampleReader<R> {
+    /// A reader of the shard called `shard` (for error messages).
+    pub fn new(input: R, shard: impl Into<String>) -> Self {
+        Self::with_max_member_size(input, shard, DEFAULT_MAX_MEMBER_SIZE)
+    }
+
+    /// As [`SampleReader::new`], refusing members over `max_member_size` bytes.
+    pub fn with_max_member_size(input: R, shard: impl Into<String>, max_member_size: u64) -> Self {
+        Self {
+            input,
+            parser: TarParser::new(max_member_size),
+            grouper: Grouper { shard: shard.into(), pending: None },
+            buf: BytesMut::new(),
+            finished: false,
+        }
+    }
+
+    fn next_sample(&mut self) -> Result<Option<Sample>, ShardError> {
+        let shard = self.grouper.shard.clone();
+        loop {
+            let member = self.parser.next_member(&mut self.buf).map_err(|source| ShardError::Tar { shard: shard.clone(), source })?;
+            if let Some(member) = member {
+                if let Some(sample) = self.grouper.push(member)? {
+                    return Ok(Some(sample));
+                }
+                continue;
+            }
+            if self.parser.at_end() {
+                return Ok(self.grouper.pending.take());
+            }
+            let want = self.parser.wanted().clamp(4096, 1 << 20);
+            let start = self.buf.len();
+            self.buf.resize(start + want, 0);
+            let read = loop {
+                match self.input.read(&mut self.buf[start..]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(source) => return Err(ShardError::Io { shard, source }),
+                }
+            };
+            self.buf.truncate(start + read);
+            if read == 0 {
+                self.parser.check_eof(self.buf.len()).map_err(|source| ShardError::Tar { shard: shard.clone(), source })?;
+            }
+        }
+    }
+}
+
+impl<R: Read> Iterator for SampleReader<R> {
+    type Item = Result<Sample, ShardError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.finished {
+            return None;
+        }
+        let item = self.next_sample().transpose();
+        if !matches!(item, Some(Ok(_))) {
+            self.finished = true;
+        }
+        item
+    }
+}
+
+/// Streams the samples of a shard stored in an object store, with memory
+/// bounded by the largest sample whatever the shard's size.
+pub struct ShardStream {
+    body: BoxStream<'static, object_store::Result<Bytes>>,
+    parser: TarParser,
+    grouper: Grouper,
+    buf: BytesMut,
+    finished: bool,
+}
+
+impl ShardStream {
+    /// Starts reading `path` from `store`; `shard` names it in errors.
+    pub async fn open(store: &dyn ObjectStore, path: &Path, shard: impl Into<String>) -> Result<Self, ShardError> {
+        let shard = shard.into();
+        let result = store.get(path).await.map_err(|source| ShardError::Store { shard: shard.clone(), source })?;
+        Ok(Self::from_stream(result.into_stream(), shard, DEFAULT_MAX_MEMBER_SIZE))
+    }
+
+    /// Reads samples from any stream of byte chunks.
+    pub fn from_stream(body: BoxStream<'static, object_store::Result<Bytes>>, shard: impl Into<String>, max_member_size: u64) -> Self {
+        Self {
+            body,
+            parser: TarParser::new(max_member_size),
+            grouper: Grouper { shard: shard.into(), pending: None },
+            buf: BytesMut::new(),
+            finished: false,
+        }
+    }
+
+    /// The next sample, `Ok(None)` at the end of the shard. After an error the stream is over.
+    pub async fn next(&mut self) -> Result<Option<Sample>, ShardError> {
+        if self.finished {
+            return Ok(None);
+        }
+        let result = self.next_inner().await;
+        if !matches!(result, Ok(Some(_))) {
+            self.finished = true;
+        }
+        result
+    }
+
+    async fn next_inner(&mut self) -> Result<Option<Sample>, ShardError> {
+        loop {
+            let shard = &self.grouper.shard;
+            let member = self.parser.next_member(&mut self.buf).map_err(|source| ShardError::Tar { shard: shard.clone(), source })?;
+            if let Some(member) = member {
+                if let Some(sample) = self.grouper.push(member)? {
+                    return Ok(Some(sample));
+                }
+                continue;
+            }
+            if self.parser.at_end() {
+                // Drain (and check) whatever padding follows the marker.
+                while let Some(chunk) = self.body.next().await {
+                    let chunk = chunk.map_err(|source| ShardError::Store { shard: shard.clone(), source })?;
+                    self.buf.extend_from_slice(&chunk);
+                    self.parser.next_member(&mut self.buf).map_err(|source| ShardError::Tar { shard: shard.clone(), source })?;
+                }
+                return Ok(self.grouper.pending.take());
+            }
+            match self.body.next().await {
+                Some(chunk) => {
+                    let chunk = chunk.map_err(|source| ShardError::Store { shard: shard.clone(), source })?;
+                    self.buf.extend_from_slice(&chunk);
+                }
+                None => {
+                    self.parser.check_eof(self.buf.len()).map_err(|source| ShardError::Tar { shard: shard.clone(), source })?;
+                }
+            }
+        }
+    }
+}
+
+/// Reads one sample with a single ranged read, using its index entry.
+pub async fn read_indexed_sample(store: &dyn ObjectStore, path: &Path, shard: &str, entry: &IndexEntry) -> Result<Sample, ShardError> {
+    let bytes = store
+        .get_range(path, entry.offset..entry.offset + entry.size)
+        .await
+        .map_err(|source| ShardError::Store { shard: shard.to_string(), source })?;
+    parse_indexed_sample(bytes, shard, entry)
+}
+
+/// Parses the bytes of one sample read through its index entry, checking
+/// them against the entry.
+pub fn parse_indexed_sample(bytes: Bytes, shard: &str, entry: &IndexEntry) -> Result<Sample, ShardError> {
+    let mut parser = TarParser::new(DEFAULT_MAX_MEMBER_SIZE);
+    let mut buf = BytesMut::from(&bytes[..]);
+    let mut sample = Sample { key: entry.key.clone(), offset: entry.offset, members: Vec::new() };
+    let invalid = |reason: String| ShardError::Invalid { shard: shard.to_string(), reason };
+    while !buf.is_empty() {
+        let member = parser
+            .next_member(&mut buf)
+            .map_err(|source| ShardError::Tar { shard: shard.to_string(), source })?
+            .ok_or_else(|| invalid(format!("sample {} at byte {} ends inside a member", entry.key, entry.offset)))?;
+        let (key, ext) = split_member_name(&member.name)
+            .ok_or_else(|| invalid(format!("member {:?} of sample {} has no KEY.EXT name", member.name, entry.key)))?;
+        let span = entry.members.get(ext);
+        if key != entry.key || span.map(|s| (s.offset, s.size)) != Some((entry.offset + member.data_offset, member.data.len() as u64)) {
+            return Err(invalid(format!("index entry for {} does not match member {:?} at byte {}", entry.key, member.name, entry.offset + member.header_offset)));
+        }
+        sample.members.push((ext.to_string(), member.data));
+    }
+    if sample.members.len() != entry.members.len() {
+        return Err(invalid(format!("sample {} has {} members, its index entry {}", entry.key, sample.members.len(), entry.members.len())));
+    }
+    Ok(sample)
+}
