@@ -64,6 +64,11 @@ pub struct IndexEntry {
     pub size: u64,
     /// Members by extension.
     pub members: BTreeMap<String, MemberSpan>,
+    /// Hex SHA-256 of the original the sample was made from, where the writer
+    /// knows it (ingest uses it to skip exact duplicates on resume without
+    /// rereading shards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_sha256: Option<String>,
 }
 
 /// The index beside each shard (`PREFIX-NNNNNN.index.json`).

@@ -47,6 +47,11 @@ impl<W: Write> ShardWriter<W> {
 
     /// Appends one sample: its members, in the order given, as `KEY.EXT`.
     pub fn add(&mut self, key: &str, members: &[(&str, &[u8])]) -> Result<(), ShardError> {
+        self.add_with_source_hash(key, members, None)
+    }
+
+    /// As [`ShardWriter::add`], recording the SHA-256 of the sample's original in the index.
+    pub fn add_with_source_hash(&mut self, key: &str, members: &[(&str, &[u8])], source_sha256: Option<&str>) -> Result<(), ShardError> {
         validate_key(key)?;
         if members.is_empty() {
             return Err(ShardError::Invalid { shard: self.shard.clone(), reason: format!("sample {key} has no members") });
@@ -68,7 +73,7 @@ impl<W: Write> ShardWriter<W> {
             let pad = tar::padding(size) as usize;
             self.emit(&[0u8; BLOCK][..pad])?;
         }
-        self.samples.push(IndexEntry { key: key.to_string(), offset: start, size: self.offset - start, members: spans });
+        self.samples.push(IndexEntry { key: key.to_string(), offset: start, size: self.offset - start, members: spans, source_sha256: source_sha256.map(str::to_string) });
         Ok(())
     }
 

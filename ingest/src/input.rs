@@ -1,0 +1,323 @@
+//! Where the images come from: a listed object-store prefix or a list file.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use futures::stream::{BoxStream, StreamExt};
+use object_store::ObjectStoreExt;
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+use shards::{Location, StoreOptions};
+
+use crate::IngestError;
+
+/// One image to ingest, as planned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceItem {
+    /// The image's URL (`s3://b/k`, `https://h/p`, `file:///p`).
+    pub url: String,
+    /// Its label, if one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cls: Option<String>,
+}
+
+/// How labels are attached to inputs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LabelSource {
+    /// No labels.
+    #[default]
+    None,
+    /// The name of the folder holding each image (ImageFolder's convention).
+    FolderName,
+    /// A column of a CSV or JSONL list file.
+    Column(String),
+}
+
+/// Format of a list file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ListFormat {
+    /// Guess from the file's extension (`.csv`, `.jsonl`/`.ndjson`, else text).
+    Auto,
+    /// One URL or path per line.
+    Txt,
+    /// CSV with a header row and a URL column.
+    Csv,
+    /// One JSON object per line with a URL field.
+    Jsonl,
+}
+
+/// What the job reads, as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputSpec {
+    /// A prefix URL to list recursively, or a list file when `list` is set.
+    pub url: String,
+    /// Read `url` as a list file rather than listing it.
+    pub list: bool,
+    /// Format of the list file.
+    pub list_format: ListFormat,
+    /// Column (CSV) or field (JSONL) holding the URL.
+    pub url_column: String,
+    /// Labels.
+    pub labels: LabelSource,
+    /// File extensions kept when listing a prefix (lower case, no dot).
+    pub extensions: Vec<String>,
+}
+
+/// Default extensions kept when listing a prefix.
+pub const DEFAULT_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
+
+fn extension_of(name: &str) -> Option<String> {
+    let file = name.rsplit('/').next()?;
+    let (_, ext) = file.rsplit_once('.')?;
+    Some(ext.to_ascii_lowercase())
+}
+
+fn parent_folder(url_path: &str) -> Option<String> {
+    let mut parts = url_path.rsplit('/');
+    parts.next()?;
+    parts.next().filter(|p| !p.is_empty()).map(str::to_string)
+}
+
+/// Streams the input's items, in the order the store lists them (or the
+/// list file gives them). The stream holds one page of a listing or one
+/// line of a list file at a time, whatever the input's size.
+pub async fn items(spec: &InputSpec, options: &StoreOptions) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
+    if spec.list {
+        list_file_items(spec, options).await
+    } else {
+        listed_items(spec, options)
+    }
+}
+
+fn listed_items(spec: &InputSpec, options: &StoreOptions) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
+    let location = Location::open(&spec.url, options, false).map_err(IngestError::Input)?;
+    let extensions = spec.extensions.clone();
+    let by_folder = spec.labels == LabelSource::FolderName;
+    if matches!(spec.labels, LabelSource::Column(_)) {
+        return Err(IngestError::Config("--label-column needs a list file (--list); with a listed prefix use --labels-from-folders".into()));
+    }
+    let prefix = (!location.prefix.as_ref().is_empty()).then(|| location.prefix.clone());
+    let store = location.store.clone();
+    let stream = store.list(prefix.as_ref()).filter_map(move |meta| {
+        let location = location.clone();
+        let extensions = extensions.clone();
+        async move {
+            match meta {
+                Err(source) => Some(Err(IngestError::Listing { url: location.url.clone(), source })),
+                Ok(meta) => {
+                    let name = meta.location.as_ref();
+                    let ext = extension_of(name)?;
+                    if !extensions.contains(&ext) {
+                        return None;
+                    }
+                    let url = object_url(&location, &meta.location);
+                    let cls = if by_folder { parent_folder(name) } else { None };
+                    Some(Ok(SourceItem { url, cls }))
+                }
+            }
+        }
+    });
+    Ok(stream.boxed())
+}
+
+/// The URL of an object of a location, as stored in metadata and plans.
+pub fn object_url(location: &Location, path: &Path) -> String {
+    if location.url.starts_with("file:") {
+        // The local store is rooted at the location's folder: rebuild an absolute file URL.
+        let base = url::Url::parse(&location.url).ok().and_then(|u| u.to_file_path().ok());
+        if let Some(base) = base {
+            let mut file = base;
+            for part in path.parts() {
+                file.push(part.as_ref());
+            }
+            if let Ok(url) = url::Url::from_file_path(&file) {
+                return url.to_string();
+            }
+        }
+    }
+    location.url_of(path)
+}
+
+async fn list_file_items(spec: &InputSpec, options: &StoreOptions) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
+    use tokio::io::AsyncBufReadExt;
+    let (base, object) = shards::store::split_object_url(&spec.url).map_err(IngestError::Input)?;
+    let location = Location::open(&base, options, false).map_err(IngestError::Input)?;
+    let path = Path::from_url_path(&object).map_err(|e| IngestError::Config(format!("{}: {e}", spec.url)))?;
+    let result = location.store.get(&path).await.map_err(|source| IngestError::Fetch { url: spec.url.clone(), source })?;
+    let reader = tokio_util::io::StreamReader::new(result.into_stream().map(|chunk| chunk.map_err(std::io::Error::other)));
+    let lines = tokio_stream::wrappers::LinesStream::new(tokio::io::BufReader::new(reader).lines());
+    let format = match spec.list_format {
+        ListFormat::Auto if spec.url.ends_with(".csv") => ListFormat::Csv,
+        ListFormat::Auto if spec.url.ends_with(".jsonl") || spec.url.ends_with(".ndjson") => ListFormat::Jsonl,
+        ListFormat::Auto => ListFormat::Txt,
+        other => other,
+    };
+    let list_url = spec.url.clone();
+    let url_column = spec.url_column.clone();
+    let labels = spec.labels.clone();
+    let mut header: Option<Vec<String>> = None;
+    let mut line_number = 0usize;
+    let stream = lines.filter_map(move |line| {
+        line_number += 1;
+        let parsed = match line {
+            Err(e) => Some(Err(IngestError::ListFile { url: list_url.clone(), line: line_number, reason: e.to_string() })),
+            Ok(line) if line.trim().is_empty() || line.starts_with('#') && format == ListFormat::Txt => None,
+            Ok(line) => parse_list_line(&line, format, &mut header, &url_column, &labels)
+                .map_err(|reason| IngestError::ListFile { url: list_url.clone(), line: line_number, reason })
+                .transpose(),
+        };
+        std::future::ready(parsed.map(|item| item.and_then(|item| absolutize(item, &list_url, &list_url, line_number))))
+    });
+    Ok(stream.boxed())
+}
+
+/// Relative paths in a list file are relative to the current folder, like a shell's.
+fn absolutize(mut item: SourceItem, _list_url: &str, list: &str, line: usize) -> Result<SourceItem, IngestError> {
+    let url = shards::store::normalize_url(&item.url)
+        .map_err(|e| IngestError::ListFile { url: list.to_string(), line, reason: e.to_string() })?
+        .to_string();
+    item.url = url.trim_end_matches('/').to_string();
+    Ok(item)
+}
+
+fn parse_list_line(line: &str, format: ListFormat, header: &mut Option<Vec<String>>, url_column: &str, labels: &LabelSource) -> Result<Option<SourceItem>, String> {
+    match format {
+        ListFormat::Txt | ListFormat::Auto => {
+            let url = line.trim().to_string();
+            let cls = if *labels == LabelSource::FolderName { parent_folder(&url) } else { None };
+            Ok(Some(SourceItem { url, cls }))
+        }
+        ListFormat::Csv => {
+            let fields = split_csv_line(line)?;
+            let Some(names) = header.as_ref() else {
+                *header = Some(fields);
+                return Ok(None);
+            };
+            let column = |name: &str| -> Result<usize, String> {
+                names.iter().position(|n| n == name).ok_or_else(|| format!("the CSV header has no column {name:?} (columns: {})", names.join(", ")))
+            };
+            let url = fields.get(column(url_column)?).cloned().ok_or_else(|| format!("row has {} fields, the header {}", fields.len(), names.len()))?;
+            let cls = match labels {
+                LabelSource::Column(name) => Some(fields.get(column(name)?).cloned().ok_or_else(|| format!("row has no {name:?} field"))?),
+                LabelSource::FolderName => parent_folder(&url),
+                LabelSource::None => None,
+            };
+            Ok(Some(SourceItem { url, cls }))
+        }
+        ListFormat::Jsonl => {
+            let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+            let text = |name: &str| -> Result<String, String> {
+                match value.get(name) {
+                    Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                    Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+                    Some(_) => Err(format!("field {name:?} is not a string or number")),
+                    None => Err(format!("no field {name:?}")),
+                }
+            };
+            let url = text(url_column)?;
+            let cls = match labels {
+                LabelSource::Column(name) => Some(text(name)?),
+                LabelSource::FolderName => parent_folder(&url),
+                LabelSource::None => None,
+            };
+            Ok(Some(SourceItem { url, cls }))
+        }
+    }
+}
+
+/// Splits one CSV line (RFC 4180 quoting; fields do not span lines).
+fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut chars = line.trim_end_matches('\r').chars().peekable();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            (true, '"') => quoted = false,
+            (true, c) => field.push(c),
+            (false, '"') if field.is_empty() => quoted = true,
+            (false, ',') => fields.push(std::mem::take(&mut field)),
+            (false, c) => field.push(c),
+        }
+    }
+    if quoted {
+        return Err("unterminated quote".into());
+    }
+    fields.push(field);
+    Ok(fields)
+}
+
+/// Opens the stores that items' URLs point into, once per bucket or host.
+#[derive(Default)]
+pub struct Resolver {
+    options: StoreOptions,
+    locations: Mutex<HashMap<String, Location>>,
+}
+
+impl Resolver {
+    /// A resolver whose stores use `options`.
+    pub fn new(options: StoreOptions) -> Self {
+        Self { options, locations: Mutex::default() }
+    }
+
+    /// The store and path of an item's URL.
+    pub fn resolve(&self, url: &str) -> Result<(Location, Path), String> {
+        let parsed = url::Url::parse(url).map_err(|e| format!("bad URL: {e}"))?;
+        let (base, path) = if parsed.scheme() == "file" {
+            let file = parsed.to_file_path().map_err(|()| "not a local path".to_string())?;
+            let path = Path::from_filesystem_path(&file).map_err(|e| e.to_string())?;
+            ("/".to_string(), path)
+        } else {
+            let (base, object) = shards::store::split_object_url(url).map_err(|e| e.to_string())?;
+            (base, Path::from_url_path(&object).map_err(|e| e.to_string())?)
+        };
+        let mut locations = self.locations.lock().expect("resolver lock");
+        if let Some(location) = locations.get(&base) {
+            return Ok((location.clone(), path));
+        }
+        let location = Location::open(&base, &self.options, false).map_err(|e| e.to_string())?;
+        locations.insert(base, location.clone());
+        Ok((location, path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_lines() {
+        assert_eq!(split_csv_line(r#"a,"b,c","d""e",,"#).unwrap(), vec!["a", "b,c", "d\"e", "", ""]);
+        assert!(split_csv_line(r#"a,"b"#).is_err());
+    }
+
+    #[test]
+    fn csv_list_with_labels() {
+        let mut header = None;
+        let labels = LabelSource::Column("label".into());
+        assert_eq!(parse_list_line("url,label", ListFormat::Csv, &mut header, "url", &labels).unwrap(), None);
+        let item = parse_list_line("s3://b/x.jpg,cat", ListFormat::Csv, &mut header, "url", &labels).unwrap().unwrap();
+        assert_eq!(item, SourceItem { url: "s3://b/x.jpg".into(), cls: Some("cat".into()) });
+        let err = parse_list_line("s3://b/x.jpg,cat", ListFormat::Csv, &mut header, "link", &labels).unwrap_err();
+        assert!(err.contains("no column \"link\""), "{err}");
+    }
+
+    #[test]
+    fn jsonl_list() {
+        let item = parse_list_line(r#"{"url": "https://h/a.png", "cls": 3}"#, ListFormat::Jsonl, &mut None, "url", &LabelSource::Column("cls".into())).unwrap().unwrap();
+        assert_eq!(item.cls.as_deref(), Some("3"));
+        assert!(parse_list_line("{", ListFormat::Jsonl, &mut None, "url", &LabelSource::None).is_err());
+    }
+
+    #[test]
+    fn folder_labels() {
+        assert_eq!(parent_folder("photos/cats/a.jpg").as_deref(), Some("cats"));
+        assert_eq!(parent_folder("a.jpg"), None);
+        assert_eq!(extension_of("x/Y.JPEG").as_deref(), Some("jpeg"));
+    }
+}

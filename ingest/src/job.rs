@@ -1,0 +1,566 @@
+//! The ingest job: plan, then make each of this partition's shards.
+//!
+//! Per shard, sources are fetched with a bounded number of requests in
+//! flight and processed on a CPU pool sized to the cores. Each accepted
+//! sample is appended to a local spool file as soon as it is ready, so memory
+//! holds only the samples in flight. When every source of the shard is done
+//! the samples are written to the shard in plan order (so a rerun gives the
+//! same bytes), exact duplicates are dropped (the earliest in plan order is
+//! kept), and the shard is published: tar, then index, then stats, then the
+//! manifest, each an atomic put. A shard is complete exactly when the
+//! manifest lists it; a crash anywhere before leaves at most an unlisted tar
+//! that the rerun overwrites.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use object_store::ObjectStoreExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use shards::meta::{FORMAT_VERSION, MANIFEST};
+use shards::{Failure, Location, Manifest, ManifestShard, SampleMeta, ShardNames, ShardStats, ShardWriter, StageSeconds, StoreOptions};
+use tokio::sync::Semaphore;
+
+use crate::image::{ImageConfig, ProcessedImage, process_image};
+use crate::input::{InputSpec, Resolver, SourceItem};
+use crate::{IngestError, plan};
+
+/// Which share of the shards this worker makes: shards `id` with `id % count == index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partition {
+    /// This worker's index, from 0.
+    pub index: u32,
+    /// Number of workers.
+    pub count: u32,
+}
+
+impl Default for Partition {
+    fn default() -> Self {
+        Self { index: 0, count: 1 }
+    }
+}
+
+impl std::str::FromStr for Partition {
+    type Err = String;
+
+    /// Parses `I/N`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (index, count) = text.split_once('/').ok_or_else(|| format!("partition {text:?} is not I/N"))?;
+        let index: u32 = index.trim().parse().map_err(|_| format!("partition index {index:?} is not a number"))?;
+        let count: u32 = count.trim().parse().map_err(|_| format!("partition count {count:?} is not a number"))?;
+        if count == 0 || index >= count {
+            return Err(format!("partition {index}/{count}: the index must be below the count"));
+        }
+        Ok(Self { index, count })
+    }
+}
+
+impl Partition {
+    /// The manifest this partition writes: the dataset's own when it is the
+    /// only one, else its part, which `ingest merge` combines.
+    pub fn manifest_name(&self) -> String {
+        if self.count == 1 { MANIFEST.to_string() } else { format!("_parts/manifest-{:05}-of-{:05}.json", self.index, self.count) }
+    }
+}
+
+/// Everything the job needs; `Default` gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// What to read.
+    pub input: InputSpec,
+    /// Where the dataset goes (a URL or local folder).
+    pub output: String,
+    /// Shard names are `PREFIX-000000.tar`. Default `data`.
+    pub shard_prefix: String,
+    /// Sources per shard. Default 10,000: at the default 512-px short side
+    /// and JPEG q90 a sample is 40-60 KB, so a shard is 400-600 MB, inside
+    /// WebDataset's 256 MiB - 1 GiB range (big enough that per-object
+    /// latency is amortized, small enough that a failed shard costs minutes).
+    pub samples_per_shard: u64,
+    /// This worker's share.
+    pub partition: Partition,
+    /// Source fetches in flight. Default 32: hides object-store latency
+    /// (~20-100 ms) at hundreds of images per second.
+    pub fetch_concurrency: usize,
+    /// Images processed at once (CPU threads). Default: the number of cores.
+    pub workers: usize,
+    /// Per-image settings.
+    pub image: ImageConfig,
+    /// Abort when more than this fraction of sources failed (after at least
+    /// [`JobConfig::failure_rate_min_samples`]). Default 0.5.
+    pub max_failure_rate: f64,
+    /// Samples seen before the failure rate is judged. Default 200.
+    pub failure_rate_min_samples: u64,
+    /// Retry only the failed sources of completed shards.
+    pub retry_failed: bool,
+    /// Local folder for spool files. Default: the system's temporary folder.
+    pub work_dir: PathBuf,
+    /// Store access (retries, options).
+    pub store: StoreOptions,
+    /// How long partitions other than 0 wait for the plan. Default 1 hour.
+    pub plan_wait: Duration,
+}
+
+impl JobConfig {
+    /// A configuration with defaults for everything but input and output.
+    pub fn new(input: InputSpec, output: impl Into<String>) -> Self {
+        Self {
+            input,
+            output: output.into(),
+            shard_prefix: "data".into(),
+            samples_per_shard: 10_000,
+            partition: Partition::default(),
+            fetch_concurrency: 32,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            image: ImageConfig::default(),
+            max_failure_rate: 0.5,
+            failure_rate_min_samples: 200,
+            retry_failed: false,
+            work_dir: std::env::temp_dir(),
+            store: StoreOptions::default(),
+            plan_wait: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Progress, reported after each source and each shard.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// Sources this worker has to go through (its shards' items).
+    pub items_total: u64,
+    /// Sources done (written, failed, duplicate, or in a shard done before).
+    pub items_done: u64,
+    /// Samples written.
+    pub written: u64,
+    /// Sources failed.
+    pub failed: u64,
+    /// Exact duplicates skipped.
+    pub duplicates: u64,
+    /// Original bytes read.
+    pub bytes_in: u64,
+    /// Shards of this worker done.
+    pub shards_done: u64,
+    /// Shards of this worker.
+    pub shards_total: u64,
+}
+
+/// Receives progress; the CLI draws a bar or logs from it.
+pub trait Reporter: Send + Sync {
+    /// Called often (after each source); keep it cheap.
+    fn progress(&self, progress: &Progress);
+    /// Called once per shard published.
+    fn shard_done(&self, _stats: &ShardStats) {}
+}
+
+/// A reporter that does nothing.
+pub struct Silent;
+
+impl Reporter for Silent {
+    fn progress(&self, _: &Progress) {}
+}
+
+/// What a finished job did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JobSummary {
+    /// Shards this run published.
+    pub shards_written: u64,
+    /// Shards already complete before this run.
+    pub shards_skipped: u64,
+    /// Samples written by this run.
+    pub written: u64,
+    /// Sources that failed in this run.
+    pub failed: u64,
+    /// Exact duplicates skipped in this run.
+    pub duplicates: u64,
+    /// Failures by reason.
+    pub failed_by_reason: BTreeMap<String, u64>,
+    /// Original bytes read.
+    pub bytes_in: u64,
+    /// Shard bytes written.
+    pub bytes_out: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Time by stage, summed over samples.
+    pub stage_seconds: StageSeconds,
+}
+
+/// Counters shared by the job's tasks.
+#[derive(Default)]
+struct Counters {
+    seen: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// One accepted sample waiting in the spool.
+struct Spooled {
+    plan_index: usize,
+    key: String,
+    sha256: [u8; 32],
+    ext: &'static str,
+    offset: u64,
+    image_len: usize,
+    json_len: usize,
+}
+
+/// The outcome of one source.
+enum Outcome {
+    Accepted { plan_index: usize, item: SourceItem, meta: object_store::ObjectMeta, sha256: [u8; 32], image: ProcessedImage, fetch: Duration },
+    Failed { failure: Failure, bytes_in: u64, fetch: Duration },
+}
+
+/// The sample key of a source: 24 hex digits (96 bits) of the SHA-256 of its
+/// URL. Deterministic, so reruns and resumes give the same keys; collisions
+/// are negligible (about 1e-11 for a billion sources).
+pub fn sample_key(url: &str) -> String {
+    hex::encode(&Sha256::digest(url.as_bytes())[..12])
+}
+
+/// Runs the job: plans (or finds the plan), then makes this partition's
+/// shards that are not complete yet.
+pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSummary, IngestError> {
+    config.image.validate().map_err(|e| IngestError::Config(e.to_string()))?;
+    if config.samples_per_shard == 0 || config.fetch_concurrency == 0 || config.workers == 0 {
+        return Err(IngestError::Config("samples per shard, fetch concurrency and workers must be at least 1".into()));
+    }
+    shards::validate_key(&config.shard_prefix).map_err(|e| IngestError::Config(format!("shard prefix: {e}")))?;
+    let started = Instant::now();
+    let output = Location::open(&config.output, &config.store, true).map_err(IngestError::Output)?;
+    let plan = match plan::existing(&output, &config.input, config.samples_per_shard, &config.shard_prefix).await? {
+        Some(plan) => plan,
+        None if config.partition.index == 0 => plan::make(&output, &config.input, config.samples_per_shard, &config.shard_prefix, &config.store).await?,
+        None => plan::wait(&output, &config.input, config.samples_per_shard, &config.shard_prefix, config.plan_wait).await?,
+    };
+    let manifest_name = config.partition.manifest_name();
+    let mut manifest: Manifest = output.get_json_opt(&manifest_name).await.map_err(IngestError::Output)?.unwrap_or(Manifest { version: FORMAT_VERSION, shards: Vec::new() });
+    let my_shards: Vec<u64> = (0..plan.shards).filter(|id| id % u64::from(config.partition.count) == u64::from(config.partition.index)).collect();
+
+    // Exact duplicates are written once per job: remember what completed shards hold.
+    let mut seen_hashes: HashSet<[u8; 32]> = HashSet::new();
+    for shard in &manifest.shards {
+        let index: shards::ShardIndex = output.get_json(&ShardNames::for_tar(&shard.name).index).await.map_err(IngestError::Output)?;
+        seen_hashes.extend(index.samples.iter().filter_map(|e| e.source_sha256.as_deref()).filter_map(decode_sha));
+    }
+
+    let mut progress = Progress {
+        items_total: my_shards.iter().map(|&id| items_in_shard(&plan, id)).sum(),
+        shards_total: my_shards.len() as u64,
+        ..Progress::default()
+    };
+    let mut summary = JobSummary::default();
+    let job = JobState {
+        config,
+        output: &output,
+        resolver: Arc::new(Resolver::new(config.store.clone())),
+        cpu: Arc::new(Semaphore::new(config.workers)),
+        counters: Arc::new(Counters::default()),
+        reporter,
+    };
+    for &id in &my_shards {
+        let names = ShardNames::new(&plan.shard_prefix, id);
+        let done = manifest.shards.iter().any(|s| s.name == names.tar);
+        if done && !config.retry_failed {
+            summary.shards_skipped += 1;
+            progress.items_done += items_in_shard(&plan, id);
+            progress.shards_done += 1;
+            reporter.progress(&progress);
+            continue;
+        }
+        let items = plan::chunk(&output, id).await?;
+        let kept = if done {
+            let stats: ShardStats = output.get_json(&names.stats).await.map_err(IngestError::Output)?;
+            if stats.failures.is_empty() {
+                summary.shards_skipped += 1;
+                progress.items_done += items.len() as u64;
+                progress.shards_done += 1;
+                continue;
+            }
+            Some(stats)
+        } else {
+            None
+        };
+        let (stats, sha256) = job.make_shard(&names, items, kept, &mut seen_hashes, &mut progress).await?;
+        manifest.upsert(ManifestShard { name: names.tar.clone(), samples: stats.successes, bytes: stats.bytes_out, sha256 });
+        output.put_json(&manifest_name, &manifest).await.map_err(IngestError::Output)?;
+        reporter.shard_done(&stats);
+        summary.shards_written += 1;
+        summary.written += stats.successes;
+        summary.failed += stats.failed;
+        summary.duplicates += stats.duplicates;
+        summary.bytes_in += stats.bytes_in;
+        summary.bytes_out += stats.bytes_out;
+        for (reason, n) in &stats.failed_by_reason {
+            *summary.failed_by_reason.entry(reason.clone()).or_default() += n;
+        }
+        add_stage_seconds(&mut summary.stage_seconds, &stats.stage_seconds);
+        progress.shards_done += 1;
+        reporter.progress(&progress);
+    }
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+fn add_stage_seconds(total: &mut StageSeconds, add: &StageSeconds) {
+    total.fetch += add.fetch;
+    total.decode += add.decode;
+    total.resize += add.resize;
+    total.encode += add.encode;
+    total.write += add.write;
+}
+
+fn items_in_shard(plan: &plan::Plan, id: u64) -> u64 {
+    plan.items.saturating_sub(id * plan.samples_per_shard).min(plan.samples_per_shard)
+}
+
+fn decode_sha(text: &str) -> Option<[u8; 32]> {
+    hex::decode(text).ok()?.try_into().ok()
+}
+
+struct JobState<'a> {
+    config: &'a JobConfig,
+    output: &'a Location,
+    resolver: Arc<Resolver>,
+    cpu: Arc<Semaphore>,
+    counters: Arc<Counters>,
+    reporter: &'a dyn Reporter,
+}
+
+impl JobState<'_> {
+    /// Makes one shard from its plan chunk and publishes it. With `previous`
+    /// (a completed shard's stats, for `--retry-failed`) the samples already
+    /// in the shard are kept and only the listed failures are fetched again.
+    async fn make_shard(
+        &self,
+        names: &ShardNames,
+        items: Vec<SourceItem>,
+        previous: Option<ShardStats>,
+        seen_hashes: &mut HashSet<[u8; 32]>,
+        progress: &mut Progress,
+    ) -> Result<(ShardStats, String), IngestError> {
+        let started = Instant::now();
+        let start_time = chrono::Utc::now().to_rfc3339();
+        let spool_file = tempfile::tempfile_in(&self.config.work_dir).map_err(|e| IngestError::Local(format!("spool file in {}: {e}", self.config.work_dir.display())))?;
+        let mut spool = BufWriter::with_capacity(1 << 20, spool_file);
+        let mut spool_len = 0u64;
+        let mut spooled: Vec<Spooled> = Vec::new();
+        let mut stats = ShardStats { version: FORMAT_VERSION, shard: names.tar.clone(), count: items.len() as u64, start_time, ..ShardStats::default() };
+
+        // Which plan items to fetch: all, or (retrying) only the failed ones,
+        // after copying the shard's existing samples into the spool.
+        let mut todo: Vec<(usize, SourceItem)> = items.iter().cloned().enumerate().collect();
+        if let Some(previous) = &previous {
+            let failed: HashSet<&str> = previous.failures.iter().map(|f| f.url.as_str()).collect();
+            let position: BTreeMap<String, usize> = items.iter().enumerate().map(|(i, item)| (sample_key(&item.url), i)).collect();
+            let index: shards::ShardIndex = self.output.get_json(&names.index).await.map_err(IngestError::Output)?;
+            let mut stream = shards::ShardStream::open(self.output.store.as_ref(), &self.output.child(&names.tar), &names.tar).await.map_err(|e| IngestError::Output(e.into()))?;
+            let mut entries = index.samples.iter();
+            while let Some(sample) = stream.next().await.map_err(|e| IngestError::Output(e.into()))? {
+                let entry = entries.next().filter(|e| e.key == sample.key).ok_or_else(|| IngestError::Config(format!("{}: index does not match the shard at key {}", names.tar, sample.key)))?;
+                let (ext, image) = sample.image().ok_or_else(|| IngestError::Config(format!("{}: sample {} has no image", names.tar, sample.key)))?;
+                let ext: &'static str = match ext { "png" => "png", "webp" => "webp", _ => "jpg" };
+                let json = sample.get("json").ok_or_else(|| IngestError::Config(format!("{}: sample {} has no json", names.tar, sample.key)))?;
+                let sha256 = entry.source_sha256.as_deref().and_then(decode_sha).unwrap_or_default();
+                let plan_index = *position.get(&sample.key).ok_or_else(|| IngestError::Config(format!("{}: sample {} is not in the plan", names.tar, sample.key)))?;
+                spool.write_all(image).and_then(|()| spool.write_all(json)).map_err(|e| IngestError::Local(format!("spool: {e}")))?;
+                spooled.push(Spooled { plan_index, key: sample.key.clone(), sha256, ext, offset: spool_len, image_len: image.len(), json_len: json.len() });
+                spool_len += (image.len() + json.len()) as u64;
+                seen_hashes.remove(&sha256);
+            }
+            todo.retain(|(_, item)| failed.contains(item.url.as_str()));
+            progress.items_done += (items.len() - todo.len()) as u64;
+        }
+
+        let mut results = futures::stream::iter(todo.into_iter().map(|(plan_index, item)| self.fetch_and_process(plan_index, item))).buffer_unordered(self.config.fetch_concurrency);
+        while let Some(outcome) = results.next().await {
+            progress.items_done += 1;
+            let seen = self.counters.seen.fetch_add(1, Ordering::Relaxed) + 1;
+            match outcome {
+                Outcome::Failed { failure, bytes_in, fetch } => {
+                    stats.failed += 1;
+                    stats.bytes_in += bytes_in;
+                    stats.stage_seconds.fetch += fetch.as_secs_f64();
+                    *stats.failed_by_reason.entry(failure.reason.clone()).or_default() += 1;
+                    tracing::debug!(url = %failure.url, reason = %failure.reason, message = %failure.message, "source failed");
+                    stats.failures.push(failure);
+                    progress.failed += 1;
+                    let failed = self.counters.failed.fetch_add(1, Ordering::Relaxed) + 1;
+                    let rate = failed as f64 / seen as f64;
+                    if seen >= self.config.failure_rate_min_samples && rate > self.config.max_failure_rate {
+                        let mut reasons: Vec<_> = stats.failed_by_reason.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+                        reasons.sort();
+                        return Err(IngestError::TooManyFailures {
+                            failed,
+                            seen,
+                            max_rate: self.config.max_failure_rate,
+                            detail: format!("in shard {} so far: {}; last: {} ({})", names.tar, reasons.join(", "), stats.failures.last().map_or("", |f| f.url.as_str()), stats.failures.last().map_or("", |f| f.message.as_str())),
+                        });
+                    }
+                }
+                Outcome::Accepted { plan_index, item, meta, sha256, image, fetch } => {
+                    let key = sample_key(&item.url);
+                    let sample_meta = SampleMeta {
+                        key: key.clone(),
+                        url: item.url,
+                        source_size: meta.size,
+                        etag: meta.e_tag,
+                        last_modified: Some(meta.last_modified.to_rfc3339()),
+                        original_width: image.original_width,
+                        original_height: image.original_height,
+                        width: image.width,
+                        height: image.height,
+                        format: image.format.extension().to_string(),
+                        sha256: hex::encode(sha256),
+                        phash: format!("{:016x}", image.phash),
+                        kept_original: image.kept_original,
+                        cls: item.cls,
+                    };
+                    let json = serde_json::to_vec(&sample_meta).expect("metadata serializes");
+                    spool.write_all(&image.bytes).and_then(|()| spool.write_all(&json)).map_err(|e| IngestError::Local(format!("spool: {e}")))?;
+                    spooled.push(Spooled { plan_index, key, sha256, ext: image.format.extension(), offset: spool_len, image_len: image.bytes.len(), json_len: json.len() });
+                    spool_len += (image.bytes.len() + json.len()) as u64;
+                    stats.bytes_in += meta.size;
+                    progress.bytes_in += meta.size;
+                    let t = &image.timings;
+                    stats.stage_seconds.fetch += fetch.as_secs_f64();
+                    stats.stage_seconds.decode += t.decode.as_secs_f64();
+                    stats.stage_seconds.resize += t.resize.as_secs_f64();
+                    stats.stage_seconds.encode += (t.encode + t.hash).as_secs_f64();
+                }
+            }
+            self.reporter.progress(progress);
+        }
+        drop(results);
+
+        // Write the shard in plan order, dropping exact duplicates.
+        let write_started = Instant::now();
+        let spool_file = spool.into_inner().map_err(|e| IngestError::Local(format!("spool: {}", e.error())))?;
+        spooled.sort_by_key(|s| s.plan_index);
+        let tar_file = tempfile::NamedTempFile::new_in(&self.config.work_dir).map_err(|e| IngestError::Local(format!("shard file in {}: {e}", self.config.work_dir.display())))?;
+        let mut writer = ShardWriter::new(BufWriter::with_capacity(1 << 20, tar_file.as_file()), names.tar.clone());
+        let mut buf = Vec::new();
+        for sample in &spooled {
+            if sample.sha256 != [0; 32] && !seen_hashes.insert(sample.sha256) {
+                stats.duplicates += 1;
+                continue;
+            }
+            buf.resize(sample.image_len + sample.json_len, 0);
+            spool_file.read_exact_at(&mut buf, sample.offset).map_err(|e| IngestError::Local(format!("spool: {e}")))?;
+            let (image, json) = buf.split_at(sample.image_len);
+            let sha = (sample.sha256 != [0; 32]).then(|| hex::encode(sample.sha256));
+            writer.add_with_source_hash(&sample.key, &[(sample.ext, image), ("json", json)], sha.as_deref()).map_err(|e| IngestError::Output(e.into()))?;
+        }
+        progress.duplicates += stats.duplicates;
+        let finished = writer.finish().map_err(|e| IngestError::Output(e.into()))?;
+        drop(finished.out);
+        stats.successes = finished.index.samples.len() as u64;
+        progress.written += stats.successes;
+        stats.bytes_out = finished.index.bytes;
+        self.output.put_file(&names.tar, tar_file.path()).await.map_err(IngestError::Output)?;
+        self.output.put_json(&names.index, &finished.index).await.map_err(IngestError::Output)?;
+        stats.stage_seconds.write += write_started.elapsed().as_secs_f64();
+        stats.duration_s = started.elapsed().as_secs_f64();
+        stats.end_time = chrono::Utc::now().to_rfc3339();
+        if let Some(previous) = previous {
+            // Keep the account of the whole shard: earlier successes stay counted.
+            stats.bytes_in += previous.bytes_in;
+            stats.duration_s += previous.duration_s;
+            stats.start_time = previous.start_time;
+        }
+        self.output.put_json(&names.stats, &stats).await.map_err(IngestError::Output)?;
+        tracing::info!(shard = %names.tar, written = stats.successes, failed = stats.failed, duplicates = stats.duplicates, bytes = stats.bytes_out, seconds = stats.duration_s, "shard published");
+        Ok((stats, finished.sha256))
+    }
+
+    /// Fetches one source and processes it on the CPU pool.
+    async fn fetch_and_process(&self, plan_index: usize, item: SourceItem) -> Outcome {
+        let fetch_started = Instant::now();
+        let fail = |reason: &str, message: String, bytes_in: u64, item: &SourceItem| Outcome::Failed {
+            failure: Failure { url: item.url.clone(), reason: reason.to_string(), message },
+            bytes_in,
+            fetch: fetch_started.elapsed(),
+        };
+        let (location, path) = match self.resolver.resolve(&item.url) {
+            Ok(resolved) => resolved,
+            Err(message) => return fail("bad_url", message, 0, &item),
+        };
+        let result = match location.store.get(&path).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return fail("not_found", "no such object".into(), 0, &item),
+            Err(e) => return fail("fetch", e.to_string(), 0, &item),
+        };
+        let meta = result.meta.clone();
+        if meta.size > self.config.image.max_input_bytes {
+            // Refused from the object's size alone, before reading its bytes.
+            let message = format!("input is {} bytes, more than the {}-byte cap", meta.size, self.config.image.max_input_bytes);
+            return fail("too_large_bytes", message, 0, &item);
+        }
+        let bytes = match result.bytes().await {
+            Ok(bytes) => bytes,
+            Err(e) => return fail("fetch", e.to_string(), 0, &item),
+        };
+        let fetch = fetch_started.elapsed();
+        let permit = self.cpu.clone().acquire_owned().await.expect("the CPU semaphore is never closed");
+        let config = self.config.image.clone();
+        let size = bytes.len() as u64;
+        let processed = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let sha256: [u8; 32] = Sha256::digest(&bytes).into();
+            (sha256, process_image(&bytes, &config))
+        })
+        .await;
+        match processed {
+            Ok((sha256, Ok(image))) => Outcome::Accepted { plan_index, item, meta, sha256, image, fetch },
+            Ok((_, Err(rejection))) => Outcome::Failed {
+                failure: Failure { url: item.url, reason: rejection.reason().to_string(), message: rejection.to_string() },
+                bytes_in: size,
+                fetch,
+            },
+            Err(join) => Outcome::Failed {
+                failure: Failure { url: item.url, reason: "decoder_panic".into(), message: join.to_string() },
+                bytes_in: size,
+                fetch,
+            },
+        }
+    }
+}
+
+/// Merges the partitions' manifests into the dataset's `manifest.json`.
+/// Fails, naming them, when planned shards are missing, unless `allow_incomplete`.
+pub async fn merge(output_url: &str, options: &StoreOptions, allow_incomplete: bool) -> Result<Manifest, IngestError> {
+    let output = Location::open(output_url, options, false).map_err(IngestError::Output)?;
+    let plan: plan::Plan = output.get_json_opt(plan::PLAN).await.map_err(IngestError::Output)?.ok_or_else(|| IngestError::Config(format!("{} has no plan: no ingest ran there", output.url)))?;
+    let parts_prefix = output.child("_parts");
+    let mut listing = output.store.list(Some(&parts_prefix));
+    let mut parts = Vec::new();
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(|source| IngestError::Listing { url: output.url.clone(), source })?;
+        let name = meta.location.as_ref().strip_prefix(output.prefix.as_ref()).unwrap_or(meta.location.as_ref()).trim_start_matches('/').to_string();
+        if name.ends_with(".json") {
+            parts.push(output.get_json::<Manifest>(&name).await.map_err(IngestError::Output)?);
+        }
+    }
+    let mut merged = Manifest::merge(parts.iter()).map_err(IngestError::Config)?;
+    if let Some(single) = output.get_json_opt::<Manifest>(MANIFEST).await.map_err(IngestError::Output)?
+        && parts.is_empty()
+    {
+        merged = single;
+    }
+    let missing: Vec<String> = (0..plan.shards).map(|id| ShardNames::new(&plan.shard_prefix, id).tar).filter(|name| !merged.shards.iter().any(|s| &s.name == name)).collect();
+    if !missing.is_empty() && !allow_incomplete {
+        let shown: Vec<_> = missing.iter().take(10).cloned().collect();
+        return Err(IngestError::Config(format!(
+            "{} of {} planned shards are not complete yet ({}{}); rerun their partitions, or merge with --allow-incomplete",
+            missing.len(),
+            plan.shards,
+            shown.join(", "),
+            if missing.len() > 10 { ", ..." } else { "" }
+        )));
+    }
+    output.put_json(MANIFEST, &merged).await.map_err(IngestError::Output)?;
+    Ok(merged)
+}
