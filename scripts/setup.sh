@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs what building and testing the project needs beyond the Rust toolchain:
+#   system packages  cmake, nasm (turbojpeg builds libjpeg-turbo from source), pkg-config
+#   .venv            project-local Python with webdataset, pillow, numpy (reference checks in
+#                    tests/python/ and the interoperability tests of the shard format)
+# Idempotent: apt runs only when a package is missing, pip only when the pinned requirements
+# changed since the last successful install (a stamp inside .venv records them).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+start=$(date +%s.%N)
+source "$root/scripts/env.sh"
+
+# --- System packages ---------------------------------------------------------------------
+system_packages=(cmake nasm pkg-config)
+missing=()
+for p in "${system_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  echo "installing system packages: ${missing[*]}"
+  # A fresh machine has no package lists; an old one may have stale ones. Update only here,
+  # where something is actually missing.
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "system packages: already installed (${system_packages[*]})"
+fi
+
+# --- Python virtual environment ------------------------------------------------------------
+# Pinned to versions with wheels for CPython 3.11 (the machine's Python).
+requirements=(
+  webdataset==1.0.2
+  pillow==13.0.0
+  numpy==2.4.6
+  # ---- torch: a later change adds the training reference here -------------------------------
+  # torch==2.11.0
+  # torchvision==<the release that matches torch 2.11.0>
+  # -------------------------------------------------------------------------------------------
+)
+venv="$root/.venv"
+stamp="$venv/.seer-requirements"
+wanted=$(printf '%s\n' "${requirements[@]}" | grep -v '^ *#' | sort)
+if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
+  echo "python venv: up to date at $venv"
+else
+  [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+  echo "python venv: installing into $venv"
+  # shellcheck disable=SC2086 # one requirement per word on purpose
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $wanted
+  "$venv/bin/python" -c 'import webdataset, PIL, numpy'
+  echo "$wanted" > "$stamp"
+fi
+
+seer_elapsed "$start" "setup"
