@@ -25,6 +25,7 @@
 //! ```
 
 pub mod dataset;
+pub mod inspect;
 pub mod meta;
 pub mod reader;
 pub mod store;

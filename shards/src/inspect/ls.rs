@@ -1,0 +1,45 @@
+//! `shards ls`: the manifest's shards.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use super::human_bytes;
+use crate::{Dataset, ManifestShard};
+
+/// Hex digits of each checksum shown in the listing.
+const SHA_PREFIX: usize = 12;
+
+/// The shards of a dataset and their totals.
+#[derive(Debug, Clone, Serialize)]
+pub struct LsReport {
+    /// The dataset's URL.
+    pub url: String,
+    /// Shards in manifest order.
+    pub shards: Vec<ManifestShard>,
+    /// Samples over all shards.
+    pub total_samples: u64,
+    /// Bytes over all shards.
+    pub total_bytes: u64,
+}
+
+/// Lists the manifest (no other object is read).
+pub fn ls(dataset: &Dataset) -> LsReport {
+    LsReport {
+        url: dataset.location.url.clone(),
+        shards: dataset.manifest.shards.clone(),
+        total_samples: dataset.manifest.total_samples(),
+        total_bytes: dataset.manifest.total_bytes(),
+    }
+}
+
+impl fmt::Display for LsReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name_width = self.shards.iter().map(|s| s.name.len()).max().unwrap_or(0).max(5);
+        for shard in &self.shards {
+            let sha = shard.sha256.get(..SHA_PREFIX).unwrap_or(&shard.sha256);
+            writeln!(f, "{:<name_width$} {:>9} samples {:>10} {sha}", shard.name, shard.samples, human_bytes(shard.bytes))?;
+        }
+        writeln!(f, "{:<name_width$} {:>9} samples {:>10} in {} shards", "total", self.total_samples, human_bytes(self.total_bytes), self.shards.len())
+    }
+}
