@@ -65,7 +65,8 @@ pub struct InputSpec {
 }
 
 /// Default extensions kept when listing a prefix.
-pub const DEFAULT_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
+pub const DEFAULT_EXTENSIONS: &[&str] =
+    &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
 
 fn extension_of(name: &str) -> Option<String> {
     let file = name.rsplit('/').next()?;
@@ -82,7 +83,10 @@ fn parent_folder(url_path: &str) -> Option<String> {
 /// Streams the input's items, in the order the store lists them (or the
 /// list file gives them). The stream holds one page of a listing or one
 /// line of a list file at a time, whatever the input's size.
-pub async fn items(spec: &InputSpec, options: &StoreOptions) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
+pub async fn items(
+    spec: &InputSpec,
+    options: &StoreOptions,
+) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
     if spec.list {
         list_file_items(spec, options).await
     } else {
@@ -90,7 +94,10 @@ pub async fn items(spec: &InputSpec, options: &StoreOptions) -> Result<BoxStream
     }
 }
 
-fn listed_items(spec: &InputSpec, options: &StoreOptions) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
+fn listed_items(
+    spec: &InputSpec,
+    options: &StoreOptions,
+) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
     let location = Location::open(&spec.url, options, false).map_err(IngestError::Input)?;
     let extensions = spec.extensions.clone();
     let by_folder = spec.labels == LabelSource::FolderName;
@@ -104,7 +111,10 @@ fn listed_items(spec: &InputSpec, options: &StoreOptions) -> Result<BoxStream<'s
         let extensions = extensions.clone();
         async move {
             match meta {
-                Err(source) => Some(Err(IngestError::Listing { url: location.url.clone(), source })),
+                Err(source) => Some(Err(IngestError::Listing {
+                    url: location.url.clone(),
+                    source,
+                })),
                 Ok(meta) => {
                     let name = meta.location.as_ref();
                     let ext = extension_of(name)?;
@@ -125,7 +135,9 @@ fn listed_items(spec: &InputSpec, options: &StoreOptions) -> Result<BoxStream<'s
 pub fn object_url(location: &Location, path: &Path) -> String {
     if location.url.starts_with("file:") {
         // The local store is rooted at the location's folder: rebuild an absolute file URL.
-        let base = url::Url::parse(&location.url).ok().and_then(|u| u.to_file_path().ok());
+        let base = url::Url::parse(&location.url)
+            .ok()
+            .and_then(|u| u.to_file_path().ok());
         if let Some(base) = base {
             let mut file = base;
             for part in path.parts() {
@@ -139,17 +151,34 @@ pub fn object_url(location: &Location, path: &Path) -> String {
     location.url_of(path)
 }
 
-async fn list_file_items(spec: &InputSpec, options: &StoreOptions) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
+async fn list_file_items(
+    spec: &InputSpec,
+    options: &StoreOptions,
+) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
     use tokio::io::AsyncBufReadExt;
     let (base, object) = shards::store::split_object_url(&spec.url).map_err(IngestError::Input)?;
     let location = Location::open(&base, options, false).map_err(IngestError::Input)?;
-    let path = Path::from_url_path(&object).map_err(|e| IngestError::Config(format!("{}: {e}", spec.url)))?;
-    let result = location.store.get(&path).await.map_err(|source| IngestError::Fetch { url: spec.url.clone(), source })?;
-    let reader = tokio_util::io::StreamReader::new(result.into_stream().map(|chunk| chunk.map_err(std::io::Error::other)));
+    let path = Path::from_url_path(&object)
+        .map_err(|e| IngestError::Config(format!("{}: {e}", spec.url)))?;
+    let result = location
+        .store
+        .get(&path)
+        .await
+        .map_err(|source| IngestError::Fetch {
+            url: spec.url.clone(),
+            source,
+        })?;
+    let reader = tokio_util::io::StreamReader::new(
+        result
+            .into_stream()
+            .map(|chunk| chunk.map_err(std::io::Error::other)),
+    );
     let lines = tokio_stream::wrappers::LinesStream::new(tokio::io::BufReader::new(reader).lines());
     let format = match spec.list_format {
         ListFormat::Auto if spec.url.ends_with(".csv") => ListFormat::Csv,
-        ListFormat::Auto if spec.url.ends_with(".jsonl") || spec.url.ends_with(".ndjson") => ListFormat::Jsonl,
+        ListFormat::Auto if spec.url.ends_with(".jsonl") || spec.url.ends_with(".ndjson") => {
+            ListFormat::Jsonl
+        }
         ListFormat::Auto => ListFormat::Txt,
         other => other,
     };
@@ -161,31 +190,66 @@ async fn list_file_items(spec: &InputSpec, options: &StoreOptions) -> Result<Box
     let stream = lines.filter_map(move |line| {
         line_number += 1;
         let parsed = match line {
-            Err(e) => Some(Err(IngestError::ListFile { url: list_url.clone(), line: line_number, reason: e.to_string() })),
-            Ok(line) if line.trim().is_empty() || line.starts_with('#') && format == ListFormat::Txt => None,
+            Err(e) => Some(Err(IngestError::ListFile {
+                url: list_url.clone(),
+                line: line_number,
+                reason: e.to_string(),
+            })),
+            Ok(line)
+                if line.trim().is_empty() || line.starts_with('#') && format == ListFormat::Txt =>
+            {
+                None
+            }
             Ok(line) => parse_list_line(&line, format, &mut header, &url_column, &labels)
-                .map_err(|reason| IngestError::ListFile { url: list_url.clone(), line: line_number, reason })
+                .map_err(|reason| IngestError::ListFile {
+                    url: list_url.clone(),
+                    line: line_number,
+                    reason,
+                })
                 .transpose(),
         };
-        std::future::ready(parsed.map(|item| item.and_then(|item| absolutize(item, &list_url, &list_url, line_number))))
+        std::future::ready(
+            parsed.map(|item| {
+                item.and_then(|item| absolutize(item, &list_url, &list_url, line_number))
+            }),
+        )
     });
     Ok(stream.boxed())
 }
 
 /// Relative paths in a list file are relative to the current folder, like a shell's.
-fn absolutize(mut item: SourceItem, _list_url: &str, list: &str, line: usize) -> Result<SourceItem, IngestError> {
+fn absolutize(
+    mut item: SourceItem,
+    _list_url: &str,
+    list: &str,
+    line: usize,
+) -> Result<SourceItem, IngestError> {
     let url = shards::store::normalize_url(&item.url)
-        .map_err(|e| IngestError::ListFile { url: list.to_string(), line, reason: e.to_string() })?
+        .map_err(|e| IngestError::ListFile {
+            url: list.to_string(),
+            line,
+            reason: e.to_string(),
+        })?
         .to_string();
     item.url = url.trim_end_matches('/').to_string();
     Ok(item)
 }
 
-fn parse_list_line(line: &str, format: ListFormat, header: &mut Option<Vec<String>>, url_column: &str, labels: &LabelSource) -> Result<Option<SourceItem>, String> {
+fn parse_list_line(
+    line: &str,
+    format: ListFormat,
+    header: &mut Option<Vec<String>>,
+    url_column: &str,
+    labels: &LabelSource,
+) -> Result<Option<SourceItem>, String> {
     match format {
         ListFormat::Txt | ListFormat::Auto => {
             let url = line.trim().to_string();
-            let cls = if *labels == LabelSource::FolderName { parent_folder(&url) } else { None };
+            let cls = if *labels == LabelSource::FolderName {
+                parent_folder(&url)
+            } else {
+                None
+            };
             Ok(Some(SourceItem { url, cls }))
         }
         ListFormat::Csv => {
@@ -195,18 +259,35 @@ fn parse_list_line(line: &str, format: ListFormat, header: &mut Option<Vec<Strin
                 return Ok(None);
             };
             let column = |name: &str| -> Result<usize, String> {
-                names.iter().position(|n| n == name).ok_or_else(|| format!("the CSV header has no column {name:?} (columns: {})", names.join(", ")))
+                names.iter().position(|n| n == name).ok_or_else(|| {
+                    format!(
+                        "the CSV header has no column {name:?} (columns: {})",
+                        names.join(", ")
+                    )
+                })
             };
-            let url = fields.get(column(url_column)?).cloned().ok_or_else(|| format!("row has {} fields, the header {}", fields.len(), names.len()))?;
+            let url = fields.get(column(url_column)?).cloned().ok_or_else(|| {
+                format!(
+                    "row has {} fields, the header {}",
+                    fields.len(),
+                    names.len()
+                )
+            })?;
             let cls = match labels {
-                LabelSource::Column(name) => Some(fields.get(column(name)?).cloned().ok_or_else(|| format!("row has no {name:?} field"))?),
+                LabelSource::Column(name) => Some(
+                    fields
+                        .get(column(name)?)
+                        .cloned()
+                        .ok_or_else(|| format!("row has no {name:?} field"))?,
+                ),
                 LabelSource::FolderName => parent_folder(&url),
                 LabelSource::None => None,
             };
             Ok(Some(SourceItem { url, cls }))
         }
         ListFormat::Jsonl => {
-            let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+            let value: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
             let text = |name: &str| -> Result<String, String> {
                 match value.get(name) {
                     Some(serde_json::Value::String(s)) => Ok(s.clone()),
@@ -262,19 +343,27 @@ pub struct Resolver {
 impl Resolver {
     /// A resolver whose stores use `options`.
     pub fn new(options: StoreOptions) -> Self {
-        Self { options, locations: Mutex::default() }
+        Self {
+            options,
+            locations: Mutex::default(),
+        }
     }
 
     /// The store and path of an item's URL.
     pub fn resolve(&self, url: &str) -> Result<(Location, Path), String> {
         let parsed = url::Url::parse(url).map_err(|e| format!("bad URL: {e}"))?;
         let (base, path) = if parsed.scheme() == "file" {
-            let file = parsed.to_file_path().map_err(|()| "not a local path".to_string())?;
-            let path = Path::from_filesystem_path(&file).map_err(|e| e.to_string())?;
+            let file = parsed
+                .to_file_path()
+                .map_err(|()| "not a local path".to_string())?;
+            let path = Path::from_absolute_path(&file).map_err(|e| e.to_string())?;
             ("/".to_string(), path)
         } else {
             let (base, object) = shards::store::split_object_url(url).map_err(|e| e.to_string())?;
-            (base, Path::from_url_path(&object).map_err(|e| e.to_string())?)
+            (
+                base,
+                Path::from_url_path(&object).map_err(|e| e.to_string())?,
+            )
         };
         let mut locations = self.locations.lock().expect("resolver lock");
         if let Some(location) = locations.get(&base) {
@@ -292,7 +381,10 @@ mod tests {
 
     #[test]
     fn csv_lines() {
-        assert_eq!(split_csv_line(r#"a,"b,c","d""e",,"#).unwrap(), vec!["a", "b,c", "d\"e", "", ""]);
+        assert_eq!(
+            split_csv_line(r#"a,"b,c","d""e",,"#).unwrap(),
+            vec!["a", "b,c", "d\"e", "", ""]
+        );
         assert!(split_csv_line(r#"a,"b"#).is_err());
     }
 
@@ -300,18 +392,52 @@ mod tests {
     fn csv_list_with_labels() {
         let mut header = None;
         let labels = LabelSource::Column("label".into());
-        assert_eq!(parse_list_line("url,label", ListFormat::Csv, &mut header, "url", &labels).unwrap(), None);
-        let item = parse_list_line("s3://b/x.jpg,cat", ListFormat::Csv, &mut header, "url", &labels).unwrap().unwrap();
-        assert_eq!(item, SourceItem { url: "s3://b/x.jpg".into(), cls: Some("cat".into()) });
-        let err = parse_list_line("s3://b/x.jpg,cat", ListFormat::Csv, &mut header, "link", &labels).unwrap_err();
+        assert_eq!(
+            parse_list_line("url,label", ListFormat::Csv, &mut header, "url", &labels).unwrap(),
+            None
+        );
+        let item = parse_list_line(
+            "s3://b/x.jpg,cat",
+            ListFormat::Csv,
+            &mut header,
+            "url",
+            &labels,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            item,
+            SourceItem {
+                url: "s3://b/x.jpg".into(),
+                cls: Some("cat".into())
+            }
+        );
+        let err = parse_list_line(
+            "s3://b/x.jpg,cat",
+            ListFormat::Csv,
+            &mut header,
+            "link",
+            &labels,
+        )
+        .unwrap_err();
         assert!(err.contains("no column \"link\""), "{err}");
     }
 
     #[test]
     fn jsonl_list() {
-        let item = parse_list_line(r#"{"url": "https://h/a.png", "cls": 3}"#, ListFormat::Jsonl, &mut None, "url", &LabelSource::Column("cls".into())).unwrap().unwrap();
+        let item = parse_list_line(
+            r#"{"url": "https://h/a.png", "cls": 3}"#,
+            ListFormat::Jsonl,
+            &mut None,
+            "url",
+            &LabelSource::Column("cls".into()),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(item.cls.as_deref(), Some("3"));
-        assert!(parse_list_line("{", ListFormat::Jsonl, &mut None, "url", &LabelSource::None).is_err());
+        assert!(
+            parse_list_line("{", ListFormat::Jsonl, &mut None, "url", &LabelSource::None).is_err()
+        );
     }
 
     #[test]

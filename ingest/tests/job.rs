@@ -1,0 +1,552 @@
+//! End-to-end tests of the `ingest` binary on real photos, local folders and
+//! real S3 (s3s-fs) and Azure (Azurite) servers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use shards::{Manifest, SampleMeta, SampleReader, ShardIndex, ShardStats};
+
+fn ingest() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ingest"));
+    command.env("RUST_LOG", "warn");
+    command
+}
+
+fn run_ok(command: &mut Command) -> Output {
+    let output = command.output().expect("ingest runs");
+    assert!(
+        output.status.success(),
+        "ingest failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// All samples of a local dataset: key -> (metadata, image bytes), checked against index and manifest.
+fn read_dataset(dir: &Path) -> BTreeMap<String, (SampleMeta, Vec<u8>)> {
+    let manifest: Manifest =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
+            .unwrap();
+    let mut samples = BTreeMap::new();
+    for shard in &manifest.shards {
+        let bytes = std::fs::read(dir.join(&shard.name)).unwrap();
+        assert_eq!(bytes.len() as u64, shard.bytes, "{}", shard.name);
+        let stem = shard.name.trim_end_matches(".tar");
+        let index: ShardIndex =
+            serde_json::from_slice(&std::fs::read(dir.join(format!("{stem}.index.json"))).unwrap())
+                .unwrap();
+        let _stats: ShardStats =
+            serde_json::from_slice(&std::fs::read(dir.join(format!("{stem}_stats.json"))).unwrap())
+                .unwrap();
+        let mut count = 0;
+        for (sample, entry) in SampleReader::new(&bytes[..], shard.name.clone()).zip(&index.samples)
+        {
+            let sample = sample.unwrap();
+            assert_eq!(sample.key, entry.key);
+            let meta: SampleMeta =
+                serde_json::from_slice(sample.get("json").expect("json member")).unwrap();
+            assert_eq!(meta.key, sample.key);
+            let (ext, image) = sample.image().expect("image member");
+            assert_eq!(ext, meta.format);
+            assert!(
+                samples
+                    .insert(sample.key.clone(), (meta, image.to_vec()))
+                    .is_none(),
+                "duplicate key {}",
+                sample.key
+            );
+            count += 1;
+        }
+        assert_eq!(count, shard.samples, "{}", shard.name);
+        assert_eq!(index.samples.len() as u64, shard.samples);
+    }
+    samples
+}
+
+fn small_photos() -> PathBuf {
+    seer_tests::photos_small_dir()
+}
+
+fn count_images(dir: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
+                if ingest::input::DEFAULT_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str()) {
+                    n += 1;
+                }
+            }
+        }
+    }
+    n
+}
+
+#[test]
+fn local_folder_to_local_dataset_keeps_every_photo_with_its_dimensions() {
+    let out = tempfile::tempdir().unwrap();
+    let output = run_ok(
+        ingest()
+            .arg("run")
+            .arg(small_photos())
+            .arg("-o")
+            .arg(out.path())
+            .args(["--samples-per-shard", "16", "--no-progress", "--json"]),
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let samples = read_dataset(out.path());
+    let inputs = count_images(&small_photos());
+    assert_eq!(
+        samples.len() as u64
+            + summary["failed"].as_u64().unwrap()
+            + summary["duplicates"].as_u64().unwrap(),
+        inputs as u64
+    );
+    assert_eq!(
+        summary["failed"], 0,
+        "every photo of the small set decodes: {summary}"
+    );
+    for (key, (meta, bytes)) in &samples {
+        let decoded = image::load_from_memory(bytes)
+            .unwrap_or_else(|e| panic!("{key} ({}) does not decode: {e}", meta.url));
+        assert_eq!(
+            (decoded.width(), decoded.height()),
+            (meta.width, meta.height),
+            "{}",
+            meta.url
+        );
+        let short = meta.original_width.min(meta.original_height);
+        assert_eq!(meta.width.min(meta.height), short.min(512), "{}", meta.url);
+        assert!(meta.url.starts_with("file:///"), "{}", meta.url);
+        assert_eq!(meta.key, ingest::job::sample_key(&meta.url));
+    }
+}
+
+#[test]
+fn rerun_is_a_no_op_and_gives_the_same_bytes() {
+    let out = tempfile::tempdir().unwrap();
+    let args = ["--samples-per-shard", "25", "--no-progress", "--json"];
+    run_ok(
+        ingest()
+            .arg("run")
+            .arg(small_photos())
+            .arg("-o")
+            .arg(out.path())
+            .args(args),
+    );
+    let first = std::fs::read(out.path().join("manifest.json")).unwrap();
+    let output = run_ok(
+        ingest()
+            .arg("run")
+            .arg(small_photos())
+            .arg("-o")
+            .arg(out.path())
+            .args(args),
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["shards_written"], 0);
+    assert_eq!(
+        std::fs::read(out.path().join("manifest.json")).unwrap(),
+        first
+    );
+    // A different job into the same output is refused, not mixed in.
+    let output = ingest()
+        .arg("run")
+        .arg(small_photos())
+        .arg("-o")
+        .arg(out.path())
+        .args(["--samples-per-shard", "7"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("already holds a plan"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn kill_9_then_rerun_equals_an_uninterrupted_run() {
+    // A bigger input so that the job is still running when killed: the full photo set.
+    let photos = seer_tests::photos_dir();
+    let straight = tempfile::tempdir().unwrap();
+    let interrupted = tempfile::tempdir().unwrap();
+    let args = [
+        "--samples-per-shard",
+        "40",
+        "--no-progress",
+        "--workers",
+        "1",
+    ];
+    run_ok(
+        ingest()
+            .arg("run")
+            .arg(&photos)
+            .arg("-o")
+            .arg(straight.path())
+            .args(args),
+    );
+
+    let mut child = ingest()
+        .arg("run")
+        .arg(&photos)
+        .arg("-o")
+        .arg(interrupted.path())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once at least one shard is published, in the middle of the next.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let manifest = std::fs::read(interrupted.path().join("manifest.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok());
+        if manifest.is_some_and(|m| !m.shards.is_empty()) {
+            std::thread::sleep(Duration::from_millis(700));
+            break;
+        }
+        assert!(Instant::now() < deadline, "no shard published in time");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the job ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let partial: Manifest =
+        serde_json::from_slice(&std::fs::read(interrupted.path().join("manifest.json")).unwrap())
+            .unwrap();
+    let full: Manifest =
+        serde_json::from_slice(&std::fs::read(straight.path().join("manifest.json")).unwrap())
+            .unwrap();
+    assert!(
+        partial.shards.len() < full.shards.len(),
+        "killed too late to test anything"
+    );
+
+    let output = run_ok(
+        ingest()
+            .arg("run")
+            .arg(&photos)
+            .arg("-o")
+            .arg(interrupted.path())
+            .args(args)
+            .arg("--json"),
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        summary["shards_skipped"].as_u64().unwrap(),
+        partial.shards.len() as u64,
+        "completed shards are not redone"
+    );
+    let resumed: Manifest =
+        serde_json::from_slice(&std::fs::read(interrupted.path().join("manifest.json")).unwrap())
+            .unwrap();
+    // Same shards with the same checksums: no duplicate, no missing sample, same bytes.
+    assert_eq!(resumed, full);
+    let a = read_dataset(straight.path());
+    let b = read_dataset(interrupted.path());
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+}
+
+#[test]
+fn exact_duplicates_are_written_once_and_labels_come_from_folders() {
+    let input = tempfile::tempdir().unwrap();
+    let photos: Vec<PathBuf> = std::fs::read_dir(small_photos().join("endless-sky"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .take(3)
+        .collect();
+    assert_eq!(photos.len(), 3);
+    for (folder, files) in [("cats", &photos[..2]), ("dogs", &photos[..])] {
+        std::fs::create_dir_all(input.path().join(folder)).unwrap();
+        for file in files {
+            std::fs::copy(
+                file,
+                input.path().join(folder).join(file.file_name().unwrap()),
+            )
+            .unwrap();
+        }
+    }
+    let out = tempfile::tempdir().unwrap();
+    let output = run_ok(
+        ingest()
+            .arg("run")
+            .arg(input.path())
+            .arg("-o")
+            .arg(out.path())
+            .args(["--labels-from-folders", "--no-progress", "--json"]),
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["written"], 3);
+    assert_eq!(summary["duplicates"], 2);
+    let samples = read_dataset(out.path());
+    let labels: BTreeSet<_> = samples
+        .values()
+        .map(|(m, _)| m.cls.clone().unwrap())
+        .collect();
+    assert!(
+        labels.iter().all(|l| l == "cats" || l == "dogs"),
+        "{labels:?}"
+    );
+    let hashes: BTreeSet<_> = samples.values().map(|(m, _)| m.sha256.clone()).collect();
+    assert_eq!(hashes.len(), 3);
+}
+
+#[test]
+fn list_file_with_labels_and_retry_of_failed_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos: Vec<PathBuf> = std::fs::read_dir(small_photos().join("endless-sky"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .take(4)
+        .collect();
+    let late = dir.path().join("late.jpg");
+    let mut csv = String::from("label,url\n");
+    for (i, p) in photos.iter().enumerate() {
+        csv.push_str(&format!("class{},{}\n", i % 2, p.display()));
+    }
+    csv.push_str(&format!("late,{}\n", late.display()));
+    let list = dir.path().join("list.csv");
+    std::fs::write(&list, csv).unwrap();
+    let out = dir.path().join("out");
+    let args = [
+        "--list",
+        "--label-column",
+        "label",
+        "--no-progress",
+        "--json",
+    ];
+    let output = run_ok(
+        ingest()
+            .arg("run")
+            .arg(&list)
+            .arg("-o")
+            .arg(&out)
+            .args(args),
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (summary["written"].as_u64(), summary["failed"].as_u64()),
+        (Some(4), Some(1))
+    );
+    let stats: ShardStats =
+        serde_json::from_slice(&std::fs::read(out.join("data-000000_stats.json")).unwrap())
+            .unwrap();
+    assert_eq!(stats.failures.len(), 1);
+    assert_eq!(stats.failures[0].reason, "not_found");
+    assert!(stats.failures[0].url.ends_with("late.jpg"));
+    let before = read_dataset(&out);
+
+    // The missing file appears; --retry-failed fetches only it and keeps the rest as they were.
+    let other = std::fs::read_dir(small_photos().join("endless-sky-2x"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .next()
+        .unwrap();
+    std::fs::copy(other, &late).unwrap();
+    let output = run_ok(
+        ingest()
+            .arg("run")
+            .arg(&list)
+            .arg("-o")
+            .arg(&out)
+            .args(args)
+            .arg("--retry-failed"),
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["failed"], 0, "{summary}");
+    let after = read_dataset(&out);
+    assert_eq!(after.len(), 5);
+    for (key, (meta, bytes)) in &before {
+        assert_eq!(&after[key].1, bytes, "{key} changed");
+        assert_eq!(&after[key].0, meta);
+    }
+    let late_sample = after
+        .values()
+        .find(|(m, _)| m.url.ends_with("late.jpg"))
+        .unwrap();
+    assert_eq!(late_sample.0.cls.as_deref(), Some("late"));
+    let stats: ShardStats =
+        serde_json::from_slice(&std::fs::read(out.join("data-000000_stats.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (stats.successes, stats.failed, stats.failures.len()),
+        (5, 0, 0)
+    );
+}
+
+#[test]
+fn partitions_write_disjoint_shards_and_merge_to_the_single_run() {
+    let single = tempfile::tempdir().unwrap();
+    let parts = tempfile::tempdir().unwrap();
+    let args = ["--samples-per-shard", "9", "--no-progress"];
+    run_ok(
+        ingest()
+            .arg("run")
+            .arg(small_photos())
+            .arg("-o")
+            .arg(single.path())
+            .args(args),
+    );
+    // Partition 1 starts first and waits for partition 0's plan.
+    let mut second = ingest()
+        .arg("run")
+        .arg(small_photos())
+        .arg("-o")
+        .arg(parts.path())
+        .args(args)
+        .args(["--partition", "1/2"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    run_ok(
+        ingest()
+            .arg("run")
+            .arg(small_photos())
+            .arg("-o")
+            .arg(parts.path())
+            .args(args)
+            .env("SLURM_ARRAY_TASK_ID", "0")
+            .env("SLURM_ARRAY_TASK_COUNT", "2"),
+    );
+    assert!(second.wait().unwrap().success());
+    assert!(
+        !parts.path().join("manifest.json").exists(),
+        "partitions write their own manifests"
+    );
+    run_ok(ingest().arg("merge").arg(parts.path()));
+    let a: Manifest =
+        serde_json::from_slice(&std::fs::read(single.path().join("manifest.json")).unwrap())
+            .unwrap();
+    let b: Manifest =
+        serde_json::from_slice(&std::fs::read(parts.path().join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(a, b);
+}
+
+fn max_child_rss_kib() -> i64 {
+    // SAFETY: getrusage only writes into the struct we pass.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        assert_eq!(libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage), 0);
+        usage.ru_maxrss
+    }
+}
+
+#[test]
+fn hostile_inputs_never_crash_and_every_bad_file_is_listed_with_its_reason() {
+    let hostile = seer_tests::hostile_dir();
+    let out = tempfile::tempdir().unwrap();
+    let output = run_ok(
+        ingest()
+            .arg("run")
+            .arg(&hostile)
+            .arg("-o")
+            .arg(out.path())
+            .args([
+                "--max-failure-rate",
+                "1",
+                "--no-progress",
+                "--json",
+                "--samples-per-shard",
+                "200",
+            ]),
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let samples = read_dataset(out.path());
+    let inputs = count_images(&hostile) as u64;
+    let failed = summary["failed"].as_u64().unwrap();
+    assert_eq!(
+        samples.len() as u64 + failed + summary["duplicates"].as_u64().unwrap(),
+        inputs
+    );
+    assert!(
+        failed > 20,
+        "the hostile set holds many bad files: {summary}"
+    );
+    let manifest: Manifest =
+        serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).unwrap()).unwrap();
+    let mut listed = 0;
+    let mut reasons = BTreeMap::new();
+    for shard in &manifest.shards {
+        let stats: ShardStats = serde_json::from_slice(
+            &std::fs::read(out.path().join(shard.name.replace(".tar", "_stats.json"))).unwrap(),
+        )
+        .unwrap();
+        for failure in &stats.failures {
+            assert!(
+                !failure.reason.is_empty() && !failure.message.is_empty(),
+                "{failure:?}"
+            );
+            *reasons.entry(failure.reason.clone()).or_insert(0) += 1;
+            listed += 1;
+        }
+    }
+    assert_eq!(listed, failed);
+    for expected in ["too_many_pixels", "undecodable"] {
+        assert!(
+            reasons.contains_key(expected),
+            "no {expected} among {reasons:?}"
+        );
+    }
+    // Bombs are refused from their headers: the job never approaches their claimed sizes.
+    let rss_mib = max_child_rss_kib() / 1024;
+    assert!(rss_mib < 3 * 1024, "peak RSS of a child was {rss_mib} MiB");
+}
+
+#[test]
+fn too_many_failures_stop_the_job_with_a_clear_message_and_keep_completed_shards() {
+    let input = tempfile::tempdir().unwrap();
+    let good: Vec<PathBuf> = std::fs::read_dir(small_photos().join("endless-sky"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .take(4)
+        .collect();
+    for (i, p) in good.iter().enumerate() {
+        std::fs::copy(p, input.path().join(format!("a{i}.jpg"))).unwrap();
+    }
+    for i in 0..300 {
+        std::fs::write(
+            input.path().join(format!("z{i:03}.jpg")),
+            format!("not an image {i}"),
+        )
+        .unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let output = ingest()
+        .arg("run")
+        .arg(input.path())
+        .arg("-o")
+        .arg(out.path())
+        .args([
+            "--samples-per-shard",
+            "4",
+            "--no-progress",
+            "--workers",
+            "1",
+            "--fetch-concurrency",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("sources failed, more than the allowed rate of 0.5")
+            && stderr.contains("unsupported_format"),
+        "{stderr}"
+    );
+    assert!(read_dataset(out.path()).len() <= 4);
+}
