@@ -24,7 +24,10 @@ use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shards::meta::{FORMAT_VERSION, MANIFEST};
-use shards::{Failure, Location, Manifest, ManifestShard, SampleMeta, ShardNames, ShardStats, ShardWriter, StageSeconds, StoreOptions};
+use shards::{
+    Failure, Location, Manifest, ManifestShard, SampleMeta, ShardNames, ShardStats, ShardWriter,
+    StageSeconds, StoreOptions,
+};
 use tokio::sync::Semaphore;
 
 use crate::image::{ImageConfig, ProcessedImage, process_image};
@@ -51,11 +54,21 @@ impl std::str::FromStr for Partition {
 
     /// Parses `I/N`.
     fn from_str(text: &str) -> Result<Self, String> {
-        let (index, count) = text.split_once('/').ok_or_else(|| format!("partition {text:?} is not I/N"))?;
-        let index: u32 = index.trim().parse().map_err(|_| format!("partition index {index:?} is not a number"))?;
-        let count: u32 = count.trim().parse().map_err(|_| format!("partition count {count:?} is not a number"))?;
+        let (index, count) = text
+            .split_once('/')
+            .ok_or_else(|| format!("partition {text:?} is not I/N"))?;
+        let index: u32 = index
+            .trim()
+            .parse()
+            .map_err(|_| format!("partition index {index:?} is not a number"))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .map_err(|_| format!("partition count {count:?} is not a number"))?;
         if count == 0 || index >= count {
-            return Err(format!("partition {index}/{count}: the index must be below the count"));
+            return Err(format!(
+                "partition {index}/{count}: the index must be below the count"
+            ));
         }
         Ok(Self { index, count })
     }
@@ -65,7 +78,14 @@ impl Partition {
     /// The manifest this partition writes: the dataset's own when it is the
     /// only one, else its part, which `ingest merge` combines.
     pub fn manifest_name(&self) -> String {
-        if self.count == 1 { MANIFEST.to_string() } else { format!("_parts/manifest-{:05}-of-{:05}.json", self.index, self.count) }
+        if self.count == 1 {
+            MANIFEST.to_string()
+        } else {
+            format!(
+                "_parts/manifest-{:05}-of-{:05}.json",
+                self.index, self.count
+            )
+        }
     }
 }
 
@@ -210,8 +230,19 @@ struct Spooled {
 
 /// The outcome of one source.
 enum Outcome {
-    Accepted { plan_index: usize, item: SourceItem, meta: object_store::ObjectMeta, sha256: [u8; 32], image: ProcessedImage, fetch: Duration },
-    Failed { failure: Failure, bytes_in: u64, fetch: Duration },
+    Accepted {
+        plan_index: usize,
+        item: SourceItem,
+        meta: object_store::ObjectMeta,
+        sha256: [u8; 32],
+        image: ProcessedImage,
+        fetch: Duration,
+    },
+    Failed {
+        failure: Failure,
+        bytes_in: u64,
+        fetch: Duration,
+    },
 }
 
 /// The sample key of a source: 24 hex digits (96 bits) of the SHA-256 of its
@@ -224,27 +255,77 @@ pub fn sample_key(url: &str) -> String {
 /// Runs the job: plans (or finds the plan), then makes this partition's
 /// shards that are not complete yet.
 pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSummary, IngestError> {
-    config.image.validate().map_err(|e| IngestError::Config(e.to_string()))?;
+    config
+        .image
+        .validate()
+        .map_err(|e| IngestError::Config(e.to_string()))?;
     if config.samples_per_shard == 0 || config.fetch_concurrency == 0 || config.workers == 0 {
-        return Err(IngestError::Config("samples per shard, fetch concurrency and workers must be at least 1".into()));
+        return Err(IngestError::Config(
+            "samples per shard, fetch concurrency and workers must be at least 1".into(),
+        ));
     }
-    shards::validate_key(&config.shard_prefix).map_err(|e| IngestError::Config(format!("shard prefix: {e}")))?;
+    shards::validate_key(&config.shard_prefix)
+        .map_err(|e| IngestError::Config(format!("shard prefix: {e}")))?;
     let started = Instant::now();
-    let output = Location::open(&config.output, &config.store, true).map_err(IngestError::Output)?;
-    let plan = match plan::existing(&output, &config.input, config.samples_per_shard, &config.shard_prefix).await? {
+    let output =
+        Location::open(&config.output, &config.store, true).map_err(IngestError::Output)?;
+    let plan = match plan::existing(
+        &output,
+        &config.input,
+        config.samples_per_shard,
+        &config.shard_prefix,
+    )
+    .await?
+    {
         Some(plan) => plan,
-        None if config.partition.index == 0 => plan::make(&output, &config.input, config.samples_per_shard, &config.shard_prefix, &config.store).await?,
-        None => plan::wait(&output, &config.input, config.samples_per_shard, &config.shard_prefix, config.plan_wait).await?,
+        None if config.partition.index == 0 => {
+            plan::make(
+                &output,
+                &config.input,
+                config.samples_per_shard,
+                &config.shard_prefix,
+                &config.store,
+            )
+            .await?
+        }
+        None => {
+            plan::wait(
+                &output,
+                &config.input,
+                config.samples_per_shard,
+                &config.shard_prefix,
+                config.plan_wait,
+            )
+            .await?
+        }
     };
     let manifest_name = config.partition.manifest_name();
-    let mut manifest: Manifest = output.get_json_opt(&manifest_name).await.map_err(IngestError::Output)?.unwrap_or(Manifest { version: FORMAT_VERSION, shards: Vec::new() });
-    let my_shards: Vec<u64> = (0..plan.shards).filter(|id| id % u64::from(config.partition.count) == u64::from(config.partition.index)).collect();
+    let mut manifest: Manifest = output
+        .get_json_opt(&manifest_name)
+        .await
+        .map_err(IngestError::Output)?
+        .unwrap_or(Manifest {
+            version: FORMAT_VERSION,
+            shards: Vec::new(),
+        });
+    let my_shards: Vec<u64> = (0..plan.shards)
+        .filter(|id| id % u64::from(config.partition.count) == u64::from(config.partition.index))
+        .collect();
 
     // Exact duplicates are written once per job: remember what completed shards hold.
     let mut seen_hashes: HashSet<[u8; 32]> = HashSet::new();
     for shard in &manifest.shards {
-        let index: shards::ShardIndex = output.get_json(&ShardNames::for_tar(&shard.name).index).await.map_err(IngestError::Output)?;
-        seen_hashes.extend(index.samples.iter().filter_map(|e| e.source_sha256.as_deref()).filter_map(decode_sha));
+        let index: shards::ShardIndex = output
+            .get_json(&ShardNames::for_tar(&shard.name).index)
+            .await
+            .map_err(IngestError::Output)?;
+        seen_hashes.extend(
+            index
+                .samples
+                .iter()
+                .filter_map(|e| e.source_sha256.as_deref())
+                .filter_map(decode_sha),
+        );
     }
 
     let mut progress = Progress {
@@ -273,7 +354,10 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         }
         let items = plan::chunk(&output, id).await?;
         let kept = if done {
-            let stats: ShardStats = output.get_json(&names.stats).await.map_err(IngestError::Output)?;
+            let stats: ShardStats = output
+                .get_json(&names.stats)
+                .await
+                .map_err(IngestError::Output)?;
             if stats.failures.is_empty() {
                 summary.shards_skipped += 1;
                 progress.items_done += items.len() as u64;
@@ -284,9 +368,19 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         } else {
             None
         };
-        let (stats, sha256) = job.make_shard(&names, items, kept, &mut seen_hashes, &mut progress).await?;
-        manifest.upsert(ManifestShard { name: names.tar.clone(), samples: stats.successes, bytes: stats.bytes_out, sha256 });
-        output.put_json(&manifest_name, &manifest).await.map_err(IngestError::Output)?;
+        let (stats, sha256) = job
+            .make_shard(&names, items, kept, &mut seen_hashes, &mut progress)
+            .await?;
+        manifest.upsert(ManifestShard {
+            name: names.tar.clone(),
+            samples: stats.successes,
+            bytes: stats.bytes_out,
+            sha256,
+        });
+        output
+            .put_json(&manifest_name, &manifest)
+            .await
+            .map_err(IngestError::Output)?;
         reporter.shard_done(&stats);
         summary.shards_written += 1;
         summary.written += stats.successes;
@@ -314,7 +408,9 @@ fn add_stage_seconds(total: &mut StageSeconds, add: &StageSeconds) {
 }
 
 fn items_in_shard(plan: &plan::Plan, id: u64) -> u64 {
-    plan.items.saturating_sub(id * plan.samples_per_shard).min(plan.samples_per_shard)
+    plan.items
+        .saturating_sub(id * plan.samples_per_shard)
+        .min(plan.samples_per_shard)
 }
 
 fn decode_sha(text: &str) -> Option<[u8; 32]> {
@@ -344,30 +440,98 @@ impl JobState<'_> {
     ) -> Result<(ShardStats, String), IngestError> {
         let started = Instant::now();
         let start_time = chrono::Utc::now().to_rfc3339();
-        let spool_file = tempfile::tempfile_in(&self.config.work_dir).map_err(|e| IngestError::Local(format!("spool file in {}: {e}", self.config.work_dir.display())))?;
+        let spool_file = tempfile::tempfile_in(&self.config.work_dir).map_err(|e| {
+            IngestError::Local(format!(
+                "spool file in {}: {e}",
+                self.config.work_dir.display()
+            ))
+        })?;
         let mut spool = BufWriter::with_capacity(1 << 20, spool_file);
         let mut spool_len = 0u64;
         let mut spooled: Vec<Spooled> = Vec::new();
-        let mut stats = ShardStats { version: FORMAT_VERSION, shard: names.tar.clone(), count: items.len() as u64, start_time, ..ShardStats::default() };
+        let mut stats = ShardStats {
+            version: FORMAT_VERSION,
+            shard: names.tar.clone(),
+            count: items.len() as u64,
+            start_time,
+            ..ShardStats::default()
+        };
 
         // Which plan items to fetch: all, or (retrying) only the failed ones,
         // after copying the shard's existing samples into the spool.
         let mut todo: Vec<(usize, SourceItem)> = items.iter().cloned().enumerate().collect();
         if let Some(previous) = &previous {
             let failed: HashSet<&str> = previous.failures.iter().map(|f| f.url.as_str()).collect();
-            let position: BTreeMap<String, usize> = items.iter().enumerate().map(|(i, item)| (sample_key(&item.url), i)).collect();
-            let index: shards::ShardIndex = self.output.get_json(&names.index).await.map_err(IngestError::Output)?;
-            let mut stream = shards::ShardStream::open(self.output.store.as_ref(), &self.output.child(&names.tar), &names.tar).await.map_err(|e| IngestError::Output(e.into()))?;
+            let position: BTreeMap<String, usize> = items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| (sample_key(&item.url), i))
+                .collect();
+            let index: shards::ShardIndex = self
+                .output
+                .get_json(&names.index)
+                .await
+                .map_err(IngestError::Output)?;
+            let mut stream = shards::ShardStream::open(
+                self.output.store.as_ref(),
+                &self.output.child(&names.tar),
+                &names.tar,
+            )
+            .await
+            .map_err(|e| IngestError::Output(e.into()))?;
             let mut entries = index.samples.iter();
-            while let Some(sample) = stream.next().await.map_err(|e| IngestError::Output(e.into()))? {
-                let entry = entries.next().filter(|e| e.key == sample.key).ok_or_else(|| IngestError::Config(format!("{}: index does not match the shard at key {}", names.tar, sample.key)))?;
-                let (ext, image) = sample.image().ok_or_else(|| IngestError::Config(format!("{}: sample {} has no image", names.tar, sample.key)))?;
-                let ext: &'static str = match ext { "png" => "png", "webp" => "webp", _ => "jpg" };
-                let json = sample.get("json").ok_or_else(|| IngestError::Config(format!("{}: sample {} has no json", names.tar, sample.key)))?;
-                let sha256 = entry.source_sha256.as_deref().and_then(decode_sha).unwrap_or_default();
-                let plan_index = *position.get(&sample.key).ok_or_else(|| IngestError::Config(format!("{}: sample {} is not in the plan", names.tar, sample.key)))?;
-                spool.write_all(image).and_then(|()| spool.write_all(json)).map_err(|e| IngestError::Local(format!("spool: {e}")))?;
-                spooled.push(Spooled { plan_index, key: sample.key.clone(), sha256, ext, offset: spool_len, image_len: image.len(), json_len: json.len() });
+            while let Some(sample) = stream
+                .next()
+                .await
+                .map_err(|e| IngestError::Output(e.into()))?
+            {
+                let entry = entries
+                    .next()
+                    .filter(|e| e.key == sample.key)
+                    .ok_or_else(|| {
+                        IngestError::Config(format!(
+                            "{}: index does not match the shard at key {}",
+                            names.tar, sample.key
+                        ))
+                    })?;
+                let (ext, image) = sample.image().ok_or_else(|| {
+                    IngestError::Config(format!(
+                        "{}: sample {} has no image",
+                        names.tar, sample.key
+                    ))
+                })?;
+                let ext: &'static str = match ext {
+                    "png" => "png",
+                    "webp" => "webp",
+                    _ => "jpg",
+                };
+                let json = sample.get("json").ok_or_else(|| {
+                    IngestError::Config(format!("{}: sample {} has no json", names.tar, sample.key))
+                })?;
+                let sha256 = entry
+                    .source_sha256
+                    .as_deref()
+                    .and_then(decode_sha)
+                    .unwrap_or_default();
+                let plan_index = *position.get(&sample.key).ok_or_else(|| {
+                    IngestError::Config(format!(
+                        "{}: sample {} is not in the plan",
+                        names.tar, sample.key
+                    ))
+                })?;
+                spool
+                    .write_all(image)
+                    .and_then(|()| spool.write_all(json))
+                    .map_err(|e| IngestError::Local(format!("spool: {e}")))?;
+                spooled.push(Spooled {
+                    plan_index,
+                    key: sample.key.clone(),
+                    sha256,
+                    ext,
+                    offset: spool_len,
+                    image_len: image.len(),
+                    json_len: json.len(),
+                });
                 spool_len += (image.len() + json.len()) as u64;
                 seen_hashes.remove(&sha256);
             }
@@ -375,33 +539,63 @@ impl JobState<'_> {
             progress.items_done += (items.len() - todo.len()) as u64;
         }
 
-        let mut results = futures::stream::iter(todo.into_iter().map(|(plan_index, item)| self.fetch_and_process(plan_index, item))).buffer_unordered(self.config.fetch_concurrency);
+        let mut results = futures::stream::iter(
+            todo.into_iter()
+                .map(|(plan_index, item)| self.fetch_and_process(plan_index, item)),
+        )
+        .buffer_unordered(self.config.fetch_concurrency);
         while let Some(outcome) = results.next().await {
             progress.items_done += 1;
             let seen = self.counters.seen.fetch_add(1, Ordering::Relaxed) + 1;
             match outcome {
-                Outcome::Failed { failure, bytes_in, fetch } => {
+                Outcome::Failed {
+                    failure,
+                    bytes_in,
+                    fetch,
+                } => {
                     stats.failed += 1;
                     stats.bytes_in += bytes_in;
                     stats.stage_seconds.fetch += fetch.as_secs_f64();
-                    *stats.failed_by_reason.entry(failure.reason.clone()).or_default() += 1;
+                    *stats
+                        .failed_by_reason
+                        .entry(failure.reason.clone())
+                        .or_default() += 1;
                     tracing::debug!(url = %failure.url, reason = %failure.reason, message = %failure.message, "source failed");
                     stats.failures.push(failure);
                     progress.failed += 1;
                     let failed = self.counters.failed.fetch_add(1, Ordering::Relaxed) + 1;
                     let rate = failed as f64 / seen as f64;
-                    if seen >= self.config.failure_rate_min_samples && rate > self.config.max_failure_rate {
-                        let mut reasons: Vec<_> = stats.failed_by_reason.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+                    if seen >= self.config.failure_rate_min_samples
+                        && rate > self.config.max_failure_rate
+                    {
+                        let mut reasons: Vec<_> = stats
+                            .failed_by_reason
+                            .iter()
+                            .map(|(r, n)| format!("{r}: {n}"))
+                            .collect();
                         reasons.sort();
                         return Err(IngestError::TooManyFailures {
                             failed,
                             seen,
                             max_rate: self.config.max_failure_rate,
-                            detail: format!("in shard {} so far: {}; last: {} ({})", names.tar, reasons.join(", "), stats.failures.last().map_or("", |f| f.url.as_str()), stats.failures.last().map_or("", |f| f.message.as_str())),
+                            detail: format!(
+                                "in shard {} so far: {}; last: {} ({})",
+                                names.tar,
+                                reasons.join(", "),
+                                stats.failures.last().map_or("", |f| f.url.as_str()),
+                                stats.failures.last().map_or("", |f| f.message.as_str())
+                            ),
                         });
                     }
                 }
-                Outcome::Accepted { plan_index, item, meta, sha256, image, fetch } => {
+                Outcome::Accepted {
+                    plan_index,
+                    item,
+                    meta,
+                    sha256,
+                    image,
+                    fetch,
+                } => {
                     let key = sample_key(&item.url);
                     let sample_meta = SampleMeta {
                         key: key.clone(),
@@ -420,8 +614,19 @@ impl JobState<'_> {
                         cls: item.cls,
                     };
                     let json = serde_json::to_vec(&sample_meta).expect("metadata serializes");
-                    spool.write_all(&image.bytes).and_then(|()| spool.write_all(&json)).map_err(|e| IngestError::Local(format!("spool: {e}")))?;
-                    spooled.push(Spooled { plan_index, key, sha256, ext: image.format.extension(), offset: spool_len, image_len: image.bytes.len(), json_len: json.len() });
+                    spool
+                        .write_all(&image.bytes)
+                        .and_then(|()| spool.write_all(&json))
+                        .map_err(|e| IngestError::Local(format!("spool: {e}")))?;
+                    spooled.push(Spooled {
+                        plan_index,
+                        key,
+                        sha256,
+                        ext: image.format.extension(),
+                        offset: spool_len,
+                        image_len: image.bytes.len(),
+                        json_len: json.len(),
+                    });
                     spool_len += (image.bytes.len() + json.len()) as u64;
                     stats.bytes_in += meta.size;
                     progress.bytes_in += meta.size;
@@ -438,10 +643,20 @@ impl JobState<'_> {
 
         // Write the shard in plan order, dropping exact duplicates.
         let write_started = Instant::now();
-        let spool_file = spool.into_inner().map_err(|e| IngestError::Local(format!("spool: {}", e.error())))?;
+        let spool_file = spool
+            .into_inner()
+            .map_err(|e| IngestError::Local(format!("spool: {}", e.error())))?;
         spooled.sort_by_key(|s| s.plan_index);
-        let tar_file = tempfile::NamedTempFile::new_in(&self.config.work_dir).map_err(|e| IngestError::Local(format!("shard file in {}: {e}", self.config.work_dir.display())))?;
-        let mut writer = ShardWriter::new(BufWriter::with_capacity(1 << 20, tar_file.as_file()), names.tar.clone());
+        let tar_file = tempfile::NamedTempFile::new_in(&self.config.work_dir).map_err(|e| {
+            IngestError::Local(format!(
+                "shard file in {}: {e}",
+                self.config.work_dir.display()
+            ))
+        })?;
+        let mut writer = ShardWriter::new(
+            BufWriter::with_capacity(1 << 20, tar_file.as_file()),
+            names.tar.clone(),
+        );
         let mut buf = Vec::new();
         for sample in &spooled {
             if sample.sha256 != [0; 32] && !seen_hashes.insert(sample.sha256) {
@@ -449,10 +664,18 @@ impl JobState<'_> {
                 continue;
             }
             buf.resize(sample.image_len + sample.json_len, 0);
-            spool_file.read_exact_at(&mut buf, sample.offset).map_err(|e| IngestError::Local(format!("spool: {e}")))?;
+            spool_file
+                .read_exact_at(&mut buf, sample.offset)
+                .map_err(|e| IngestError::Local(format!("spool: {e}")))?;
             let (image, json) = buf.split_at(sample.image_len);
             let sha = (sample.sha256 != [0; 32]).then(|| hex::encode(sample.sha256));
-            writer.add_with_source_hash(&sample.key, &[(sample.ext, image), ("json", json)], sha.as_deref()).map_err(|e| IngestError::Output(e.into()))?;
+            writer
+                .add_with_source_hash(
+                    &sample.key,
+                    &[(sample.ext, image), ("json", json)],
+                    sha.as_deref(),
+                )
+                .map_err(|e| IngestError::Output(e.into()))?;
         }
         progress.duplicates += stats.duplicates;
         let finished = writer.finish().map_err(|e| IngestError::Output(e.into()))?;
@@ -460,8 +683,14 @@ impl JobState<'_> {
         stats.successes = finished.index.samples.len() as u64;
         progress.written += stats.successes;
         stats.bytes_out = finished.index.bytes;
-        self.output.put_file(&names.tar, tar_file.path()).await.map_err(IngestError::Output)?;
-        self.output.put_json(&names.index, &finished.index).await.map_err(IngestError::Output)?;
+        self.output
+            .put_file(&names.tar, tar_file.path())
+            .await
+            .map_err(IngestError::Output)?;
+        self.output
+            .put_json(&names.index, &finished.index)
+            .await
+            .map_err(IngestError::Output)?;
         stats.stage_seconds.write += write_started.elapsed().as_secs_f64();
         stats.duration_s = started.elapsed().as_secs_f64();
         stats.end_time = chrono::Utc::now().to_rfc3339();
@@ -471,7 +700,10 @@ impl JobState<'_> {
             stats.duration_s += previous.duration_s;
             stats.start_time = previous.start_time;
         }
-        self.output.put_json(&names.stats, &stats).await.map_err(IngestError::Output)?;
+        self.output
+            .put_json(&names.stats, &stats)
+            .await
+            .map_err(IngestError::Output)?;
         tracing::info!(shard = %names.tar, written = stats.successes, failed = stats.failed, duplicates = stats.duplicates, bytes = stats.bytes_out, seconds = stats.duration_s, "shard published");
         Ok((stats, finished.sha256))
     }
@@ -479,24 +711,34 @@ impl JobState<'_> {
     /// Fetches one source and processes it on the CPU pool.
     async fn fetch_and_process(&self, plan_index: usize, item: SourceItem) -> Outcome {
         let fetch_started = Instant::now();
-        let fail = |reason: &str, message: String, bytes_in: u64, item: &SourceItem| Outcome::Failed {
-            failure: Failure { url: item.url.clone(), reason: reason.to_string(), message },
-            bytes_in,
-            fetch: fetch_started.elapsed(),
-        };
+        let fail =
+            |reason: &str, message: String, bytes_in: u64, item: &SourceItem| Outcome::Failed {
+                failure: Failure {
+                    url: item.url.clone(),
+                    reason: reason.to_string(),
+                    message,
+                },
+                bytes_in,
+                fetch: fetch_started.elapsed(),
+            };
         let (location, path) = match self.resolver.resolve(&item.url) {
             Ok(resolved) => resolved,
             Err(message) => return fail("bad_url", message, 0, &item),
         };
         let result = match location.store.get(&path).await {
             Ok(result) => result,
-            Err(object_store::Error::NotFound { .. }) => return fail("not_found", "no such object".into(), 0, &item),
+            Err(object_store::Error::NotFound { .. }) => {
+                return fail("not_found", "no such object".into(), 0, &item);
+            }
             Err(e) => return fail("fetch", e.to_string(), 0, &item),
         };
         let meta = result.meta.clone();
         if meta.size > self.config.image.max_input_bytes {
             // Refused from the object's size alone, before reading its bytes.
-            let message = format!("input is {} bytes, more than the {}-byte cap", meta.size, self.config.image.max_input_bytes);
+            let message = format!(
+                "input is {} bytes, more than the {}-byte cap",
+                meta.size, self.config.image.max_input_bytes
+            );
             return fail("too_large_bytes", message, 0, &item);
         }
         let bytes = match result.bytes().await {
@@ -504,7 +746,12 @@ impl JobState<'_> {
             Err(e) => return fail("fetch", e.to_string(), 0, &item),
         };
         let fetch = fetch_started.elapsed();
-        let permit = self.cpu.clone().acquire_owned().await.expect("the CPU semaphore is never closed");
+        let permit = self
+            .cpu
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the CPU semaphore is never closed");
         let config = self.config.image.clone();
         let size = bytes.len() as u64;
         let processed = tokio::task::spawn_blocking(move || {
@@ -514,14 +761,29 @@ impl JobState<'_> {
         })
         .await;
         match processed {
-            Ok((sha256, Ok(image))) => Outcome::Accepted { plan_index, item, meta, sha256, image, fetch },
+            Ok((sha256, Ok(image))) => Outcome::Accepted {
+                plan_index,
+                item,
+                meta,
+                sha256,
+                image,
+                fetch,
+            },
             Ok((_, Err(rejection))) => Outcome::Failed {
-                failure: Failure { url: item.url, reason: rejection.reason().to_string(), message: rejection.to_string() },
+                failure: Failure {
+                    url: item.url,
+                    reason: rejection.reason().to_string(),
+                    message: rejection.to_string(),
+                },
                 bytes_in: size,
                 fetch,
             },
             Err(join) => Outcome::Failed {
-                failure: Failure { url: item.url, reason: "decoder_panic".into(), message: join.to_string() },
+                failure: Failure {
+                    url: item.url,
+                    reason: "decoder_panic".into(),
+                    message: join.to_string(),
+                },
                 bytes_in: size,
                 fetch,
             },
@@ -531,26 +793,56 @@ impl JobState<'_> {
 
 /// Merges the partitions' manifests into the dataset's `manifest.json`.
 /// Fails, naming them, when planned shards are missing, unless `allow_incomplete`.
-pub async fn merge(output_url: &str, options: &StoreOptions, allow_incomplete: bool) -> Result<Manifest, IngestError> {
+pub async fn merge(
+    output_url: &str,
+    options: &StoreOptions,
+    allow_incomplete: bool,
+) -> Result<Manifest, IngestError> {
     let output = Location::open(output_url, options, false).map_err(IngestError::Output)?;
-    let plan: plan::Plan = output.get_json_opt(plan::PLAN).await.map_err(IngestError::Output)?.ok_or_else(|| IngestError::Config(format!("{} has no plan: no ingest ran there", output.url)))?;
+    let plan: plan::Plan = output
+        .get_json_opt(plan::PLAN)
+        .await
+        .map_err(IngestError::Output)?
+        .ok_or_else(|| {
+            IngestError::Config(format!("{} has no plan: no ingest ran there", output.url))
+        })?;
     let parts_prefix = output.child("_parts");
     let mut listing = output.store.list(Some(&parts_prefix));
     let mut parts = Vec::new();
     while let Some(meta) = listing.next().await {
-        let meta = meta.map_err(|source| IngestError::Listing { url: output.url.clone(), source })?;
-        let name = meta.location.as_ref().strip_prefix(output.prefix.as_ref()).unwrap_or(meta.location.as_ref()).trim_start_matches('/').to_string();
+        let meta = meta.map_err(|source| IngestError::Listing {
+            url: output.url.clone(),
+            source,
+        })?;
+        let name = meta
+            .location
+            .as_ref()
+            .strip_prefix(output.prefix.as_ref())
+            .unwrap_or(meta.location.as_ref())
+            .trim_start_matches('/')
+            .to_string();
         if name.ends_with(".json") {
-            parts.push(output.get_json::<Manifest>(&name).await.map_err(IngestError::Output)?);
+            parts.push(
+                output
+                    .get_json::<Manifest>(&name)
+                    .await
+                    .map_err(IngestError::Output)?,
+            );
         }
     }
     let mut merged = Manifest::merge(parts.iter()).map_err(IngestError::Config)?;
-    if let Some(single) = output.get_json_opt::<Manifest>(MANIFEST).await.map_err(IngestError::Output)?
+    if let Some(single) = output
+        .get_json_opt::<Manifest>(MANIFEST)
+        .await
+        .map_err(IngestError::Output)?
         && parts.is_empty()
     {
         merged = single;
     }
-    let missing: Vec<String> = (0..plan.shards).map(|id| ShardNames::new(&plan.shard_prefix, id).tar).filter(|name| !merged.shards.iter().any(|s| &s.name == name)).collect();
+    let missing: Vec<String> = (0..plan.shards)
+        .map(|id| ShardNames::new(&plan.shard_prefix, id).tar)
+        .filter(|name| !merged.shards.iter().any(|s| &s.name == name))
+        .collect();
     if !missing.is_empty() && !allow_incomplete {
         let shown: Vec<_> = missing.iter().take(10).cloned().collect();
         return Err(IngestError::Config(format!(
@@ -561,6 +853,9 @@ pub async fn merge(output_url: &str, options: &StoreOptions, allow_incomplete: b
             if missing.len() > 10 { ", ..." } else { "" }
         )));
     }
-    output.put_json(MANIFEST, &merged).await.map_err(IngestError::Output)?;
+    output
+        .put_json(MANIFEST, &merged)
+        .await
+        .map_err(IngestError::Output)?;
     Ok(merged)
 }

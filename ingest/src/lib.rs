@@ -57,7 +57,9 @@ pub enum IngestError {
     #[error("local work file: {0}")]
     Local(String),
     /// Too many sources failed.
-    #[error("stopping: {failed} of {seen} sources failed, more than the allowed rate of {max_rate}; completed shards are kept ({detail})")]
+    #[error(
+        "stopping: {failed} of {seen} sources failed, more than the allowed rate of {max_rate}; completed shards are kept ({detail})"
+    )]
     TooManyFailures {
         /// Failures so far.
         failed: u64,

@@ -56,9 +56,12 @@ struct StoreArgs {
 
 impl StoreArgs {
     fn options(&self) -> Result<StoreOptions> {
-        let mut options = StoreOptions::default().with_retries(self.retries, Duration::from_secs(self.retry_timeout));
+        let mut options = StoreOptions::default()
+            .with_retries(self.retries, Duration::from_secs(self.retry_timeout));
         for pair in &self.store_options {
-            let (key, value) = pair.split_once('=').with_context(|| format!("--store-option {pair:?} is not KEY=VALUE"))?;
+            let (key, value) = pair
+                .split_once('=')
+                .with_context(|| format!("--store-option {pair:?} is not KEY=VALUE"))?;
             options.options.push((key.to_string(), value.to_string()));
         }
         Ok(options)
@@ -151,14 +154,28 @@ struct RunArgs {
 fn partition_from_env(partitions: Option<u32>) -> Result<Option<Partition>> {
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     if let (Some(id), Some(count)) = (var("SLURM_ARRAY_TASK_ID"), var("SLURM_ARRAY_TASK_COUNT")) {
-        let min: u32 = var("SLURM_ARRAY_TASK_MIN").map_or(Ok(0), |m| m.parse()).context("SLURM_ARRAY_TASK_MIN")?;
+        let min: u32 = var("SLURM_ARRAY_TASK_MIN")
+            .map_or(Ok(0), |m| m.parse())
+            .context("SLURM_ARRAY_TASK_MIN")?;
         let id: u32 = id.parse().context("SLURM_ARRAY_TASK_ID is not a number")?;
-        let index = id.checked_sub(min).context("SLURM_ARRAY_TASK_ID is below SLURM_ARRAY_TASK_MIN")?;
-        return Ok(Some(format!("{index}/{count}").parse().map_err(anyhow::Error::msg).context("Slurm array variables")?));
+        let index = id
+            .checked_sub(min)
+            .context("SLURM_ARRAY_TASK_ID is below SLURM_ARRAY_TASK_MIN")?;
+        return Ok(Some(
+            format!("{index}/{count}")
+                .parse()
+                .map_err(anyhow::Error::msg)
+                .context("Slurm array variables")?,
+        ));
     }
     if let Some(index) = var("JOB_COMPLETION_INDEX") {
         let count = partitions.context("JOB_COMPLETION_INDEX is set: give the number of partitions with --partitions N (or INGEST_PARTITIONS)")?;
-        return Ok(Some(format!("{index}/{count}").parse().map_err(anyhow::Error::msg).context("JOB_COMPLETION_INDEX")?));
+        return Ok(Some(
+            format!("{index}/{count}")
+                .parse()
+                .map_err(anyhow::Error::msg)
+                .context("JOB_COMPLETION_INDEX")?,
+        ));
     }
     Ok(None)
 }
@@ -178,19 +195,37 @@ impl Reporter for CliReporter {
         if let Some(bar) = &self.bar {
             bar.set_length(p.items_total);
             bar.set_position(p.items_done);
-            bar.set_message(format!("{rate:.0} img/s, {mb_s:.1} MB/s, {} failed, shards {}/{}", p.failed, p.shards_done, p.shards_total));
+            bar.set_message(format!(
+                "{rate:.0} img/s, {mb_s:.1} MB/s, {} failed, shards {}/{}",
+                p.failed, p.shards_done, p.shards_total
+            ));
             return;
         }
         let mut last = self.last_log.lock().expect("log lock");
         if last.elapsed() >= Duration::from_secs(10) {
             *last = Instant::now();
             let remaining = p.items_total.saturating_sub(p.items_done) as f64 / rate.max(1e-9);
-            tracing::info!(done = p.items_done, total = p.items_total, images_per_s = rate, mb_per_s = mb_s, failed = p.failed, eta_s = remaining.round(), "progress");
+            tracing::info!(
+                done = p.items_done,
+                total = p.items_total,
+                images_per_s = rate,
+                mb_per_s = mb_s,
+                failed = p.failed,
+                eta_s = remaining.round(),
+                "progress"
+            );
         }
     }
 
     fn shard_done(&self, stats: &ShardStats) {
-        let line = format!("{}: {} written, {} failed, {} duplicates, {:.1} MB", stats.shard, stats.successes, stats.failed, stats.duplicates, stats.bytes_out as f64 / 1e6);
+        let line = format!(
+            "{}: {} written, {} failed, {} duplicates, {:.1} MB",
+            stats.shard,
+            stats.successes,
+            stats.failed,
+            stats.duplicates,
+            stats.bytes_out as f64 / 1e6
+        );
         match &self.bar {
             Some(bar) => bar.println(line),
             None => tracing::info!("{line}"),
@@ -204,10 +239,21 @@ async fn run(args: RunArgs) -> Result<()> {
         (None, true) => LabelSource::FolderName,
         (None, false) => LabelSource::None,
     };
-    let mut extensions: Vec<String> = args.extensions.iter().map(|e| e.trim().trim_start_matches('.').to_ascii_lowercase()).collect();
+    let mut extensions: Vec<String> = args
+        .extensions
+        .iter()
+        .map(|e| e.trim().trim_start_matches('.').to_ascii_lowercase())
+        .collect();
     extensions.sort();
     extensions.dedup();
-    let input = InputSpec { url: args.input.clone(), list: args.list, list_format: args.list_format, url_column: args.url_column.clone(), labels, extensions };
+    let input = InputSpec {
+        url: args.input.clone(),
+        list: args.list,
+        list_format: args.list_format,
+        url_column: args.url_column.clone(),
+        labels,
+        extensions,
+    };
     let mut config = JobConfig::new(input, args.output.clone());
     config.samples_per_shard = args.samples_per_shard;
     config.shard_prefix = args.shard_prefix.clone();
@@ -228,12 +274,16 @@ async fn run(args: RunArgs) -> Result<()> {
         keep_original_jpeg: !args.always_reencode,
     };
     if !(0.0..=1.0).contains(&args.max_failure_rate) {
-        bail!("--max-failure-rate must be between 0 and 1, got {}", args.max_failure_rate);
+        bail!(
+            "--max-failure-rate must be between 0 and 1, got {}",
+            args.max_failure_rate
+        );
     }
     config.max_failure_rate = args.max_failure_rate;
     config.retry_failed = args.retry_failed;
     if let Some(dir) = &args.work_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating the work folder {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the work folder {}", dir.display()))?;
         config.work_dir = dir.clone();
     }
     config.store = args.store.options()?;
@@ -241,16 +291,27 @@ async fn run(args: RunArgs) -> Result<()> {
     let show_bar = !args.no_progress && std::io::stderr().is_terminal();
     let bar = show_bar.then(|| {
         let bar = ProgressBar::new(0);
-        bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} (ETA {eta}) {msg}").expect("template").progress_chars("=> "));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} (ETA {eta}) {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
         bar
     });
-    let reporter = CliReporter { bar, started: Instant::now(), last_log: std::sync::Mutex::new(Instant::now()) };
+    let reporter = CliReporter {
+        bar,
+        started: Instant::now(),
+        last_log: std::sync::Mutex::new(Instant::now()),
+    };
     tracing::info!(input = %args.input, output = %args.output, partition = %format!("{}/{}", config.partition.index, config.partition.count), "ingest starting");
     let result = job::run(&config, &reporter).await;
     if let Some(bar) = &reporter.bar {
         bar.finish_and_clear();
     }
-    let summary = result.with_context(|| format!("ingesting {} into {}", args.input, args.output))?;
+    let summary =
+        result.with_context(|| format!("ingesting {} into {}", args.input, args.output))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -271,7 +332,10 @@ async fn run(args: RunArgs) -> Result<()> {
             println!("  failed {reason}: {n}");
         }
         if config.partition.count > 1 {
-            println!("partition {}/{} done; when all are, run: ingest merge {}", config.partition.index, config.partition.count, args.output);
+            println!(
+                "partition {}/{} done; when all are, run: ingest merge {}",
+                config.partition.index, config.partition.count, args.output
+            );
         }
     }
     Ok(())
@@ -283,8 +347,11 @@ fn init_logging(verbose: u8) {
         1 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::io::stderr().is_terminal() {
         builder.init();
     } else {
@@ -295,13 +362,27 @@ fn init_logging(verbose: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
-            Command::Merge { output, allow_incomplete, store } => {
-                let manifest = job::merge(&output, &store.options()?, allow_incomplete).await.with_context(|| format!("merging the manifests of {output}"))?;
-                println!("manifest.json: {} shards, {} samples, {:.1} MB", manifest.shards.len(), manifest.total_samples(), manifest.total_bytes() as f64 / 1e6);
+            Command::Merge {
+                output,
+                allow_incomplete,
+                store,
+            } => {
+                let manifest = job::merge(&output, &store.options()?, allow_incomplete)
+                    .await
+                    .with_context(|| format!("merging the manifests of {output}"))?;
+                println!(
+                    "manifest.json: {} shards, {} samples, {:.1} MB",
+                    manifest.shards.len(),
+                    manifest.total_samples(),
+                    manifest.total_bytes() as f64 / 1e6
+                );
                 Ok(())
             }
         }

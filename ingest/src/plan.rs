@@ -45,11 +45,23 @@ pub fn chunk_name(id: u64) -> String {
 }
 
 /// Reads the plan if there is one and checks that it was made for this job.
-pub async fn existing(output: &Location, input: &InputSpec, samples_per_shard: u64, shard_prefix: &str) -> Result<Option<Plan>, IngestError> {
-    let Some(plan) = output.get_json_opt::<Plan>(PLAN).await.map_err(IngestError::Output)? else {
+pub async fn existing(
+    output: &Location,
+    input: &InputSpec,
+    samples_per_shard: u64,
+    shard_prefix: &str,
+) -> Result<Option<Plan>, IngestError> {
+    let Some(plan) = output
+        .get_json_opt::<Plan>(PLAN)
+        .await
+        .map_err(IngestError::Output)?
+    else {
         return Ok(None);
     };
-    if plan.input != *input || plan.samples_per_shard != samples_per_shard || plan.shard_prefix != shard_prefix {
+    if plan.input != *input
+        || plan.samples_per_shard != samples_per_shard
+        || plan.shard_prefix != shard_prefix
+    {
         return Err(IngestError::Config(format!(
             "{} already holds a plan for another job (input {}, {} samples per shard, prefix {:?}); \
              rerun with the same input and settings to resume it, or write to a new output",
@@ -60,7 +72,13 @@ pub async fn existing(output: &Location, input: &InputSpec, samples_per_shard: u
 }
 
 /// Streams the input into chunks and stores the plan.
-pub async fn make(output: &Location, input: &InputSpec, samples_per_shard: u64, shard_prefix: &str, options: &StoreOptions) -> Result<Plan, IngestError> {
+pub async fn make(
+    output: &Location,
+    input: &InputSpec,
+    samples_per_shard: u64,
+    shard_prefix: &str,
+    options: &StoreOptions,
+) -> Result<Plan, IngestError> {
     let mut stream = items(input, options).await?;
     let mut chunk = Vec::new();
     let mut shards = 0u64;
@@ -72,25 +90,56 @@ pub async fn make(output: &Location, input: &InputSpec, samples_per_shard: u64, 
         chunk.push(b'\n');
         total += 1;
         if total % samples_per_shard == 0 {
-            output.put_bytes(&chunk_name(shards), std::mem::take(&mut chunk)).await.map_err(IngestError::Output)?;
+            output
+                .put_bytes(&chunk_name(shards), std::mem::take(&mut chunk))
+                .await
+                .map_err(IngestError::Output)?;
             shards += 1;
         }
     }
     if !chunk.is_empty() {
-        output.put_bytes(&chunk_name(shards), chunk).await.map_err(IngestError::Output)?;
+        output
+            .put_bytes(&chunk_name(shards), chunk)
+            .await
+            .map_err(IngestError::Output)?;
         shards += 1;
     }
     if total == 0 {
-        return Err(IngestError::Config(format!("the input {} holds no image (looked for extensions {})", input.url, input.extensions.join(", "))));
+        return Err(IngestError::Config(format!(
+            "the input {} holds no image (looked for extensions {})",
+            input.url,
+            input.extensions.join(", ")
+        )));
     }
-    let plan = Plan { version: 1, input: input.clone(), samples_per_shard, shard_prefix: shard_prefix.to_string(), shards, items: total };
-    output.put_json(PLAN, &plan).await.map_err(IngestError::Output)?;
-    tracing::info!(items = total, shards, seconds = started.elapsed().as_secs_f64(), "planned");
+    let plan = Plan {
+        version: 1,
+        input: input.clone(),
+        samples_per_shard,
+        shard_prefix: shard_prefix.to_string(),
+        shards,
+        items: total,
+    };
+    output
+        .put_json(PLAN, &plan)
+        .await
+        .map_err(IngestError::Output)?;
+    tracing::info!(
+        items = total,
+        shards,
+        seconds = started.elapsed().as_secs_f64(),
+        "planned"
+    );
     Ok(plan)
 }
 
 /// Waits for another partition (index 0) to store the plan.
-pub async fn wait(output: &Location, input: &InputSpec, samples_per_shard: u64, shard_prefix: &str, timeout: Duration) -> Result<Plan, IngestError> {
+pub async fn wait(
+    output: &Location,
+    input: &InputSpec,
+    samples_per_shard: u64,
+    shard_prefix: &str,
+    timeout: Duration,
+) -> Result<Plan, IngestError> {
     let started = Instant::now();
     loop {
         if let Some(plan) = existing(output, input, samples_per_shard, shard_prefix).await? {
@@ -116,7 +165,13 @@ pub async fn chunk(output: &Location, id: u64) -> Result<Vec<SourceItem>, Ingest
         .filter(|line| !line.is_empty())
         .enumerate()
         .map(|(i, line)| {
-            serde_json::from_slice(line).map_err(|e| IngestError::Config(format!("{} line {}: corrupt plan: {e}", output.url_of(&output.child(&name)), i + 1)))
+            serde_json::from_slice(line).map_err(|e| {
+                IngestError::Config(format!(
+                    "{} line {}: corrupt plan: {e}",
+                    output.url_of(&output.child(&name)),
+                    i + 1
+                ))
+            })
         })
         .collect()
 }

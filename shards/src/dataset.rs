@@ -2,10 +2,10 @@
 
 use object_store::path::Path;
 
+use crate::StoreError;
 use crate::meta::{MANIFEST, Manifest, ManifestShard, ShardIndex, ShardNames, ShardStats};
 use crate::reader::{Sample, ShardStream, read_indexed_sample};
 use crate::store::{Location, StoreOptions};
-use crate::StoreError;
 
 /// A dataset: a location and its manifest.
 #[derive(Debug, Clone)]
@@ -34,17 +34,26 @@ impl Dataset {
 
     /// Reads a shard's index.
     pub async fn index(&self, shard: &ManifestShard) -> Result<ShardIndex, StoreError> {
-        self.location.get_json(&ShardNames::for_tar(&shard.name).index).await
+        self.location
+            .get_json(&ShardNames::for_tar(&shard.name).index)
+            .await
     }
 
     /// Reads a shard's stats.
     pub async fn stats(&self, shard: &ManifestShard) -> Result<ShardStats, StoreError> {
-        self.location.get_json(&ShardNames::for_tar(&shard.name).stats).await
+        self.location
+            .get_json(&ShardNames::for_tar(&shard.name).stats)
+            .await
     }
 
     /// Streams a shard's samples.
     pub async fn stream(&self, shard: &ManifestShard) -> Result<ShardStream, StoreError> {
-        Ok(ShardStream::open(self.location.store.as_ref(), &self.shard_path(shard), &shard.name).await?)
+        Ok(ShardStream::open(
+            self.location.store.as_ref(),
+            &self.shard_path(shard),
+            &shard.name,
+        )
+        .await?)
     }
 
     /// Finds a sample by key through the shard indexes (one index read per
@@ -53,7 +62,13 @@ impl Dataset {
         for shard in &self.manifest.shards {
             let index = self.index(shard).await?;
             if let Some(entry) = index.samples.iter().find(|e| e.key == key) {
-                let sample = read_indexed_sample(self.location.store.as_ref(), &self.shard_path(shard), &shard.name, entry).await?;
+                let sample = read_indexed_sample(
+                    self.location.store.as_ref(),
+                    &self.shard_path(shard),
+                    &shard.name,
+                    entry,
+                )
+                .await?;
                 return Ok(Some((shard.clone(), sample)));
             }
         }
