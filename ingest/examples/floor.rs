@@ -1,0 +1,122 @@
+//! The single-thread floor of ingest's per-image work, for the ingest benchmark to compare the
+//! whole job against: every image of a folder is loaded into memory first, then
+//! `process_image` (decode, resize, encode, hash: the same libraries and settings as the job)
+//! runs over all of them in a tight loop on one thread, three passes.
+//!
+//! ```text
+//! cargo run --release -p ingest --example floor -- ~/.cache/seer-rs/photos [--passes 3]
+//! ```
+//!
+//! Prints images/s and input megapixels/s of the median pass, and the median per-image time
+//! of each stage over all passes.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ingest::image::{ImageConfig, StageTimings, process_image};
+
+fn files_under(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn median(values: &mut [Duration]) -> Duration {
+    values.sort();
+    values.get(values.len() / 2).copied().unwrap_or_default()
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut arguments = std::env::args().skip(1);
+    let folder = arguments.next().ok_or("usage: floor FOLDER [--passes N]")?;
+    let passes: usize = match (arguments.next().as_deref(), arguments.next()) {
+        (Some("--passes"), Some(count)) => count.parse()?,
+        (None, _) => 3,
+        _ => return Err("usage: floor FOLDER [--passes N]".into()),
+    };
+    let config = ImageConfig::default();
+
+    let mut images = Vec::new();
+    for path in files_under(Path::new(&folder))? {
+        images.push(std::fs::read(&path)?);
+    }
+    let input_bytes: usize = images.iter().map(Vec::len).sum();
+    println!(
+        "{} files, {:.1} MB, from {folder}",
+        images.len(),
+        input_bytes as f64 / 1e6
+    );
+
+    let mut pass_times = Vec::new();
+    let mut stages: Vec<StageTimings> = Vec::new();
+    let (mut accepted, mut kept, mut megapixels) = (0usize, 0usize, 0f64);
+    let mut rejected = std::collections::BTreeMap::<&str, usize>::new();
+    for pass in 0..passes {
+        let started = Instant::now();
+        for bytes in &images {
+            let result = process_image(bytes, &config);
+            if pass == 0 {
+                match &result {
+                    Ok(processed) => {
+                        accepted += 1;
+                        kept += usize::from(processed.kept_original);
+                        megapixels += f64::from(processed.original_width)
+                            * f64::from(processed.original_height)
+                            / 1e6;
+                    }
+                    Err(rejection) => *rejected.entry(rejection.reason()).or_default() += 1,
+                }
+            }
+            if let Ok(processed) = result {
+                stages.push(processed.timings);
+            }
+        }
+        pass_times.push(started.elapsed());
+    }
+
+    let pass_time = median(&mut pass_times.clone()).as_secs_f64();
+    println!(
+        "{accepted} accepted ({kept} kept as original), rejected {rejected:?}, {megapixels:.1} MP accepted input"
+    );
+    println!(
+        "median of {passes} passes: {:.3} s, {:.1} images/s, {:.1} MP/s (accepted images, input pixels)",
+        pass_time,
+        images.len() as f64 / pass_time,
+        megapixels / pass_time
+    );
+    println!("pass times: {:?}", pass_times);
+    type Stage = fn(&StageTimings) -> Duration;
+    let stage_list: [(&str, Stage); 5] = [
+        ("decode", |t| t.decode),
+        ("resize", |t| t.resize),
+        ("encode", |t| t.encode),
+        ("hash", |t| t.hash),
+        ("total", StageTimings::total),
+    ];
+    for (name, stage) in stage_list {
+        let mut times: Vec<Duration> = stages.iter().map(stage).collect();
+        let sum: Duration = times.iter().sum();
+        println!(
+            "{name:>7}: median {:>8.3} ms/image, share of time {:>5.1} %",
+            median(&mut times).as_secs_f64() * 1e3,
+            100.0 * sum.as_secs_f64()
+                / stages
+                    .iter()
+                    .map(|t| t.total().as_secs_f64())
+                    .sum::<f64>()
+                    .max(1e-9)
+        );
+    }
+    Ok(())
+}
