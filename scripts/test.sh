@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test of the project: the Rust workspace, then the Python checks in tests/python/.
-# Needs what scripts/setup.sh, scripts/fetch-testdata.sh and scripts/install-test-servers.sh
-# provide; tests that miss their material fail with the command to run, they never skip.
+# First runs scripts/setup.sh, scripts/fetch-testdata.sh and scripts/install-test-servers.sh
+# (idempotent); tests that miss their material fail with the command to run, they never skip.
 # Extra arguments go to `cargo test` (a test name filter, `-- --nocapture`, ...).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh"
 cd "$root"
+# Everything the tests need, installed idempotently (seconds when already there).
+bash scripts/setup.sh
+bash scripts/fetch-testdata.sh
+bash scripts/install-test-servers.sh
 echo "test data cache: $SEER_CACHE"
 
 # Why the default (dev) profile and not --release: the workspace's dev profile already builds

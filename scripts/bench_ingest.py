@@ -1,0 +1,136 @@
+"""Runs the ingest benchmark; see scripts/bench-ingest.sh."""
+import argparse, csv, glob, json, os, platform, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+
+root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+cache = os.environ["SEER_CACHE"]
+ingest = os.path.join(root, "target/release/ingest")
+floor = os.path.join(root, "target/release/examples/floor")
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--repeats", type=int, default=3)
+parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+args = parser.parse_args()
+
+# The benchmark set: every JPEG photo of 0.5 to 2 MP in the fetched photo set.
+bench = os.path.join(cache, "bench-0.5-2mp")
+if not os.path.isdir(bench):
+    os.makedirs(bench + ".tmp", exist_ok=True)
+    with open(os.path.join(cache, "photos.tsv")) as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            pixels = int(row["width"]) * int(row["height"])
+            if row["format"] == "jpeg" and 500_000 <= pixels <= 2_000_000:
+                target = os.path.join(bench + ".tmp", row["path"].replace("/", "__"))
+                shutil.copyfile(os.path.join(cache, "photos", row["path"]), target)
+    os.rename(bench + ".tmp", bench)
+files = sorted(os.listdir(bench))
+n_images = len(files)
+mp = 0.0
+with open(os.path.join(cache, "photos.tsv")) as f:
+    for row in csv.DictReader(f, delimiter="\t"):
+        if row["path"].replace("/", "__") in set(files):
+            mp += int(row["width"]) * int(row["height"]) / 1e6
+bytes_in = sum(os.path.getsize(os.path.join(bench, f)) for f in files)
+print(f"benchmark set: {n_images} JPEGs, {mp / n_images:.2f} MP mean, {bytes_in / 1e6:.1f} MB", flush=True)
+
+def timed(cmd, env=None):
+    """Runs cmd under GNU time; returns (wall seconds, peak RSS MiB, stdout)."""
+    out = subprocess.run(["/usr/bin/time", "-f", "TIME %e %M"] + cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
+    wall, rss = re.search(r"TIME ([\d.]+) (\d+)", out.stderr).groups()
+    return float(wall), int(rss) / 1024, out.stdout
+
+def stages(dataset):
+    total = {}
+    for path in glob.glob(os.path.join(dataset, "*_stats.json")):
+        with open(path) as f:
+            for k, v in json.load(f)["stage_seconds"].items():
+                total[k] = total.get(k, 0) + v
+    return total
+
+def spread(values):
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+results = {}
+# Floor: same per-image work (process_image), one thread, images in memory.
+floor_rates = []
+for _ in range(args.repeats):
+    out = subprocess.run([floor, bench, "--passes", "1"], capture_output=True, text=True, check=True).stdout
+    floor_rates.append(float(re.search(r"([\d.]+) images/s", out).group(1)))
+results["floor"] = floor_rates
+print("floor images/s:", floor_rates, flush=True)
+
+def run_job(label, source, workers, env=None, output_base=None):
+    rates, rss, stage_totals = [], [], None
+    for _ in range(args.repeats):
+        out_dir = tempfile.mkdtemp(prefix="bench-ingest-")
+        target = out_dir if output_base is None else f"{output_base}/{os.path.basename(out_dir)}"
+        wall, peak, _ = timed([ingest, "run", source, "-o", target, "--workers", str(workers), "--samples-per-shard", "100", "--no-progress"], env=env)
+        rates.append(n_images / wall)
+        rss.append(peak)
+        if output_base is None:
+            stage_totals = stages(out_dir)
+        shutil.rmtree(out_dir)
+    results[label] = {"rates": rates, "rss": rss, "stages": stage_totals}
+    print(label, [round(r, 1) for r in rates], "img/s; peak RSS MiB", [round(r) for r in rss], flush=True)
+
+run_job("local, 1 worker", bench, 1)
+run_job("local, 2 workers", bench, 2)
+
+# s3s-fs serves a folder whose subfolders are buckets: stage the set as bucket/raw/.
+s3_data = tempfile.mkdtemp(prefix="bench-s3-")
+shutil.copytree(bench, os.path.join(s3_data, "bench", "raw"))
+sock = socket.socket(); sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]; sock.close()
+server = subprocess.Popen([os.path.join(os.environ["SEER_TOOLS"], "bin/s3s-fs"), "--host", "127.0.0.1", "--port", str(port), "--access-key", "bench", "--secret-key", "benchsecret", s3_data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+try:
+    time.sleep(0.5)
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="benchsecret", AWS_ENDPOINT=f"http://127.0.0.1:{port}", AWS_ALLOW_HTTP="true", AWS_REGION="us-east-1", AWS_VIRTUAL_HOSTED_STYLE_REQUEST="false")
+    run_job("s3s-fs to s3s-fs, 2 workers", "s3://bench/raw", 2, env=env, output_base="s3://bench/out")
+finally:
+    server.send_signal(signal.SIGTERM); server.wait()
+    shutil.rmtree(s3_data)
+
+floor_median = statistics.median(floor_rates)
+one = statistics.median(results["local, 1 worker"]["rates"])
+two = statistics.median(results["local, 2 workers"]["rates"])
+st = results["local, 2 workers"]["stages"]
+st_total = sum(st.values())
+cpu = platform.processor() or platform.machine()
+try:
+    with open("/proc/cpuinfo") as f:
+        cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+except (OSError, StopIteration):
+    pass
+lines = [
+    "<!-- ingest benchmark: start -->",
+    "## Ingest",
+    "",
+    f"Machine: {cpu}, {os.cpu_count()} cores. Command: `scripts/bench-ingest.sh` ({args.repeats} runs each; median (min-max)). "
+    f"Input: the {n_images} JPEG photos of 0.5-2 MP in the fetched photo set ({mp / n_images:.2f} MP mean, {bytes_in / 1e6:.0f} MB), "
+    "default settings (shorter side to 512, q90, originals kept when already small enough), 100 samples per shard. "
+    "Job rates are whole-command wall time (start, planning, publishing included).",
+    "",
+    "| run | images/s | images/s per core | MB/s in | peak RSS MiB |",
+    "|---|---|---|---|---|",
+    f"| floor: `process_image` in a tight loop, 1 thread, images in memory | {spread(floor_rates)} | {floor_median:.1f} | {floor_median * bytes_in / n_images / 1e6:.1f} | - |",
+]
+for label, cores in [("local, 1 worker", 1), ("local, 2 workers", 2), ("s3s-fs to s3s-fs, 2 workers", 2)]:
+    r = results[label]
+    med = statistics.median(r["rates"])
+    lines.append(f"| ingest, {label} | {spread(r['rates'])} | {med / cores:.1f} | {med * bytes_in / n_images / 1e6:.1f} | {statistics.median(r['rss']):.0f} |")
+lines += [
+    "",
+    f"- Whole job per core vs floor: {one / floor_median:.2f} (1 worker), {two / 2 / floor_median:.2f} (2 workers); target: at least 1/1.5 = 0.67.",
+    f"- Scaling, 2 workers vs 1: {two / one:.2f}x; target 1.8x.",
+    f"- Target of 200 images/s per core: {'met' if two / 2 >= 200 else 'NOT met'} ({two / 2:.0f} per core with 2 workers).",
+    "- Time split (2 workers, summed over samples, share of the total): "
+    + ", ".join(f"{k} {v / st_total * 100:.0f} %" for k, v in st.items()) + ".",
+    "<!-- ingest benchmark: end -->",
+]
+section = "\n".join(lines) + "\n"
+print(section)
+if not args.no_write:
+    path = os.path.join(root, "docs/benchmarks.md")
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nEvery figure here comes from a script in `scripts/`; rerun it to check.\n\n"
+    text = re.sub(r"<!-- ingest benchmark: start -->.*?<!-- ingest benchmark: end -->\n", lambda _: section, text, flags=re.S) if "ingest benchmark: start" in text else text + section
+    open(path, "w").write(text)

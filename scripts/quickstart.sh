@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The quick start: on a fresh machine, install what the build needs, fetch real photos
+# (Debian packages, into $SEER_CACHE), ingest them from a local folder into ./dataset
+# (WebDataset shards with index, stats and manifest), then inspect the result.
+# Rerunning it resumes or skips what is done. Extra arguments go to `ingest run`.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/env.sh"
+cd "$root"
+bash scripts/setup.sh
+bash scripts/fetch-testdata.sh
+cargo build --release -p ingest -p shards
+bin="$root/target/release"
+output="${SEER_DATASET:-$root/dataset}"
+
+echo "== ingest: $SEER_CACHE/photos -> $output"
+"$bin/ingest" run "$SEER_CACHE/photos" -o "$output" --samples-per-shard 250 "$@"
+echo "== shards ls"
+"$bin/shards" ls "$output"
+echo "== shards stat"
+"$bin/shards" stat "$output"
+echo "== shards verify"
+"$bin/shards" verify "$output"
+echo "== shards dupes"
+"$bin/shards" dupes "$output" | tail -n 20
+"$bin/shards" grid "$output" -o "$output/grid.png"
+echo "contact sheet of 64 random samples: $output/grid.png"
