@@ -33,7 +33,10 @@ pub mod tar;
 pub mod writer;
 
 pub use dataset::Dataset;
-pub use meta::{Failure, IndexEntry, Manifest, ManifestShard, MemberSpan, SampleMeta, ShardIndex, ShardNames, ShardStats, StageSeconds};
+pub use meta::{
+    Failure, IndexEntry, Manifest, ManifestShard, MemberSpan, SampleMeta, ShardIndex, ShardNames,
+    ShardStats, StageSeconds,
+};
 pub use reader::{Sample, SampleReader, ShardStream};
 pub use store::{Location, StoreOptions};
 pub use writer::{FinishedShard, ShardWriter};
@@ -129,14 +132,22 @@ pub const MAX_KEY_LEN: usize = 80;
 /// Checks a sample key: 1 to [`MAX_KEY_LEN`] ASCII letters, digits, `_` or `-`.
 /// No dots (WebDataset splits member names at the first dot) and no slashes.
 pub fn validate_key(key: &str) -> Result<(), ShardError> {
-    let bad = |reason| Err(ShardError::BadKey { key: key.to_string(), reason });
+    let bad = |reason| {
+        Err(ShardError::BadKey {
+            key: key.to_string(),
+            reason,
+        })
+    };
     if key.is_empty() {
         return bad("empty");
     }
     if key.len() > MAX_KEY_LEN {
         return bad("longer than 80 characters");
     }
-    if !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+    if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
         return bad("only ASCII letters, digits, '_' and '-' are allowed");
     }
     Ok(())
@@ -144,8 +155,16 @@ pub fn validate_key(key: &str) -> Result<(), ShardError> {
 
 /// Checks a member extension: lower-case ASCII letters, digits and dots.
 pub fn validate_extension(ext: &str) -> Result<(), ShardError> {
-    if ext.is_empty() || ext.len() > 16 || !ext.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.') {
-        return Err(ShardError::BadKey { key: ext.to_string(), reason: "extensions are 1 to 16 lower-case letters, digits or dots" });
+    if ext.is_empty()
+        || ext.len() > 16
+        || !ext
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.')
+    {
+        return Err(ShardError::BadKey {
+            key: ext.to_string(),
+            reason: "extensions are 1 to 16 lower-case letters, digits or dots",
+        });
     }
     Ok(())
 }

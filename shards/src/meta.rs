@@ -200,13 +200,19 @@ impl Manifest {
     /// Merges several manifests (for example one per partition) into one.
     /// A shard named in two manifests with different contents is an error.
     pub fn merge<'a>(parts: impl IntoIterator<Item = &'a Manifest>) -> Result<Manifest, String> {
-        let mut merged = Manifest { version: FORMAT_VERSION, shards: Vec::new() };
+        let mut merged = Manifest {
+            version: FORMAT_VERSION,
+            shards: Vec::new(),
+        };
         for part in parts {
             for shard in &part.shards {
                 if let Ok(i) = merged.shards.binary_search_by(|s| s.name.cmp(&shard.name))
                     && merged.shards[i] != *shard
                 {
-                    return Err(format!("shard {} appears twice with different contents", shard.name));
+                    return Err(format!(
+                        "shard {} appears twice with different contents",
+                        shard.name
+                    ));
                 }
                 merged.upsert(shard.clone());
             }
@@ -230,13 +236,21 @@ impl ShardNames {
     /// Names of shard number `id` of a dataset whose shards are called `prefix`.
     pub fn new(prefix: &str, id: u64) -> Self {
         let stem = format!("{prefix}-{id:06}");
-        Self { tar: format!("{stem}.tar"), index: format!("{stem}.index.json"), stats: format!("{stem}_stats.json") }
+        Self {
+            tar: format!("{stem}.tar"),
+            index: format!("{stem}.index.json"),
+            stats: format!("{stem}_stats.json"),
+        }
     }
 
     /// The names of the index and stats that go with a shard's tar name.
     pub fn for_tar(tar: &str) -> Self {
         let stem = tar.strip_suffix(".tar").unwrap_or(tar);
-        Self { tar: tar.to_string(), index: format!("{stem}.index.json"), stats: format!("{stem}_stats.json") }
+        Self {
+            tar: tar.to_string(),
+            index: format!("{stem}.index.json"),
+            stats: format!("{stem}_stats.json"),
+        }
     }
 }
 
@@ -258,13 +272,27 @@ mod tests {
 
     #[test]
     fn merge_rejects_conflicts() {
-        let a = ManifestShard { name: "a-000000.tar".into(), samples: 1, bytes: 10, sha256: "x".into() };
+        let a = ManifestShard {
+            name: "a-000000.tar".into(),
+            samples: 1,
+            bytes: 10,
+            sha256: "x".into(),
+        };
         let mut b = a.clone();
-        let m1 = Manifest { version: 1, shards: vec![a.clone()] };
-        let m2 = Manifest { version: 1, shards: vec![a.clone()] };
+        let m1 = Manifest {
+            version: 1,
+            shards: vec![a.clone()],
+        };
+        let m2 = Manifest {
+            version: 1,
+            shards: vec![a.clone()],
+        };
         assert_eq!(Manifest::merge([&m1, &m2]).unwrap().shards.len(), 1);
         b.samples = 2;
-        let m3 = Manifest { version: 1, shards: vec![b] };
+        let m3 = Manifest {
+            version: 1,
+            shards: vec![b],
+        };
         assert!(Manifest::merge([&m1, &m3]).is_err());
     }
 }

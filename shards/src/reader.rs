@@ -65,7 +65,10 @@ impl Grouper {
     fn push(&mut self, member: Member) -> Result<Option<Sample>, ShardError> {
         let (key, ext) = split_member_name(&member.name).ok_or_else(|| ShardError::Invalid {
             shard: self.shard.clone(),
-            reason: format!("member {:?} at byte {} has no KEY.EXT name", member.name, member.header_offset),
+            reason: format!(
+                "member {:?} at byte {} has no KEY.EXT name",
+                member.name, member.header_offset
+            ),
         })?;
         if let Some(sample) = &mut self.pending
             && sample.key == key
@@ -73,13 +76,20 @@ impl Grouper {
             if sample.get(ext).is_some() {
                 return Err(ShardError::Invalid {
                     shard: self.shard.clone(),
-                    reason: format!("sample {key} has two .{ext} members (the second at byte {})", member.header_offset),
+                    reason: format!(
+                        "sample {key} has two .{ext} members (the second at byte {})",
+                        member.header_offset
+                    ),
                 });
             }
             sample.members.push((ext.to_string(), member.data));
             return Ok(None);
         }
-        let next = Sample { key: key.to_string(), offset: member.header_offset, members: vec![(ext.to_string(), member.data)] };
+        let next = Sample {
+            key: key.to_string(),
+            offset: member.header_offset,
+            members: vec![(ext.to_string(), member.data)],
+        };
         Ok(self.pending.replace(next))
     }
 }
@@ -108,7 +118,10 @@ impl<R: Read> SampleReader<R> {
         Self {
             input,
             parser: TarParser::new(max_member_size),
-            grouper: Grouper { shard: shard.into(), pending: None },
+            grouper: Grouper {
+                shard: shard.into(),
+                pending: None,
+            },
             buf: BytesMut::new(),
             finished: false,
         }
@@ -117,7 +130,13 @@ impl<R: Read> SampleReader<R> {
     fn next_sample(&mut self) -> Result<Option<Sample>, ShardError> {
         let shard = self.grouper.shard.clone();
         loop {
-            let member = self.parser.next_member(&mut self.buf).map_err(|source| ShardError::Tar { shard: shard.clone(), source })?;
+            let member =
+                self.parser
+                    .next_member(&mut self.buf)
+                    .map_err(|source| ShardError::Tar {
+                        shard: shard.clone(),
+                        source,
+                    })?;
             if let Some(member) = member {
                 if let Some(sample) = self.grouper.push(member)? {
                     return Ok(Some(sample));
@@ -139,7 +158,12 @@ impl<R: Read> SampleReader<R> {
             };
             self.buf.truncate(start + read);
             if read == 0 {
-                self.parser.check_eof(self.buf.len()).map_err(|source| ShardError::Tar { shard: shard.clone(), source })?;
+                self.parser
+                    .check_eof(self.buf.len())
+                    .map_err(|source| ShardError::Tar {
+                        shard: shard.clone(),
+                        source,
+                    })?;
             }
         }
     }
@@ -172,18 +196,36 @@ pub struct ShardStream {
 
 impl ShardStream {
     /// Starts reading `path` from `store`; `shard` names it in errors.
-    pub async fn open(store: &dyn ObjectStore, path: &Path, shard: impl Into<String>) -> Result<Self, ShardError> {
+    pub async fn open(
+        store: &dyn ObjectStore,
+        path: &Path,
+        shard: impl Into<String>,
+    ) -> Result<Self, ShardError> {
         let shard = shard.into();
-        let result = store.get(path).await.map_err(|source| ShardError::Store { shard: shard.clone(), source })?;
-        Ok(Self::from_stream(result.into_stream(), shard, DEFAULT_MAX_MEMBER_SIZE))
+        let result = store.get(path).await.map_err(|source| ShardError::Store {
+            shard: shard.clone(),
+            source,
+        })?;
+        Ok(Self::from_stream(
+            result.into_stream(),
+            shard,
+            DEFAULT_MAX_MEMBER_SIZE,
+        ))
     }
 
     /// Reads samples from any stream of byte chunks.
-    pub fn from_stream(body: BoxStream<'static, object_store::Result<Bytes>>, shard: impl Into<String>, max_member_size: u64) -> Self {
+    pub fn from_stream(
+        body: BoxStream<'static, object_store::Result<Bytes>>,
+        shard: impl Into<String>,
+        max_member_size: u64,
+    ) -> Self {
         Self {
             body,
             parser: TarParser::new(max_member_size),
-            grouper: Grouper { shard: shard.into(), pending: None },
+            grouper: Grouper {
+                shard: shard.into(),
+                pending: None,
+            },
             buf: BytesMut::new(),
             finished: false,
         }
@@ -204,7 +246,13 @@ impl ShardStream {
     async fn next_inner(&mut self) -> Result<Option<Sample>, ShardError> {
         loop {
             let shard = &self.grouper.shard;
-            let member = self.parser.next_member(&mut self.buf).map_err(|source| ShardError::Tar { shard: shard.clone(), source })?;
+            let member =
+                self.parser
+                    .next_member(&mut self.buf)
+                    .map_err(|source| ShardError::Tar {
+                        shard: shard.clone(),
+                        source,
+                    })?;
             if let Some(member) = member {
                 if let Some(sample) = self.grouper.push(member)? {
                     return Ok(Some(sample));
@@ -214,19 +262,35 @@ impl ShardStream {
             if self.parser.at_end() {
                 // Drain (and check) whatever padding follows the marker.
                 while let Some(chunk) = self.body.next().await {
-                    let chunk = chunk.map_err(|source| ShardError::Store { shard: shard.clone(), source })?;
+                    let chunk = chunk.map_err(|source| ShardError::Store {
+                        shard: shard.clone(),
+                        source,
+                    })?;
                     self.buf.extend_from_slice(&chunk);
-                    self.parser.next_member(&mut self.buf).map_err(|source| ShardError::Tar { shard: shard.clone(), source })?;
+                    self.parser
+                        .next_member(&mut self.buf)
+                        .map_err(|source| ShardError::Tar {
+                            shard: shard.clone(),
+                            source,
+                        })?;
                 }
                 return Ok(self.grouper.pending.take());
             }
             match self.body.next().await {
                 Some(chunk) => {
-                    let chunk = chunk.map_err(|source| ShardError::Store { shard: shard.clone(), source })?;
+                    let chunk = chunk.map_err(|source| ShardError::Store {
+                        shard: shard.clone(),
+                        source,
+                    })?;
                     self.buf.extend_from_slice(&chunk);
                 }
                 None => {
-                    self.parser.check_eof(self.buf.len()).map_err(|source| ShardError::Tar { shard: shard.clone(), source })?;
+                    self.parser
+                        .check_eof(self.buf.len())
+                        .map_err(|source| ShardError::Tar {
+                            shard: shard.clone(),
+                            source,
+                        })?;
                 }
             }
         }
@@ -234,36 +298,80 @@ impl ShardStream {
 }
 
 /// Reads one sample with a single ranged read, using its index entry.
-pub async fn read_indexed_sample(store: &dyn ObjectStore, path: &Path, shard: &str, entry: &IndexEntry) -> Result<Sample, ShardError> {
+pub async fn read_indexed_sample(
+    store: &dyn ObjectStore,
+    path: &Path,
+    shard: &str,
+    entry: &IndexEntry,
+) -> Result<Sample, ShardError> {
     let bytes = store
         .get_range(path, entry.offset..entry.offset + entry.size)
         .await
-        .map_err(|source| ShardError::Store { shard: shard.to_string(), source })?;
+        .map_err(|source| ShardError::Store {
+            shard: shard.to_string(),
+            source,
+        })?;
     parse_indexed_sample(bytes, shard, entry)
 }
 
 /// Parses the bytes of one sample read through its index entry, checking
 /// them against the entry.
-pub fn parse_indexed_sample(bytes: Bytes, shard: &str, entry: &IndexEntry) -> Result<Sample, ShardError> {
+pub fn parse_indexed_sample(
+    bytes: Bytes,
+    shard: &str,
+    entry: &IndexEntry,
+) -> Result<Sample, ShardError> {
     let mut parser = TarParser::new(DEFAULT_MAX_MEMBER_SIZE);
     let mut buf = BytesMut::from(&bytes[..]);
-    let mut sample = Sample { key: entry.key.clone(), offset: entry.offset, members: Vec::new() };
-    let invalid = |reason: String| ShardError::Invalid { shard: shard.to_string(), reason };
+    let mut sample = Sample {
+        key: entry.key.clone(),
+        offset: entry.offset,
+        members: Vec::new(),
+    };
+    let invalid = |reason: String| ShardError::Invalid {
+        shard: shard.to_string(),
+        reason,
+    };
     while !buf.is_empty() {
         let member = parser
             .next_member(&mut buf)
-            .map_err(|source| ShardError::Tar { shard: shard.to_string(), source })?
-            .ok_or_else(|| invalid(format!("sample {} at byte {} ends inside a member", entry.key, entry.offset)))?;
-        let (key, ext) = split_member_name(&member.name)
-            .ok_or_else(|| invalid(format!("member {:?} of sample {} has no KEY.EXT name", member.name, entry.key)))?;
+            .map_err(|source| ShardError::Tar {
+                shard: shard.to_string(),
+                source,
+            })?
+            .ok_or_else(|| {
+                invalid(format!(
+                    "sample {} at byte {} ends inside a member",
+                    entry.key, entry.offset
+                ))
+            })?;
+        let (key, ext) = split_member_name(&member.name).ok_or_else(|| {
+            invalid(format!(
+                "member {:?} of sample {} has no KEY.EXT name",
+                member.name, entry.key
+            ))
+        })?;
         let span = entry.members.get(ext);
-        if key != entry.key || span.map(|s| (s.offset, s.size)) != Some((entry.offset + member.data_offset, member.data.len() as u64)) {
-            return Err(invalid(format!("index entry for {} does not match member {:?} at byte {}", entry.key, member.name, entry.offset + member.header_offset)));
+        if key != entry.key
+            || span.map(|s| (s.offset, s.size))
+                != Some((entry.offset + member.data_offset, member.data.len() as u64))
+        {
+            return Err(invalid(format!(
+                "index entry for {} does not match member {:?} at byte {}",
+                entry.key,
+                member.name,
+                entry.offset + member.header_offset
+            )));
         }
         sample.members.push((ext.to_string(), member.data));
     }
     if sample.members.len() != entry.members.len() {
-        return Err(invalid(format!("sample {} has {} members, its index entry {}", entry.key, sample.members.len(), entry.members.len())));
+        return Err(invalid(format!(
+            "sample {} has {} members, its index entry {}",
+            entry.key,
+            sample.members.len(),
+            entry.members.len()
+        )));
     }
     Ok(sample)
 }

@@ -18,7 +18,10 @@ use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::http::HttpBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+    WriteMultipart,
+};
 use url::Url;
 
 use crate::StoreError;
@@ -51,12 +54,19 @@ impl Default for StoreOptions {
 impl StoreOptions {
     /// Options with `max_retries` retries within `retry_timeout`.
     pub fn with_retries(mut self, max_retries: usize, retry_timeout: Duration) -> Self {
-        self.retry = RetryConfig { backoff: BackoffConfig::default(), max_retries, retry_timeout };
+        self.retry = RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries,
+            retry_timeout,
+        };
         self
     }
 
     fn client_options(&self) -> ClientOptions {
-        ClientOptions::new().with_timeout(self.timeout).with_connect_timeout(self.connect_timeout).with_allow_http(true)
+        ClientOptions::new()
+            .with_timeout(self.timeout)
+            .with_connect_timeout(self.connect_timeout)
+            .with_allow_http(true)
     }
 }
 
@@ -81,65 +91,132 @@ impl std::fmt::Debug for Location {
 pub fn normalize_url(url_or_path: &str) -> Result<Url, StoreError> {
     let looks_like_url = url_or_path.contains("://") || url_or_path.starts_with("file:");
     if looks_like_url {
-        return Url::parse(url_or_path).map_err(|e| StoreError::BadUrl { url: url_or_path.to_string(), reason: e.to_string() });
+        return Url::parse(url_or_path).map_err(|e| StoreError::BadUrl {
+            url: url_or_path.to_string(),
+            reason: e.to_string(),
+        });
     }
     let path = PathBuf::from(url_or_path);
     let absolute = if path.is_absolute() {
         path
     } else {
-        std::env::current_dir().map_err(|e| StoreError::BadUrl { url: url_or_path.to_string(), reason: e.to_string() })?.join(path)
+        std::env::current_dir()
+            .map_err(|e| StoreError::BadUrl {
+                url: url_or_path.to_string(),
+                reason: e.to_string(),
+            })?
+            .join(path)
     };
-    Url::from_directory_path(&absolute).map_err(|()| StoreError::BadUrl { url: url_or_path.to_string(), reason: "not an absolute path".into() })
+    Url::from_directory_path(&absolute).map_err(|()| StoreError::BadUrl {
+        url: url_or_path.to_string(),
+        reason: "not an absolute path".into(),
+    })
 }
 
 impl Location {
     /// Opens the location named by a URL or local path. A local folder is
     /// created when `create` is set, else it must exist.
-    pub fn open(url_or_path: &str, options: &StoreOptions, create: bool) -> Result<Self, StoreError> {
+    pub fn open(
+        url_or_path: &str,
+        options: &StoreOptions,
+        create: bool,
+    ) -> Result<Self, StoreError> {
         let url = normalize_url(url_or_path)?;
-        let bad = |reason: String| StoreError::BadUrl { url: url_or_path.to_string(), reason };
+        let bad = |reason: String| StoreError::BadUrl {
+            url: url_or_path.to_string(),
+            reason,
+        };
         let bucket_url = || format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
         let prefix_of = |url: &Url| Path::from_url_path(url.path()).map_err(|e| bad(e.to_string()));
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = match url.scheme() {
             "file" => {
-                let dir = url.to_file_path().map_err(|()| bad("not a local path".into()))?;
+                let dir = url
+                    .to_file_path()
+                    .map_err(|()| bad("not a local path".into()))?;
                 if create {
-                    std::fs::create_dir_all(&dir).map_err(|e| bad(format!("cannot create {}: {e}", dir.display())))?;
+                    std::fs::create_dir_all(&dir)
+                        .map_err(|e| bad(format!("cannot create {}: {e}", dir.display())))?;
                 } else if !dir.is_dir() {
                     return Err(bad(format!("{} is not a folder", dir.display())));
                 }
-                let store = LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?.with_automatic_cleanup(true);
+                let store = LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| bad(e.to_string()))?
+                    .with_automatic_cleanup(true);
                 (Arc::new(store), Path::default())
             }
             "s3" | "s3a" => {
-                let mut builder = AmazonS3Builder::from_env().with_url(bucket_url()).with_retry(options.retry.clone()).with_client_options(options.client_options());
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_url(bucket_url())
+                    .with_retry(options.retry.clone())
+                    .with_client_options(options.client_options());
                 for (key, value) in &options.options {
-                    builder = builder.with_config(key.parse().map_err(|e: object_store::Error| bad(e.to_string()))?, value);
+                    builder = builder.with_config(
+                        key.parse()
+                            .map_err(|e: object_store::Error| bad(e.to_string()))?,
+                        value,
+                    );
                 }
-                (Arc::new(builder.build().map_err(|e| bad(e.to_string()))?), prefix_of(&url)?)
+                (
+                    Arc::new(builder.build().map_err(|e| bad(e.to_string()))?),
+                    prefix_of(&url)?,
+                )
             }
             "gs" => {
-                let mut builder = GoogleCloudStorageBuilder::from_env().with_url(bucket_url()).with_retry(options.retry.clone()).with_client_options(options.client_options());
+                let mut builder = GoogleCloudStorageBuilder::from_env()
+                    .with_url(bucket_url())
+                    .with_retry(options.retry.clone())
+                    .with_client_options(options.client_options());
                 for (key, value) in &options.options {
-                    builder = builder.with_config(key.parse().map_err(|e: object_store::Error| bad(e.to_string()))?, value);
+                    builder = builder.with_config(
+                        key.parse()
+                            .map_err(|e: object_store::Error| bad(e.to_string()))?,
+                        value,
+                    );
                 }
-                (Arc::new(builder.build().map_err(|e| bad(e.to_string()))?), prefix_of(&url)?)
+                (
+                    Arc::new(builder.build().map_err(|e| bad(e.to_string()))?),
+                    prefix_of(&url)?,
+                )
             }
             "az" | "azure" | "abfs" | "abfss" | "adl" => {
-                let mut builder = MicrosoftAzureBuilder::from_env().with_url(bucket_url()).with_retry(options.retry.clone()).with_client_options(options.client_options());
+                let mut builder = MicrosoftAzureBuilder::from_env()
+                    .with_url(bucket_url())
+                    .with_retry(options.retry.clone())
+                    .with_client_options(options.client_options());
                 for (key, value) in &options.options {
-                    builder = builder.with_config(key.parse().map_err(|e: object_store::Error| bad(e.to_string()))?, value);
+                    builder = builder.with_config(
+                        key.parse()
+                            .map_err(|e: object_store::Error| bad(e.to_string()))?,
+                        value,
+                    );
                 }
-                (Arc::new(builder.build().map_err(|e| bad(e.to_string()))?), prefix_of(&url)?)
+                (
+                    Arc::new(builder.build().map_err(|e| bad(e.to_string()))?),
+                    prefix_of(&url)?,
+                )
             }
             "http" | "https" => {
                 let base = &url[..url::Position::BeforePath];
-                let store = HttpBuilder::new().with_url(base).with_retry(options.retry.clone()).with_client_options(options.client_options());
-                (Arc::new(store.build().map_err(|e| bad(e.to_string()))?), prefix_of(&url)?)
+                let store = HttpBuilder::new()
+                    .with_url(base)
+                    .with_retry(options.retry.clone())
+                    .with_client_options(options.client_options());
+                (
+                    Arc::new(store.build().map_err(|e| bad(e.to_string()))?),
+                    prefix_of(&url)?,
+                )
             }
-            other => return Err(bad(format!("unsupported scheme {other:?} (use s3://, gs://, az://, http(s)://, file:// or a path)"))),
+            other => {
+                return Err(bad(format!(
+                    "unsupported scheme {other:?} (use s3://, gs://, az://, http(s)://, file:// or a path)"
+                )));
+            }
         };
-        Ok(Self { store, prefix, url: url.to_string() })
+        Ok(Self {
+            store,
+            prefix,
+            url: url.to_string(),
+        })
     }
 
     /// The path of `name` (which may contain `/`) under this location.
@@ -154,39 +231,70 @@ impl Location {
     /// A URL naming `path` of this location's store, for messages and metadata.
     pub fn url_of(&self, path: &Path) -> String {
         let base = self.url.trim_end_matches('/');
-        let rel = path.as_ref().strip_prefix(self.prefix.as_ref()).unwrap_or(path.as_ref()).trim_start_matches('/');
+        let rel = path
+            .as_ref()
+            .strip_prefix(self.prefix.as_ref())
+            .unwrap_or(path.as_ref())
+            .trim_start_matches('/');
         format!("{base}/{rel}")
     }
 
     /// Reads a whole object.
     pub async fn get_bytes(&self, name: &str) -> Result<Bytes, StoreError> {
         let path = self.child(name);
-        let result = self.store.get(&path).await.map_err(|source| StoreError::Store { url: self.url_of(&path), source })?;
-        result.bytes().await.map_err(|source| StoreError::Store { url: self.url_of(&path), source })
+        let result = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|source| StoreError::Store {
+                url: self.url_of(&path),
+                source,
+            })?;
+        result.bytes().await.map_err(|source| StoreError::Store {
+            url: self.url_of(&path),
+            source,
+        })
     }
 
     /// Reads an object if it exists.
     pub async fn get_bytes_opt(&self, name: &str) -> Result<Option<Bytes>, StoreError> {
         match self.get_bytes(name).await {
             Ok(bytes) => Ok(Some(bytes)),
-            Err(StoreError::Store { source: object_store::Error::NotFound { .. }, .. }) => Ok(None),
+            Err(StoreError::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// Reads and parses a JSON document.
-    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T, StoreError> {
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<T, StoreError> {
         let bytes = self.get_bytes(name).await?;
-        serde_json::from_slice(&bytes).map_err(|e| StoreError::BadDocument { url: self.url_of(&self.child(name)), reason: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::BadDocument {
+            url: self.url_of(&self.child(name)),
+            reason: e.to_string(),
+        })
     }
 
     /// Reads and parses a JSON document if it exists.
-    pub async fn get_json_opt<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
+    pub async fn get_json_opt<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, StoreError> {
         match self.get_bytes_opt(name).await? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StoreError::BadDocument { url: self.url_of(&self.child(name)), reason: e.to_string() }),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::BadDocument {
+                        url: self.url_of(&self.child(name)),
+                        reason: e.to_string(),
+                    })
+            }
         }
     }
 
@@ -194,12 +302,22 @@ impl Location {
     /// old object or the new one, never a part.
     pub async fn put_bytes(&self, name: &str, bytes: impl Into<Bytes>) -> Result<(), StoreError> {
         let path = self.child(name);
-        self.store.put(&path, PutPayload::from(bytes.into())).await.map_err(|source| StoreError::Store { url: self.url_of(&path), source })?;
+        self.store
+            .put(&path, PutPayload::from(bytes.into()))
+            .await
+            .map_err(|source| StoreError::Store {
+                url: self.url_of(&path),
+                source,
+            })?;
         Ok(())
     }
 
     /// Writes a JSON document (pretty-printed, for people reading it).
-    pub async fn put_json<T: serde::Serialize>(&self, name: &str, value: &T) -> Result<(), StoreError> {
+    pub async fn put_json<T: serde::Serialize>(
+        &self,
+        name: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
         let mut bytes = serde_json::to_vec_pretty(value).expect("documents serialize");
         bytes.push(b'\n');
         self.put_bytes(name, bytes).await
@@ -211,12 +329,21 @@ impl Location {
         use tokio::io::AsyncReadExt;
         const PART: usize = 16 << 20;
         let path = self.child(name);
-        let io_err = |e: std::io::Error| StoreError::Local { path: file.to_path_buf(), source: e };
-        let store_err = |source| StoreError::Store { url: self.url_of(&path), source };
+        let io_err = |e: std::io::Error| StoreError::Local {
+            path: file.to_path_buf(),
+            source: e,
+        };
+        let store_err = |source| StoreError::Store {
+            url: self.url_of(&path),
+            source,
+        };
         let size = tokio::fs::metadata(file).await.map_err(io_err)?.len();
         if size <= PART as u64 {
             let bytes = tokio::fs::read(file).await.map_err(io_err)?;
-            self.store.put(&path, PutPayload::from(bytes)).await.map_err(store_err)?;
+            self.store
+                .put(&path, PutPayload::from(bytes))
+                .await
+                .map_err(store_err)?;
             return Ok(());
         }
         let upload = self.store.put_multipart(&path).await.map_err(store_err)?;
@@ -243,7 +370,10 @@ impl Location {
         let path = self.child(name);
         match self.store.delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(source) => Err(StoreError::Store { url: self.url_of(&path), source }),
+            Err(source) => Err(StoreError::Store {
+                url: self.url_of(&path),
+                source,
+            }),
         }
     }
 }
@@ -252,11 +382,18 @@ impl Location {
 /// local root) and the object's path, for inputs given as lists of URLs.
 pub fn split_object_url(object_url: &str) -> Result<(String, String), StoreError> {
     let url = normalize_url(object_url)?;
-    let bad = |reason: &str| StoreError::BadUrl { url: object_url.to_string(), reason: reason.to_string() };
+    let bad = |reason: &str| StoreError::BadUrl {
+        url: object_url.to_string(),
+        reason: reason.to_string(),
+    };
     if url.scheme() == "file" {
         let path = url.to_file_path().map_err(|()| bad("not a local path"))?;
         let parent = path.parent().ok_or_else(|| bad("no parent folder"))?;
-        let name = path.file_name().ok_or_else(|| bad("no file name"))?.to_string_lossy().to_string();
+        let name = path
+            .file_name()
+            .ok_or_else(|| bad("no file name"))?
+            .to_string_lossy()
+            .to_string();
         return Ok((parent.to_string_lossy().to_string(), name));
     }
     let host = url.host_str().ok_or_else(|| bad("no host or bucket"))?;

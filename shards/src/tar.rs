@@ -65,7 +65,11 @@ fn write_octal(field: &mut [u8], value: u64) {
     // `field.len() - 1` octal digits followed by a NUL, as GNU tar writes them.
     let digits = field.len() - 1;
     let text = format!("{value:0digits$o}");
-    debug_assert_eq!(text.len(), digits, "value {value} does not fit {digits} octal digits");
+    debug_assert_eq!(
+        text.len(),
+        digits,
+        "value {value} does not fit {digits} octal digits"
+    );
     field[..digits].copy_from_slice(text.as_bytes());
     field[digits] = 0;
 }
@@ -76,8 +80,14 @@ fn write_octal(field: &mut [u8], value: u64) {
 /// [`MAX_MEMBER_SIZE`]; callers validate both (sample keys are checked by
 /// [`crate::validate_key`]).
 pub fn file_header(name: &str, size: u64, mtime: u64) -> [u8; BLOCK] {
-    assert!(name.len() <= MAX_NAME && name.is_ascii(), "tar member name {name:?} must be ASCII of at most {MAX_NAME} bytes");
-    assert!(size <= MAX_MEMBER_SIZE, "tar member {name:?} is too large for ustar");
+    assert!(
+        name.len() <= MAX_NAME && name.is_ascii(),
+        "tar member name {name:?} must be ASCII of at most {MAX_NAME} bytes"
+    );
+    assert!(
+        size <= MAX_MEMBER_SIZE,
+        "tar member {name:?} is too large for ustar"
+    );
     let mut header = [0u8; BLOCK];
     header[..name.len()].copy_from_slice(name.as_bytes());
     write_octal(&mut header[100..108], 0o644);
@@ -128,7 +138,11 @@ enum State {
     /// Expecting a header block.
     Header,
     /// Expecting `size` data bytes (and then padding) of a member.
-    Data { name: String, header_offset: u64, size: u64 },
+    Data {
+        name: String,
+        header_offset: u64,
+        size: u64,
+    },
     /// Skipping the data of an entry that is not a regular file.
     Skip { remaining: u64 },
     /// Seen the first zero block of the end-of-archive marker.
@@ -151,7 +165,11 @@ pub struct TarParser {
 impl TarParser {
     /// A parser that refuses members larger than `max_member_size` bytes.
     pub fn new(max_member_size: u64) -> Self {
-        Self { state: State::Header, offset: 0, max_member_size }
+        Self {
+            state: State::Header,
+            offset: 0,
+            max_member_size,
+        }
     }
 
     /// Offset in the archive of the next byte the parser will consume.
@@ -206,7 +224,11 @@ impl TarParser {
                     self.offset += take;
                     *remaining -= take;
                 }
-                State::Data { name, header_offset, size } => {
+                State::Data {
+                    name,
+                    header_offset,
+                    size,
+                } => {
                     let span = (*size + padding(*size)) as usize;
                     if buf.len() < span {
                         buf.reserve(span - buf.len());
@@ -255,7 +277,11 @@ impl TarParser {
         let stored = parse_octal(&header[148..156], offset, "checksum")?;
         let mut unsigned: u64 = 0;
         for (i, &b) in header.iter().enumerate() {
-            unsigned += if (148..156).contains(&i) { u64::from(b' ') } else { u64::from(b) };
+            unsigned += if (148..156).contains(&i) {
+                u64::from(b' ')
+            } else {
+                u64::from(b)
+            };
         }
         if stored != unsigned {
             return Err(TarError::BadHeader {
@@ -265,38 +291,75 @@ impl TarParser {
         }
         let magic = &header[257..263];
         if magic != b"ustar\0" && magic != b"ustar " {
-            return Err(TarError::BadHeader { offset, reason: "not a ustar header".into() });
+            return Err(TarError::BadHeader {
+                offset,
+                reason: "not a ustar header".into(),
+            });
         }
-        let name_field: Vec<u8> = header[..100].iter().copied().take_while(|&b| b != 0).collect();
+        let name_field: Vec<u8> = header[..100]
+            .iter()
+            .copied()
+            .take_while(|&b| b != 0)
+            .collect();
         let prefix_field: Vec<u8> = if magic == b"ustar\0" {
-            header[345..500].iter().copied().take_while(|&b| b != 0).collect()
+            header[345..500]
+                .iter()
+                .copied()
+                .take_while(|&b| b != 0)
+                .collect()
         } else {
             Vec::new()
         };
         let mut name = String::from_utf8(prefix_field)
             .and_then(|prefix| String::from_utf8(name_field).map(|n| (prefix, n)))
-            .map(|(prefix, n)| if prefix.is_empty() { n } else { format!("{prefix}/{n}") })
-            .map_err(|_| TarError::BadHeader { offset, reason: "member name is not UTF-8".into() })?;
+            .map(|(prefix, n)| {
+                if prefix.is_empty() {
+                    n
+                } else {
+                    format!("{prefix}/{n}")
+                }
+            })
+            .map_err(|_| TarError::BadHeader {
+                offset,
+                reason: "member name is not UTF-8".into(),
+            })?;
         if name.is_empty() {
-            return Err(TarError::BadHeader { offset, reason: "empty member name".into() });
+            return Err(TarError::BadHeader {
+                offset,
+                reason: "empty member name".into(),
+            });
         }
         if header[124] & 0x80 != 0 {
-            return Err(TarError::BadHeader { offset, reason: "base-256 size fields are not supported".into() });
+            return Err(TarError::BadHeader {
+                offset,
+                reason: "base-256 size fields are not supported".into(),
+            });
         }
         let size = parse_octal(&header[124..136], offset, "size")?;
         match header[156] {
             b'0' | 0 => {
                 if size > self.max_member_size {
-                    return Err(TarError::MemberTooLarge { name, offset, size, limit: self.max_member_size });
+                    return Err(TarError::MemberTooLarge {
+                        name,
+                        offset,
+                        size,
+                        limit: self.max_member_size,
+                    });
                 }
                 if let Some(stripped) = name.strip_prefix("./") {
                     name = stripped.to_string();
                 }
-                self.state = State::Data { name, header_offset: offset, size };
+                self.state = State::Data {
+                    name,
+                    header_offset: offset,
+                    size,
+                };
                 Ok(())
             }
             b'5' => {
-                self.state = State::Skip { remaining: size + padding(size) };
+                self.state = State::Skip {
+                    remaining: size + padding(size),
+                };
                 Ok(())
             }
             other => Err(TarError::BadHeader {
@@ -314,10 +377,22 @@ impl TarParser {
         let offset = self.offset + buffered as u64;
         match self.state {
             State::End => Ok(()),
-            State::Header if buffered == 0 => Err(TarError::Truncated { offset, what: "no end-of-archive marker" }),
-            State::FirstZero if buffered == 0 => Err(TarError::Truncated { offset, what: "end-of-archive marker cut short" }),
-            State::Header | State::FirstZero => Err(TarError::Truncated { offset, what: "inside a header block" }),
-            State::Data { .. } | State::Skip { .. } => Err(TarError::Truncated { offset, what: "inside a member's data" }),
+            State::Header if buffered == 0 => Err(TarError::Truncated {
+                offset,
+                what: "no end-of-archive marker",
+            }),
+            State::FirstZero if buffered == 0 => Err(TarError::Truncated {
+                offset,
+                what: "end-of-archive marker cut short",
+            }),
+            State::Header | State::FirstZero => Err(TarError::Truncated {
+                offset,
+                what: "inside a header block",
+            }),
+            State::Data { .. } | State::Skip { .. } => Err(TarError::Truncated {
+                offset,
+                what: "inside a member's data",
+            }),
         }
     }
 }
@@ -371,16 +446,31 @@ mod tests {
     fn truncation_is_an_error_with_offset() {
         let bytes = archive(&[("a.jpg", &[1u8; 1000])]);
         let err = parse_all(&bytes[..700], 64).unwrap_err();
-        assert_eq!(err, TarError::Truncated { offset: 700, what: "inside a member's data" });
+        assert_eq!(
+            err,
+            TarError::Truncated {
+                offset: 700,
+                what: "inside a member's data"
+            }
+        );
         let err = parse_all(&bytes[..bytes.len() - 1024], 64).unwrap_err();
-        assert!(matches!(err, TarError::Truncated { what: "no end-of-archive marker", .. }));
+        assert!(matches!(
+            err,
+            TarError::Truncated {
+                what: "no end-of-archive marker",
+                ..
+            }
+        ));
     }
 
     #[test]
     fn corrupt_header_is_rejected() {
         let mut bytes = archive(&[("a.jpg", b"x")]);
         bytes[5] ^= 1;
-        assert!(matches!(parse_all(&bytes, 512), Err(TarError::BadHeader { offset: 0, .. })));
+        assert!(matches!(
+            parse_all(&bytes, 512),
+            Err(TarError::BadHeader { offset: 0, .. })
+        ));
     }
 
     #[test]

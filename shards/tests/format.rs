@@ -14,21 +14,31 @@ type SampleSpec = (String, Vec<(String, Vec<u8>)>);
 fn write(samples: &[SampleSpec]) -> shards::FinishedShard<Vec<u8>> {
     let mut writer = ShardWriter::new(Vec::new(), "t-000000.tar");
     for (key, members) in samples {
-        let members: Vec<(&str, &[u8])> = members.iter().map(|(e, d)| (e.as_str(), d.as_slice())).collect();
+        let members: Vec<(&str, &[u8])> = members
+            .iter()
+            .map(|(e, d)| (e.as_str(), d.as_slice()))
+            .collect();
         writer.add(key, &members).unwrap();
     }
     writer.finish().unwrap()
 }
 
 fn samples_strategy() -> impl Strategy<Value = Vec<SampleSpec>> {
-    let member = (prop::sample::select(vec!["jpg", "json", "png", "cls", "seg.png"]), prop::collection::vec(any::<u8>(), 0..1500));
+    let member = (
+        prop::sample::select(vec!["jpg", "json", "png", "cls", "seg.png"]),
+        prop::collection::vec(any::<u8>(), 0..1500),
+    );
     prop::collection::vec(prop::collection::vec(member, 1..4), 0..12).prop_map(|samples| {
         samples
             .into_iter()
             .enumerate()
             .map(|(i, members)| {
                 let mut seen = std::collections::BTreeSet::new();
-                let members = members.into_iter().filter(|(e, _)| seen.insert(*e)).map(|(e, d)| (e.to_string(), d)).collect();
+                let members = members
+                    .into_iter()
+                    .filter(|(e, _)| seen.insert(*e))
+                    .map(|(e, d)| (e.to_string(), d))
+                    .collect();
                 (format!("k{i:04}"), members)
             })
             .collect()
@@ -37,7 +47,17 @@ fn samples_strategy() -> impl Strategy<Value = Vec<SampleSpec>> {
 
 fn read_all(bytes: &[u8]) -> Result<Vec<SampleSpec>, shards::ShardError> {
     SampleReader::new(bytes, "t-000000.tar")
-        .map(|s| s.map(|s| (s.key, s.members.into_iter().map(|(e, d)| (e, d.to_vec())).collect())))
+        .map(|s| {
+            s.map(|s| {
+                (
+                    s.key,
+                    s.members
+                        .into_iter()
+                        .map(|(e, d)| (e, d.to_vec()))
+                        .collect(),
+                )
+            })
+        })
         .collect()
 }
 
@@ -94,10 +114,28 @@ proptest! {
 
 #[tokio::test]
 async fn streaming_reads_in_small_chunks_and_names_the_offset_of_truncation() {
-    let samples: Vec<SampleSpec> = (0..5).map(|i| (format!("s{i}"), vec![("jpg".into(), vec![i as u8; 3000]), ("json".into(), b"{}".to_vec())])).collect();
+    let samples: Vec<SampleSpec> = (0..5)
+        .map(|i| {
+            (
+                format!("s{i}"),
+                vec![
+                    ("jpg".into(), vec![i as u8; 3000]),
+                    ("json".into(), b"{}".to_vec()),
+                ],
+            )
+        })
+        .collect();
     let finished = write(&samples);
-    let chunks: Vec<object_store::Result<Bytes>> = finished.out.chunks(777).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
-    let mut stream = ShardStream::from_stream(futures::stream::iter(chunks).boxed(), "t-000000.tar", 1 << 20);
+    let chunks: Vec<object_store::Result<Bytes>> = finished
+        .out
+        .chunks(777)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    let mut stream = ShardStream::from_stream(
+        futures::stream::iter(chunks).boxed(),
+        "t-000000.tar",
+        1 << 20,
+    );
     let mut keys = Vec::new();
     while let Some(sample) = stream.next().await.unwrap() {
         keys.push(sample.key);
@@ -105,8 +143,13 @@ async fn streaming_reads_in_small_chunks_and_names_the_offset_of_truncation() {
     assert_eq!(keys, ["s0", "s1", "s2", "s3", "s4"]);
 
     let cut = finished.index.samples[3].offset as usize + 1000;
-    let chunks: Vec<object_store::Result<Bytes>> = vec![Ok(Bytes::copy_from_slice(&finished.out[..cut]))];
-    let mut stream = ShardStream::from_stream(futures::stream::iter(chunks).boxed(), "t-000000.tar", 1 << 20);
+    let chunks: Vec<object_store::Result<Bytes>> =
+        vec![Ok(Bytes::copy_from_slice(&finished.out[..cut]))];
+    let mut stream = ShardStream::from_stream(
+        futures::stream::iter(chunks).boxed(),
+        "t-000000.tar",
+        1 << 20,
+    );
     let mut got = 0;
     let err = loop {
         match stream.next().await {
@@ -115,18 +158,31 @@ async fn streaming_reads_in_small_chunks_and_names_the_offset_of_truncation() {
             Err(e) => break e,
         }
     };
-    assert_eq!(got, 2, "samples 0..2 are whole; 3 was cut and is not yielded; 2 cannot be known whole until 3's header");
+    assert_eq!(
+        got, 2,
+        "samples 0..2 are whole; 3 was cut and is not yielded; 2 cannot be known whole until 3's header"
+    );
     let message = err.to_string();
-    assert!(message.contains("t-000000.tar") && message.contains(&format!("byte {cut}")), "{message}");
+    assert!(
+        message.contains("t-000000.tar") && message.contains(&format!("byte {cut}")),
+        "{message}"
+    );
 }
 
 fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn venv_python() -> std::path::PathBuf {
     let python = workspace_root().join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: run scripts/setup.sh", python.display());
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup.sh",
+        python.display()
+    );
     python
 }
 
@@ -135,14 +191,20 @@ fn demo_shard(dir: &std::path::Path) -> (std::path::PathBuf, Vec<String>) {
         .map(|i| {
             (
                 format!("sample-{i:03}_x"),
-                vec![("jpg".to_string(), vec![i as u8; 100 + i * 37]), ("json".to_string(), format!("{{\"i\": {i}}}").into_bytes())],
+                vec![
+                    ("jpg".to_string(), vec![i as u8; 100 + i * 37]),
+                    ("json".to_string(), format!("{{\"i\": {i}}}").into_bytes()),
+                ],
             )
         })
         .collect();
     let finished = write(&samples);
     let path = dir.join("demo-000000.tar");
     std::fs::write(&path, &finished.out).unwrap();
-    let names = samples.iter().flat_map(|(k, m)| m.iter().map(move |(e, _)| format!("{k}.{e}"))).collect();
+    let names = samples
+        .iter()
+        .flat_map(|(k, m)| m.iter().map(move |(e, _)| format!("{k}.{e}")))
+        .collect();
     (path, names)
 }
 
@@ -151,12 +213,33 @@ fn gnu_tar_lists_and_extracts_the_members() {
     let dir = tempfile::tempdir().unwrap();
     let (path, names) = demo_shard(dir.path());
     let out = Command::new("tar").arg("-tf").arg(&path).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let listed: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
     assert_eq!(listed, names);
-    let out = Command::new("tar").arg("-xf").arg(&path).arg("-C").arg(dir.path()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(std::fs::read(dir.path().join("sample-003_x.json")).unwrap(), b"{\"i\": 3}");
+    let out = Command::new("tar")
+        .arg("-xf")
+        .arg(&path)
+        .arg("-C")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("sample-003_x.json")).unwrap(),
+        b"{\"i\": 3}"
+    );
 }
 
 #[test]
@@ -181,8 +264,18 @@ for i, s in enumerate(samples):
     assert json.loads(s["json"]) == {"i": i}
 print("ok")
 "#;
-    let out = Command::new(venv_python()).arg("-c").arg(script).arg(&path).output().unwrap();
-    assert!(out.status.success(), "python failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(venv_python())
+        .arg("-c")
+        .arg(script)
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -198,8 +291,17 @@ with tarfile.open(sys.argv[1], "w", format=tarfile.USTAR_FORMAT) as tf:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
 "#;
-    let out = Command::new(venv_python()).arg("-c").arg(script).arg(&path).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(venv_python())
+        .arg("-c")
+        .arg(script)
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bytes = std::fs::read(&path).unwrap();
     let samples = read_all(&bytes).unwrap();
     assert_eq!(samples.len(), 3);
