@@ -550,3 +550,73 @@ fn too_many_failures_stop_the_job_with_a_clear_message_and_keep_completed_shards
     );
     assert!(read_dataset(out.path()).len() <= 4);
 }
+
+#[test]
+fn list_of_http_urls_is_fetched_from_a_plain_web_server() {
+    // Python's standard http.server on a free loopback port serves the small photo set.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+            "--directory",
+        ])
+        .arg(small_photos().join("endless-sky"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "http.server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let names: Vec<String> = std::fs::read_dir(small_photos().join("endless-sky"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("urls.txt");
+    let mut text: String = names
+        .iter()
+        .map(|n| format!("http://127.0.0.1:{port}/{n}\n"))
+        .collect();
+    text.push_str(&format!("http://127.0.0.1:{port}/missing.jpg\n"));
+    std::fs::write(&list, text).unwrap();
+    let out = dir.path().join("out");
+    let output = ingest()
+        .arg("run")
+        .arg(&list)
+        .arg("--list")
+        .arg("-o")
+        .arg(&out)
+        .args(["--no-progress", "--json"])
+        .output()
+        .unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (summary["written"].as_u64(), summary["failed"].as_u64()),
+        (Some(names.len() as u64), Some(1)),
+        "{summary}"
+    );
+    let samples = read_dataset(&out);
+    assert!(
+        samples
+            .values()
+            .all(|(m, _)| m.url.starts_with(&format!("http://127.0.0.1:{port}/")))
+    );
+}
