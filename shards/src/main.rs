@@ -65,6 +65,9 @@ enum Command {
         dataset: String,
     },
     /// Check checksums, indexes, members, metadata and every image; exit 2 on any problem.
+    #[command(
+        after_help = "Exit codes: 0 no problem found, 1 error (nothing was checked), 2 problems found.\nEach problem is printed as SHARD[: sample KEY][ at byte OFFSET]: WHAT."
+    )]
     Verify {
         /// The dataset (folder or URL holding manifest.json).
         dataset: String,
@@ -132,11 +135,18 @@ fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             // Usage errors exit 1 like every other error: 2 means "verify found problems".
-            return if e.use_stderr() { ExitCode::from(1) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     init_logging(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -159,22 +169,43 @@ fn init_logging(verbose: u8) {
         2 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn open(url: &str, cli: &Cli) -> Result<Dataset> {
-    let options = StoreOptions { options: cli.store_options.clone(), ..StoreOptions::default() };
-    let dataset = Dataset::open(url, &options).await.with_context(|| format!("cannot open dataset {url}"))?;
+    let options = StoreOptions {
+        options: cli.store_options.clone(),
+        ..StoreOptions::default()
+    };
+    let dataset = Dataset::open(url, &options)
+        .await
+        .with_context(|| format!("cannot open dataset {url}"))?;
     tracing::info!(url = %dataset.location.url, shards = dataset.manifest.shards.len(), samples = dataset.manifest.total_samples(), "opened");
     Ok(dataset)
 }
 
-fn print_json(value: &impl serde::Serialize) -> Result<()> {
+/// Writes to stdout; a closed pipe (`shards stat DATASET | head`) ends output quietly.
+fn write_stdout(bytes: &[u8]) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut stdout, value).context("cannot write JSON")?;
-    writeln!(stdout).context("cannot write to stdout")?;
-    Ok(())
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result.context("cannot write to stdout"),
+    }
+}
+
+fn print_text(text: &impl std::fmt::Display) -> Result<()> {
+    write_stdout(text.to_string().as_bytes())
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    let mut text = serde_json::to_vec_pretty(value).context("cannot serialize JSON")?;
+    text.push(b'\n');
+    write_stdout(&text)
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -182,83 +213,196 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Ls { dataset } => {
             let report = inspect::ls(&open(dataset, &cli).await?);
-            if cli.json { print_json(&report)? } else { print!("{report}") }
+            if cli.json {
+                print_json(&report)?
+            } else {
+                print_text(&report)?
+            }
         }
         Command::Stat { dataset } => {
             let dataset = open(dataset, &cli).await?;
             let progress = ProgressReporter::new(&cli, "stat");
             let report = inspect::stat(&dataset, jobs, progress.clone()).await;
             progress.finish();
-            if cli.json { print_json(&report)? } else { print!("{report}") }
+            if cli.json {
+                print_json(&report)?
+            } else {
+                print_text(&report)?
+            }
             if !report.unreadable.is_empty() {
-                bail!("{} shards could not be read to their end; `shards verify` tells more", report.unreadable.len());
+                bail!(
+                    "{} shards could not be read to their end; `shards verify` tells more",
+                    report.unreadable.len()
+                );
             }
         }
         Command::Verify { dataset, no_decode } => {
             let dataset = open(dataset, &cli).await?;
             let progress = ProgressReporter::new(&cli, "verify");
-            let options = VerifyOptions { jobs, decode: !no_decode };
+            let options = VerifyOptions {
+                jobs,
+                decode: !no_decode,
+            };
             let report = inspect::verify(&dataset, &options, progress.clone()).await;
             progress.finish();
-            if cli.json { print_json(&report)? } else { print!("{report}") }
+            if cli.json {
+                print_json(&report)?
+            } else {
+                print_text(&report)?
+            }
             if !report.is_ok() {
                 return Ok(ExitCode::from(2));
             }
         }
         Command::Cat { dataset, key } => {
             let found = inspect::lookup(&open(dataset, &cli).await?, key).await?;
-            let json = found.sample.get("json").with_context(|| format!("sample {key} in {} has no .json member", found.shard.name))?;
-            let meta: serde_json::Value =
-                serde_json::from_slice(json).with_context(|| format!("{key}.json in {} at byte {} is not JSON", found.shard.name, found.sample.offset))?;
+            let json = found.sample.get("json").with_context(|| {
+                format!("sample {key} in {} has no .json member", found.shard.name)
+            })?;
+            let (pretty, meta) = cat_text(key, json, &found)?;
             if cli.json {
-                let members: Vec<_> = found.sample.members.iter().map(|(ext, data)| serde_json::json!({"ext": ext, "size": data.len()})).collect();
+                let members: Vec<_> = found
+                    .sample
+                    .members
+                    .iter()
+                    .map(|(ext, data)| serde_json::json!({"ext": ext, "size": data.len()}))
+                    .collect();
                 print_json(&serde_json::json!({
                     "key": key, "shard": found.shard.name, "offset": found.sample.offset, "members": members, "meta": meta,
                 }))?;
             } else {
-                let members: Vec<_> = found.sample.members.iter().map(|(ext, data)| format!(".{ext} {} bytes", data.len())).collect();
-                println!("# {key} in {} at byte {} ({})", found.shard.name, found.sample.offset, members.join(", "));
-                println!("{}", serde_json::to_string_pretty(&meta).expect("JSON values serialize"));
+                let members: Vec<_> = found
+                    .sample
+                    .members
+                    .iter()
+                    .map(|(ext, data)| format!(".{ext} {} bytes", data.len()))
+                    .collect();
+                print_text(&format!(
+                    "# {key} in {} at byte {} ({})\n",
+                    found.shard.name,
+                    found.sample.offset,
+                    members.join(", ")
+                ))?;
+                print_text(&format!("{pretty}\n"))?;
             }
         }
-        Command::Get { dataset, key, output } => {
+        Command::Get {
+            dataset,
+            key,
+            output,
+        } => {
             let found = inspect::lookup(&open(dataset, &cli).await?, key).await?;
             let (ext, image) =
-                found.sample.image().ok_or_else(|| inspect::InspectError::NoImage { key: key.clone(), shard: found.shard.name.clone() })?;
+                found
+                    .sample
+                    .image()
+                    .ok_or_else(|| inspect::InspectError::NoImage {
+                        key: key.clone(),
+                        shard: found.shard.name.clone(),
+                    })?;
             if output.as_os_str() == "-" {
-                std::io::stdout().lock().write_all(image).context("cannot write to stdout")?;
+                write_stdout(image)?;
             } else {
-                std::fs::write(output, image).with_context(|| format!("cannot write {}", output.display()))?;
-                eprintln!("wrote {} ({} bytes, .{ext}) of {key} from {} at byte {}", output.display(), image.len(), found.shard.name, found.sample.offset);
+                std::fs::write(output, image)
+                    .with_context(|| format!("cannot write {}", output.display()))?;
+                eprintln!(
+                    "wrote {} ({} bytes, .{ext}) of {key} from {} at byte {}",
+                    output.display(),
+                    image.len(),
+                    found.shard.name,
+                    found.sample.offset
+                );
             }
         }
-        Command::Grid { dataset, output, count, seed, tile, border } => {
+        Command::Grid {
+            dataset,
+            output,
+            count,
+            seed,
+            tile,
+            border,
+        } => {
             let dataset = open(dataset, &cli).await?;
-            let options = GridOptions { count: *count, seed: *seed, tile: *tile, border: *border, jobs };
+            let options = GridOptions {
+                count: *count,
+                seed: *seed,
+                tile: *tile,
+                border: *border,
+                jobs,
+            };
             let sheet = inspect::grid(&dataset, &options).await?;
             let png = sheet.to_png()?;
-            std::fs::write(output, &png).with_context(|| format!("cannot write {}", output.display()))?;
+            std::fs::write(output, &png)
+                .with_context(|| format!("cannot write {}", output.display()))?;
             if cli.json {
-                let samples: Vec<_> = sheet.samples.iter().map(|(shard, key)| serde_json::json!({"shard": shard, "key": key})).collect();
+                let samples: Vec<_> = sheet
+                    .samples
+                    .iter()
+                    .map(|(shard, key)| serde_json::json!({"shard": shard, "key": key}))
+                    .collect();
                 print_json(&serde_json::json!({
                     "output": output, "width": sheet.image.width(), "height": sheet.image.height(), "columns": sheet.columns, "samples": samples,
                 }))?;
             } else {
-                println!("wrote {}: {}x{} px, {} samples in {} columns", output.display(), sheet.image.width(), sheet.image.height(), sheet.samples.len(), sheet.columns);
+                print_text(&format!(
+                    "wrote {}: {}x{} px, {} samples in {} columns\n",
+                    output.display(),
+                    sheet.image.width(),
+                    sheet.image.height(),
+                    sheet.samples.len(),
+                    sheet.columns
+                ))?;
             }
         }
-        Command::Dupes { dataset, max_distance } => {
+        Command::Dupes {
+            dataset,
+            max_distance,
+        } => {
             let dataset = open(dataset, &cli).await?;
             let progress = ProgressReporter::new(&cli, "dupes");
-            let report = inspect::dupes(&dataset, &DupesOptions { max_distance: *max_distance, jobs }, progress.clone()).await;
+            let report = inspect::dupes(
+                &dataset,
+                &DupesOptions {
+                    max_distance: *max_distance,
+                    jobs,
+                },
+                progress.clone(),
+            )
+            .await;
             progress.finish();
-            if cli.json { print_json(&report)? } else { print!("{report}") }
+            if cli.json {
+                print_json(&report)?
+            } else {
+                print_text(&report)?
+            }
             if !report.unreadable.is_empty() {
-                bail!("{} shards could not be read to their end; `shards verify` tells more", report.unreadable.len());
+                bail!(
+                    "{} shards could not be read to their end; `shards verify` tells more",
+                    report.unreadable.len()
+                );
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A sample's KEY.json pretty-printed, and as a JSON value. Printed through
+/// [`shards::SampleMeta`] where it is one, to keep the documented field order.
+fn cat_text(key: &str, json: &[u8], found: &inspect::Found) -> Result<(String, serde_json::Value)> {
+    let value: serde_json::Value = serde_json::from_slice(json).with_context(|| {
+        format!(
+            "{key}.json in {} at byte {} is not JSON",
+            found.shard.name, found.sample.offset
+        )
+    })?;
+    let pretty = match serde_json::from_slice::<shards::SampleMeta>(json) {
+        Ok(meta) => serde_json::to_string_pretty(&meta),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "KEY.json is not valid sample metadata; printing it as it is");
+            serde_json::to_string_pretty(&value)
+        }
+    };
+    Ok((pretty.expect("JSON serializes"), value))
 }
 
 /// Draws a byte-based progress bar on stderr when it is a terminal.
@@ -281,7 +425,11 @@ impl ProgressReporter {
             bar.set_prefix(what.to_string());
             bar
         };
-        Arc::new(Self { bar, shards: AtomicUsize::new(0), problems: AtomicUsize::new(0) })
+        Arc::new(Self {
+            bar,
+            shards: AtomicUsize::new(0),
+            problems: AtomicUsize::new(0),
+        })
     }
 
     fn finish(&self) {
@@ -292,7 +440,8 @@ impl ProgressReporter {
         let shards = self.shards.load(Ordering::Relaxed);
         let problems = self.problems.load(Ordering::Relaxed);
         if problems > 0 {
-            self.bar.set_message(format!("{shards} shards done, {problems} problems"));
+            self.bar
+                .set_message(format!("{shards} shards done, {problems} problems"));
         } else {
             self.bar.set_message(format!("{shards} shards done"));
         }

@@ -7,7 +7,9 @@ use std::process::{Command, Output};
 use image::{Rgb, RgbImage};
 use sha2::{Digest, Sha256};
 use shards::meta::FORMAT_VERSION;
-use shards::{Manifest, ManifestShard, SampleMeta, ShardIndex, ShardNames, ShardStats, ShardWriter};
+use shards::{
+    Manifest, ManifestShard, SampleMeta, ShardIndex, ShardNames, ShardStats, ShardWriter,
+};
 
 /// A picture of 9x8 flat cells of 8 px whose neighbours in a row always differ
 /// by at least 50 grey levels, so a difference hash survives re-encoding.
@@ -32,16 +34,26 @@ fn blocks(seed: u64) -> RgbImage {
             *cell = LEVELS[level];
         }
     }
-    let tint = [(next() % 40) as u8, (next() % 40) as u8, (next() % 40) as u8];
+    let tint = [
+        (next() % 40) as u8,
+        (next() % 40) as u8,
+        (next() % 40) as u8,
+    ];
     RgbImage::from_fn(72, 64, |x, y| {
         let v = cells[(y / 8) as usize][(x / 8) as usize];
-        Rgb([v.saturating_add(tint[0]), v.saturating_add(tint[1]), v.saturating_add(tint[2])])
+        Rgb([
+            v.saturating_add(tint[0]),
+            v.saturating_add(tint[1]),
+            v.saturating_add(tint[2]),
+        ])
     })
 }
 
 fn jpeg(image: &RgbImage, quality: u8) -> Vec<u8> {
     let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(image).unwrap();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+        .encode_image(image)
+        .unwrap();
     out
 }
 
@@ -80,13 +92,25 @@ struct Spec {
 
 fn spec(key: &str, seed: u64, format: &'static str) -> Spec {
     let image = blocks(seed);
-    let bytes = if format == "png" { png(&image) } else { jpeg(&image, 90) };
-    Spec { key: key.to_string(), format, bytes, cls: Some(format!("class{}", seed % 2)), claimed_size: None }
+    let bytes = if format == "png" {
+        png(&image)
+    } else {
+        jpeg(&image, 90)
+    };
+    Spec {
+        key: key.to_string(),
+        format,
+        bytes,
+        cls: Some(format!("class{}", seed % 2)),
+        claimed_size: None,
+    }
 }
 
 fn meta(spec: &Spec) -> SampleMeta {
     let decoded = image::load_from_memory(&spec.bytes).unwrap();
-    let (width, height) = spec.claimed_size.unwrap_or((decoded.width(), decoded.height()));
+    let (width, height) = spec
+        .claimed_size
+        .unwrap_or((decoded.width(), decoded.height()));
     SampleMeta {
         key: spec.key.clone(),
         url: format!("file:///originals/{}.{}", spec.key, spec.format),
@@ -107,17 +131,32 @@ fn meta(spec: &Spec) -> SampleMeta {
 
 /// Writes shards `data-000000.tar`, ... with their index and stats, and the manifest.
 fn write_dataset(dir: &Path, shards: Vec<Vec<Spec>>) {
-    let mut manifest = Manifest { version: FORMAT_VERSION, shards: Vec::new() };
+    let mut manifest = Manifest {
+        version: FORMAT_VERSION,
+        shards: Vec::new(),
+    };
     for (id, samples) in shards.into_iter().enumerate() {
         let names = ShardNames::new("data", id as u64);
         let mut writer = ShardWriter::new(Vec::new(), names.tar.clone());
         for sample in &samples {
             let json = serde_json::to_vec(&meta(sample)).unwrap();
-            writer.add(&sample.key, &[(sample.format, sample.bytes.as_slice()), ("json", json.as_slice())]).unwrap();
+            writer
+                .add(
+                    &sample.key,
+                    &[
+                        (sample.format, sample.bytes.as_slice()),
+                        ("json", json.as_slice()),
+                    ],
+                )
+                .unwrap();
         }
         let finished = writer.finish().unwrap();
         std::fs::write(dir.join(&names.tar), &finished.out).unwrap();
-        std::fs::write(dir.join(&names.index), serde_json::to_vec_pretty(&finished.index).unwrap()).unwrap();
+        std::fs::write(
+            dir.join(&names.index),
+            serde_json::to_vec_pretty(&finished.index).unwrap(),
+        )
+        .unwrap();
         let stats = ShardStats {
             version: FORMAT_VERSION,
             shard: names.tar.clone(),
@@ -125,15 +164,30 @@ fn write_dataset(dir: &Path, shards: Vec<Vec<Spec>>) {
             successes: samples.len() as u64,
             failed: 2,
             duplicates: 1,
-            failed_by_reason: [("undecodable".to_string(), 1), ("fetch".to_string(), 1)].into_iter().collect(),
+            failed_by_reason: [("undecodable".to_string(), 1), ("fetch".to_string(), 1)]
+                .into_iter()
+                .collect(),
             bytes_in: 1000,
             bytes_out: finished.out.len() as u64,
             ..ShardStats::default()
         };
-        std::fs::write(dir.join(&names.stats), serde_json::to_vec_pretty(&stats).unwrap()).unwrap();
-        manifest.upsert(ManifestShard { name: names.tar, samples: samples.len() as u64, bytes: finished.out.len() as u64, sha256: finished.sha256 });
+        std::fs::write(
+            dir.join(&names.stats),
+            serde_json::to_vec_pretty(&stats).unwrap(),
+        )
+        .unwrap();
+        manifest.upsert(ManifestShard {
+            name: names.tar,
+            samples: samples.len() as u64,
+            bytes: finished.out.len() as u64,
+            sha256: finished.sha256,
+        });
     }
-    std::fs::write(dir.join("manifest.json"), serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
 }
 
 /// Two shards of three samples: jpg and png, two labels.
@@ -142,16 +196,33 @@ fn good_dataset() -> tempfile::TempDir {
     write_dataset(
         dir.path(),
         vec![
-            vec![spec("a0", 1, "jpg"), spec("a1", 2, "png"), spec("a2", 3, "jpg")],
-            vec![spec("b0", 4, "jpg"), spec("b1", 5, "jpg"), spec("b2", 6, "png")],
+            vec![
+                spec("a0", 1, "jpg"),
+                spec("a1", 2, "png"),
+                spec("a2", 3, "jpg"),
+            ],
+            vec![
+                spec("b0", 4, "jpg"),
+                spec("b1", 5, "jpg"),
+                spec("b2", 6, "png"),
+            ],
         ],
     );
     dir
 }
 
 fn shards(args: &[&str]) -> Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_shards")).arg("--no-progress").args(args).output().unwrap();
-    eprintln!("$ shards {}\n{}{}", args.join(" "), String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(env!("CARGO_BIN_EXE_shards"))
+        .arg("--no-progress")
+        .args(args)
+        .output()
+        .unwrap();
+    eprintln!(
+        "$ shards {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     output
 }
 
@@ -168,7 +239,8 @@ fn path(dir: &tempfile::TempDir) -> &str {
 }
 
 fn read_index(dir: &Path, shard: &str) -> ShardIndex {
-    serde_json::from_slice(&std::fs::read(dir.join(ShardNames::for_tar(shard).index)).unwrap()).unwrap()
+    serde_json::from_slice(&std::fs::read(dir.join(ShardNames::for_tar(shard).index)).unwrap())
+        .unwrap()
 }
 
 #[test]
@@ -177,7 +249,10 @@ fn ls_lists_shards_and_totals() {
     let out = shards(&["ls", path(&dir)]);
     assert!(out.status.success());
     let text = stdout(&out);
-    assert!(text.contains("data-000000.tar") && text.contains("data-000001.tar"), "{text}");
+    assert!(
+        text.contains("data-000000.tar") && text.contains("data-000001.tar"),
+        "{text}"
+    );
     assert!(text.lines().last().unwrap().contains("6 samples"), "{text}");
     assert!(text.contains("in 2 shards"), "{text}");
 
@@ -204,7 +279,10 @@ fn stat_totals_and_histograms() {
     assert_eq!(json["width"]["count"], 6);
     assert_eq!(json["width"]["min"], 72.0);
     assert_eq!(json["short_side"]["max"], 64.0);
-    assert_eq!(json["labels"]["class0"].as_u64().unwrap() + json["labels"]["class1"].as_u64().unwrap(), 6);
+    assert_eq!(
+        json["labels"]["class0"].as_u64().unwrap() + json["labels"]["class1"].as_u64().unwrap(),
+        6
+    );
 
     let text = stdout(&shards(&["stat", path(&dir)]));
     assert!(text.contains("failed by reason"), "{text}");
@@ -237,10 +315,22 @@ fn verify_finds_a_flipped_byte_in_an_image() {
     assert_eq!(out.status.code(), Some(2));
     let text = stdout(&out);
     assert!(text.contains("data-000000.tar: SHA-256 is"), "{text}");
-    let line = text.lines().find(|l| l.contains("sample a1")).unwrap_or_else(|| panic!("no problem names a1: {text}"));
-    assert!(line.starts_with("data-000000.tar") && line.contains(&format!("at byte {}", entry.offset)), "{line}");
-    assert!(line.contains("does not decode") || line.contains("KEY.json says"), "{line}");
-    assert!(!text.contains("data-000001.tar"), "the other shard is fine: {text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("sample a1"))
+        .unwrap_or_else(|| panic!("no problem names a1: {text}"));
+    assert!(
+        line.starts_with("data-000000.tar") && line.contains(&format!("at byte {}", entry.offset)),
+        "{line}"
+    );
+    assert!(
+        line.contains("does not decode") || line.contains("KEY.json says"),
+        "{line}"
+    );
+    assert!(
+        !text.contains("data-000001.tar"),
+        "the other shard is fine: {text}"
+    );
 }
 
 #[test]
@@ -252,26 +342,42 @@ fn verify_finds_a_truncated_shard() {
     let out = shards(&["verify", path(&dir)]);
     assert_eq!(out.status.code(), Some(2));
     let text = stdout(&out);
-    assert!(text.contains("data-000001.tar: truncated at byte"), "{text}");
-    assert!(text.contains(&format!("size is {} bytes", bytes.len() / 2)), "{text}");
+    assert!(
+        text.contains("data-000001.tar: truncated at byte"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("size is {} bytes", bytes.len() / 2)),
+        "{text}"
+    );
 }
 
 #[test]
 fn verify_finds_a_manifest_count_mismatch() {
     let dir = good_dataset();
     let manifest_path = dir.path().join("manifest.json");
-    let mut manifest: Manifest = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let mut manifest: Manifest =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
     manifest.shards[1].samples = 4;
     std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
     let out = shards(&["verify", path(&dir)]);
     assert_eq!(out.status.code(), Some(2));
     let text = stdout(&out);
-    assert!(text.contains("data-000001.tar: the shard holds 3 samples, the manifest lists 4"), "{text}");
+    assert!(
+        text.contains("data-000001.tar: the shard holds 3 samples, the manifest lists 4"),
+        "{text}"
+    );
 
     let out = shards(&["verify", "--json", path(&dir)]);
     assert_eq!(out.status.code(), Some(2));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(json["problems"].as_array().unwrap().iter().all(|p| p["shard"] == "data-000001.tar"));
+    assert!(
+        json["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["shard"] == "data-000001.tar")
+    );
 }
 
 #[test]
@@ -279,19 +385,30 @@ fn verify_finds_wrong_dimensions_in_json() {
     let dir = tempfile::tempdir().unwrap();
     let mut liar = spec("liar", 8, "jpg");
     liar.claimed_size = Some((100, 64));
-    write_dataset(dir.path(), vec![vec![spec("ok0", 7, "jpg"), liar, spec("ok1", 9, "png")]]);
+    write_dataset(
+        dir.path(),
+        vec![vec![spec("ok0", 7, "jpg"), liar, spec("ok1", 9, "png")]],
+    );
     let offset = read_index(dir.path(), "data-000000.tar").samples[1].offset;
     let out = shards(&["verify", path(&dir)]);
     assert_eq!(out.status.code(), Some(2));
     let text = stdout(&out);
-    assert!(text.contains(&format!("data-000000.tar: sample liar at byte {offset}: image is 72x64, KEY.json says 100x64")), "{text}");
+    assert!(
+        text.contains(&format!(
+            "data-000000.tar: sample liar at byte {offset}: image is 72x64, KEY.json says 100x64"
+        )),
+        "{text}"
+    );
     assert!(text.contains("1 problems"), "{text}");
 }
 
 #[test]
 fn verify_finds_keys_repeated_across_shards() {
     let dir = tempfile::tempdir().unwrap();
-    write_dataset(dir.path(), vec![vec![spec("same", 1, "jpg")], vec![spec("same", 2, "jpg")]]);
+    write_dataset(
+        dir.path(),
+        vec![vec![spec("same", 1, "jpg")], vec![spec("same", 2, "jpg")]],
+    );
     let out = shards(&["verify", path(&dir)]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stdout(&out).contains("data-000001.tar: sample same at byte 0: duplicate key: also in data-000000.tar at byte 0"), "{}", stdout(&out));
@@ -306,7 +423,10 @@ fn cat_and_get_round_trip() {
     let out = shards(&["cat", path(&dir), "b1"]);
     assert!(out.status.success());
     let text = stdout(&out);
-    assert!(text.starts_with(&format!("# b1 in data-000001.tar at byte {}", entry.offset)), "{text}");
+    assert!(
+        text.starts_with(&format!("# b1 in data-000001.tar at byte {}", entry.offset)),
+        "{text}"
+    );
     let json_start = text.find('{').unwrap();
     let shown: SampleMeta = serde_json::from_str(&text[json_start..]).unwrap();
     assert_eq!(shown, meta(&original));
@@ -331,29 +451,53 @@ fn errors_name_what_is_missing_and_exit_1() {
     let dir = good_dataset();
     let out = shards(&["cat", path(&dir), "nosuchkey"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("no sample with key \"nosuchkey\""), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no sample with key \"nosuchkey\""),
+        "{}",
+        stderr(&out)
+    );
 
     let empty = tempfile::tempdir().unwrap();
     let out = shards(&["ls", path(&empty)]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains(&format!("cannot open dataset {}", path(&empty))), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("cannot open dataset {}", path(&empty))),
+        "{}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("manifest.json"), "{}", stderr(&out));
 
     std::fs::write(empty.path().join("manifest.json"), b"{ not json").unwrap();
     let out = shards(&["verify", path(&empty)]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("malformed document"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("malformed document"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = shards(&["ls", "nosuchscheme://bucket/x"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("nosuchscheme://bucket/x"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nosuchscheme://bucket/x"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = shards(&["ls", "/definitely/not/here"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("/definitely/not/here"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/definitely/not/here"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = shards(&["frobnicate"]);
-    assert_eq!(out.status.code(), Some(1), "usage errors are not verify failures");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "usage errors are not verify failures"
+    );
     let help = stdout(&shards(&["--help"]));
     assert!(help.contains("2  verify found problems"), "{help}");
 }
@@ -362,16 +506,40 @@ fn errors_name_what_is_missing_and_exit_1() {
 fn grid_writes_a_png_of_the_expected_size() {
     let dir = good_dataset();
     let file: PathBuf = dir.path().join("grid.png");
-    let out = shards(&["grid", path(&dir), "-o", file.to_str().unwrap(), "--count", "5", "--tile", "32", "--seed", "3"]);
+    let out = shards(&[
+        "grid",
+        path(&dir),
+        "-o",
+        file.to_str().unwrap(),
+        "--count",
+        "5",
+        "--tile",
+        "32",
+        "--seed",
+        "3",
+    ]);
     assert!(out.status.success());
     let sheet = image::open(&file).unwrap();
     // 5 tiles: 3 columns, 2 rows of 32 px tiles with 2 px borders.
     assert_eq!((sheet.width(), sheet.height()), (3 * 34 + 2, 2 * 34 + 2));
 
     // More than there are: every sample once.
-    let out = shards(&["grid", "--json", path(&dir), "-o", file.to_str().unwrap(), "--tile", "16"]);
+    let out = shards(&[
+        "grid",
+        "--json",
+        path(&dir),
+        "-o",
+        file.to_str().unwrap(),
+        "--tile",
+        "16",
+    ]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut keys: Vec<_> = json["samples"].as_array().unwrap().iter().map(|s| s["key"].as_str().unwrap().to_string()).collect();
+    let mut keys: Vec<_> = json["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["key"].as_str().unwrap().to_string())
+        .collect();
     keys.sort();
     assert_eq!(keys, ["a0", "a1", "a2", "b0", "b1", "b2"]);
     assert_eq!(image::open(&file).unwrap().width(), 3 * 18 + 2);
@@ -382,21 +550,41 @@ fn dupes_finds_exact_and_near_duplicates_only() {
     let dir = tempfile::tempdir().unwrap();
     let original = spec("original", 11, "jpg");
     // The same bytes ingested again under another key (another partition).
-    let copy = Spec { key: "copy".into(), format: "jpg", bytes: original.bytes.clone(), cls: None, claimed_size: None };
+    let copy = Spec {
+        key: "copy".into(),
+        format: "jpg",
+        bytes: original.bytes.clone(),
+        cls: None,
+        claimed_size: None,
+    };
     // The same picture re-encoded at another quality: other bytes, same look.
-    let reencoded = Spec { key: "reencoded".into(), format: "jpg", bytes: jpeg(&blocks(11), 40), cls: None, claimed_size: None };
+    let reencoded = Spec {
+        key: "reencoded".into(),
+        format: "jpg",
+        bytes: jpeg(&blocks(11), 40),
+        cls: None,
+        claimed_size: None,
+    };
     assert_ne!(sha256_hex(&reencoded.bytes), sha256_hex(&original.bytes));
     assert!((dhash(&reencoded.bytes) ^ dhash(&original.bytes)).count_ones() <= 4);
     write_dataset(
         dir.path(),
-        vec![vec![original, spec("other1", 12, "jpg"), reencoded], vec![spec("other2", 13, "png"), copy, spec("other3", 14, "jpg")]],
+        vec![
+            vec![original, spec("other1", 12, "jpg"), reencoded],
+            vec![spec("other2", 13, "png"), copy, spec("other3", 14, "jpg")],
+        ],
     );
 
     let out = shards(&["dupes", "--json", path(&dir)]);
     assert!(out.status.success());
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let keys = |group: &serde_json::Value| {
-        let mut keys: Vec<String> = group["members"].as_array().unwrap().iter().map(|m| m["key"].as_str().unwrap().to_string()).collect();
+        let mut keys: Vec<String> = group["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["key"].as_str().unwrap().to_string())
+            .collect();
         keys.sort();
         keys
     };

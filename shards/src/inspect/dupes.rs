@@ -22,7 +22,10 @@ pub struct DupesOptions {
 
 impl Default for DupesOptions {
     fn default() -> Self {
-        Self { max_distance: 4, jobs: default_jobs() }
+        Self {
+            max_distance: 4,
+            jobs: default_jobs(),
+        }
     }
 }
 
@@ -89,25 +92,41 @@ pub struct NearDuplicateIndex {
 impl NearDuplicateIndex {
     /// An empty index for pairs within `max_distance` bits.
     pub fn new(max_distance: u32) -> Self {
-        let band_count = if max_distance >= 64 { 0 } else { max_distance + 1 };
+        let band_count = if max_distance >= 64 {
+            0
+        } else {
+            max_distance + 1
+        };
         let mut bands = Vec::with_capacity(band_count as usize);
         let mut shift = 0;
         for band in 0..band_count {
             // Spread the remainder over the first bands: widths differ by at most one bit.
             let width = 64 / band_count + u32::from(band < 64 % band_count);
-            let mask = if width == 64 { u64::MAX } else { (1u64 << width) - 1 };
+            let mask = if width == 64 {
+                u64::MAX
+            } else {
+                (1u64 << width) - 1
+            };
             bands.push((shift, mask));
             shift += width;
         }
         let tables = vec![HashMap::new(); bands.len()];
-        Self { max_distance, bands, tables, hashes: Vec::new() }
+        Self {
+            max_distance,
+            bands,
+            tables,
+            hashes: Vec::new(),
+        }
     }
 
     /// Adds a hash; returns its id (0, 1, 2, ... in insertion order).
     pub fn insert(&mut self, hash: u64) -> usize {
         let id = self.hashes.len();
         for (table, &(shift, mask)) in self.tables.iter_mut().zip(&self.bands) {
-            table.entry((hash >> shift) & mask).or_default().push(id as u32);
+            table
+                .entry((hash >> shift) & mask)
+                .or_default()
+                .push(id as u32);
         }
         self.hashes.push(hash);
         id
@@ -144,7 +163,11 @@ impl NearDuplicateIndex {
                 for &j in &table[&band_value(hash, band)] {
                     let j = j as usize;
                     // Count a pair only in the first band where the two agree.
-                    if j <= i || (0..band).any(|earlier| band_value(hash, earlier) == band_value(self.hashes[j], earlier)) {
+                    if j <= i
+                        || (0..band).any(|earlier| {
+                            band_value(hash, earlier) == band_value(self.hashes[j], earlier)
+                        })
+                    {
                         continue;
                     }
                     let d = distance(i, j);
@@ -188,7 +211,11 @@ struct Collected {
 }
 
 /// Reads every `KEY.json` (streaming the shards) and groups exact and near duplicates.
-pub async fn dupes(dataset: &Dataset, options: &DupesOptions, reporter: Arc<dyn Reporter>) -> DupesReport {
+pub async fn dupes(
+    dataset: &Dataset,
+    options: &DupesOptions,
+    reporter: Arc<dyn Reporter>,
+) -> DupesReport {
     let scans = scan_samples(dataset, options.jobs, reporter, |acc: &mut Collected, shard, sample| {
         acc.read += 1;
         let parsed = sample_meta(&sample).and_then(|meta| {
@@ -224,7 +251,12 @@ pub async fn dupes(dataset: &Dataset, options: &DupesOptions, reporter: Arc<dyn 
             report.unreadable.push(error);
         }
         for (key, sha256, phash) in scan.acc.samples {
-            members.push(DupeMember { key, shard: scan.shard.name.clone(), sha256, phash: format!("{phash:016x}") });
+            members.push(DupeMember {
+                key,
+                shard: scan.shard.name.clone(),
+                sha256,
+                phash: format!("{phash:016x}"),
+            });
             hashes.push(phash);
         }
     }
@@ -235,7 +267,13 @@ pub async fn dupes(dataset: &Dataset, options: &DupesOptions, reporter: Arc<dyn 
     }
     let mut exact: Vec<Vec<usize>> = by_sha.into_values().filter(|ids| ids.len() > 1).collect();
     exact.sort();
-    report.exact = exact.into_iter().map(|ids| DupeGroup { members: ids.into_iter().map(|i| members[i].clone()).collect(), max_distance: 0 }).collect();
+    report.exact = exact
+        .into_iter()
+        .map(|ids| DupeGroup {
+            members: ids.into_iter().map(|i| members[i].clone()).collect(),
+            max_distance: 0,
+        })
+        .collect();
 
     let mut index = NearDuplicateIndex::new(options.max_distance);
     for &hash in &hashes {
@@ -260,28 +298,64 @@ pub async fn dupes(dataset: &Dataset, options: &DupesOptions, reporter: Arc<dyn 
     }
     let mut near: Vec<(Vec<usize>, u32)> = groups
         .into_values()
-        .filter(|(ids, _)| ids.iter().map(|&i| members[i].sha256.as_str()).collect::<BTreeSet<_>>().len() > 1)
+        .filter(|(ids, _)| {
+            ids.iter()
+                .map(|&i| members[i].sha256.as_str())
+                .collect::<BTreeSet<_>>()
+                .len()
+                > 1
+        })
         .collect();
     near.sort();
-    report.near = near.into_iter().map(|(ids, d)| DupeGroup { members: ids.into_iter().map(|i| members[i].clone()).collect(), max_distance: d }).collect();
+    report.near = near
+        .into_iter()
+        .map(|(ids, d)| DupeGroup {
+            members: ids.into_iter().map(|i| members[i].clone()).collect(),
+            max_distance: d,
+        })
+        .collect();
     report
 }
 
 impl fmt::Display for DupesReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let in_groups = |groups: &[DupeGroup]| groups.iter().map(|g| g.members.len()).sum::<usize>();
-        writeln!(f, "exact duplicates (same SHA-256 of the original): {} groups, {} samples", self.exact.len(), in_groups(&self.exact))?;
+        let in_groups =
+            |groups: &[DupeGroup]| groups.iter().map(|g| g.members.len()).sum::<usize>();
+        writeln!(
+            f,
+            "exact duplicates (same SHA-256 of the original): {} groups, {} samples",
+            self.exact.len(),
+            in_groups(&self.exact)
+        )?;
         for group in &self.exact {
             writeln!(f, "  sha256 {}", group.members[0].sha256)?;
             for member in &group.members {
                 writeln!(f, "    {}  {}", member.key, member.shard)?;
             }
         }
-        writeln!(f, "near duplicates (perceptual hashes within {} bits): {} groups, {} samples", self.max_distance, self.near.len(), in_groups(&self.near))?;
+        writeln!(
+            f,
+            "near duplicates (perceptual hashes within {} bits): {} groups, {} samples",
+            self.max_distance,
+            self.near.len(),
+            in_groups(&self.near)
+        )?;
         for (number, group) in self.near.iter().enumerate() {
-            writeln!(f, "  group {} (distance up to {})", number + 1, group.max_distance)?;
+            writeln!(
+                f,
+                "  group {} (distance up to {})",
+                number + 1,
+                group.max_distance
+            )?;
             for member in &group.members {
-                writeln!(f, "    {}  {}  phash {}  sha256 {}", member.key, member.shard, member.phash, &member.sha256[..member.sha256.len().min(16)])?;
+                writeln!(
+                    f,
+                    "    {}  {}  phash {}  sha256 {}",
+                    member.key,
+                    member.shard,
+                    member.phash,
+                    &member.sha256[..member.sha256.len().min(16)]
+                )?;
             }
         }
         write!(f, "{} samples read", self.samples)?;
@@ -318,7 +392,8 @@ mod tests {
     /// there are pairs at every small distance.
     fn hashes_strategy() -> impl Strategy<Value = Vec<u64>> {
         let base = prop::collection::vec(any::<u64>(), 1..40);
-        let flips = prop::collection::vec((0usize..40, prop::collection::vec(0u32..64, 0..8)), 0..60);
+        let flips =
+            prop::collection::vec((0usize..40, prop::collection::vec(0u32..64, 0..8)), 0..60);
         (base, flips).prop_map(|(mut hashes, flips)| {
             for (source, bits) in flips {
                 let mut hash = hashes[source % hashes.len()];

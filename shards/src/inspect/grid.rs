@@ -31,7 +31,13 @@ pub struct GridOptions {
 
 impl Default for GridOptions {
     fn default() -> Self {
-        Self { count: 64, seed: 0, tile: 128, border: 2, jobs: default_jobs() }
+        Self {
+            count: 64,
+            seed: 0,
+            tile: 128,
+            border: 2,
+            jobs: default_jobs(),
+        }
     }
 }
 
@@ -50,10 +56,15 @@ impl ContactSheet {
     /// The sheet as PNG bytes.
     pub fn to_png(&self) -> Result<Vec<u8>, InspectError> {
         let mut out = std::io::Cursor::new(Vec::new());
-        self.image.write_to(&mut out, image::ImageFormat::Png).map_err(InspectError::Encode)?;
+        self.image
+            .write_to(&mut out, image::ImageFormat::Png)
+            .map_err(InspectError::Encode)?;
         Ok(out.into_inner())
     }
 }
+
+/// `(shard, key, tile pixels)`; no pixels when the image does not decode.
+type Tile = (String, String, Option<Vec<u8>>);
 
 /// Picks `count` samples uniformly at random across all shards (reservoir
 /// sampling over the indexes, so memory is `count` entries), reads each with
@@ -81,13 +92,15 @@ pub async fn grid(dataset: &Dataset, options: &GridOptions) -> Result<ContactShe
         }
     }
     if chosen.is_empty() {
-        return Err(InspectError::Empty { url: dataset.location.url.clone() });
+        return Err(InspectError::Empty {
+            url: dataset.location.url.clone(),
+        });
     }
     // Reading in shard order is kinder to the store; the order on the sheet does not matter.
     chosen.sort_by_key(|(shard, entry)| (*shard, entry.offset));
 
     let tile = options.tile.max(1);
-    let tiles: Vec<Result<(String, String, Option<Vec<u8>>), StoreError>> = futures::stream::iter(chosen)
+    let tiles: Vec<Result<Tile, StoreError>> = futures::stream::iter(chosen)
         .map(|(shard_number, entry)| {
             let shard = dataset.manifest.shards[shard_number].clone();
             let dataset = dataset.clone();
@@ -123,7 +136,10 @@ pub async fn grid(dataset: &Dataset, options: &GridOptions) -> Result<ContactShe
     for (i, tile_result) in tiles.into_iter().enumerate() {
         let (shard, key, pixels) = tile_result?;
         let (column, row) = (i as u32 % columns, i as u32 / columns);
-        let (x0, y0) = (border + column * (tile + border), border + row * (tile + border));
+        let (x0, y0) = (
+            border + column * (tile + border),
+            border + row * (tile + border),
+        );
         match pixels {
             Some(pixels) => {
                 let tile_image = RgbImage::from_raw(tile, tile, pixels).expect("tile buffer size");
@@ -136,7 +152,11 @@ pub async fn grid(dataset: &Dataset, options: &GridOptions) -> Result<ContactShe
         }
         samples.push((shard, key));
     }
-    Ok(ContactSheet { image: sheet, samples, columns })
+    Ok(ContactSheet {
+        image: sheet,
+        samples,
+        columns,
+    })
 }
 
 /// Center-crops `image` to a square and resizes it to `tile` x `tile` RGB bytes.
@@ -144,9 +164,21 @@ fn square_tile(image: &RgbImage, tile: u32) -> Option<Vec<u8>> {
     if image.width() == 0 || image.height() == 0 {
         return None;
     }
-    let source = ImageRef::new(image.width(), image.height(), image.as_raw(), PixelType::U8x3).ok()?;
+    let source = ImageRef::new(
+        image.width(),
+        image.height(),
+        image.as_raw(),
+        PixelType::U8x3,
+    )
+    .ok()?;
     let mut destination = Image::new(tile, tile, PixelType::U8x3);
-    Resizer::new().resize(&source, &mut destination, &ResizeOptions::new().fit_into_destination(None)).ok()?;
+    Resizer::new()
+        .resize(
+            &source,
+            &mut destination,
+            &ResizeOptions::new().fit_into_destination(None),
+        )
+        .ok()?;
     Some(destination.into_vec())
 }
 
@@ -157,9 +189,20 @@ mod tests {
     #[test]
     fn tile_is_center_square() {
         // Left third red, middle green, right third blue: the center crop is all green.
-        let image = RgbImage::from_fn(300, 100, |x, _| if x < 100 { Rgb([255, 0, 0]) } else if x < 200 { Rgb([0, 255, 0]) } else { Rgb([0, 0, 255]) });
+        let image = RgbImage::from_fn(300, 100, |x, _| {
+            if x < 100 {
+                Rgb([255, 0, 0])
+            } else if x < 200 {
+                Rgb([0, 255, 0])
+            } else {
+                Rgb([0, 0, 255])
+            }
+        });
         let tile = square_tile(&image, 10).unwrap();
         assert_eq!(tile.len(), 300);
-        assert!(tile.chunks(3).all(|p| p[1] > 200 && p[0] < 60 && p[2] < 60), "{tile:?}");
+        assert!(
+            tile.chunks(3).all(|p| p[1] > 200 && p[0] < 60 && p[2] < 60),
+            "{tile:?}"
+        );
     }
 }

@@ -64,7 +64,16 @@ const BAR_WIDTH: usize = 40;
 impl Histogram {
     /// An empty histogram.
     pub fn new(name: &str, scale: Scale, unit: Unit) -> Self {
-        Self { name: name.to_string(), scale, unit, count: 0, sum: 0.0, min: 0.0, max: 0.0, buckets: BTreeMap::new() }
+        Self {
+            name: name.to_string(),
+            scale,
+            unit,
+            count: 0,
+            sum: 0.0,
+            min: 0.0,
+            max: 0.0,
+            buckets: BTreeMap::new(),
+        }
     }
 
     fn bucket_of(&self, value: f64) -> i64 {
@@ -126,7 +135,11 @@ impl Histogram {
 
     /// Mean of the values (0 when empty).
     pub fn mean(&self) -> f64 {
-        if self.count == 0 { 0.0 } else { self.sum / self.count as f64 }
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum / self.count as f64
+        }
     }
 
     fn format_value(&self, value: f64) -> String {
@@ -141,14 +154,20 @@ impl Histogram {
     /// non-empty bucket, empty ones between included, merged to at most
     /// [`MAX_ROWS`] rows.
     fn rows(&self) -> Vec<(f64, f64, u64)> {
-        let (Some(&first), Some(&last)) = (self.buckets.keys().next(), self.buckets.keys().next_back()) else {
+        let (Some(&first), Some(&last)) =
+            (self.buckets.keys().next(), self.buckets.keys().next_back())
+        else {
             return Vec::new();
         };
         // The "below 1" bucket of a log scale sits alone before the others.
         let mut rows = Vec::new();
         let mut first = first;
         if first == i64::MIN {
-            let upper = self.buckets.keys().nth(1).map_or(1.0, |&b| self.lower_edge(b));
+            let upper = self
+                .buckets
+                .keys()
+                .nth(1)
+                .map_or(1.0, |&b| self.lower_edge(b));
             rows.push((0.0, upper, self.buckets[&i64::MIN]));
             if last == i64::MIN {
                 return rows;
@@ -170,10 +189,21 @@ impl Histogram {
 
 impl fmt::Display for Histogram {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{} (n={}, min {}, mean {}, max {})", self.name, self.count, self.format_value(self.min), self.format_value(self.mean()), self.format_value(self.max))?;
+        writeln!(
+            f,
+            "{} (n={}, min {}, mean {}, max {})",
+            self.name,
+            self.count,
+            self.format_value(self.min),
+            self.format_value(self.mean()),
+            self.format_value(self.max)
+        )?;
         let rows = self.rows();
         let biggest = rows.iter().map(|r| r.2).max().unwrap_or(0).max(1);
-        let labels: Vec<String> = rows.iter().map(|(lo, hi, _)| format!("[{}, {})", self.format_value(*lo), self.format_value(*hi))).collect();
+        let labels: Vec<String> = rows
+            .iter()
+            .map(|(lo, hi, _)| format!("[{}, {})", self.format_value(*lo), self.format_value(*hi)))
+            .collect();
         let label_width = labels.iter().map(String::len).max().unwrap_or(0);
         for ((_, _, count), label) in rows.iter().zip(&labels) {
             let bar = (*count as usize * BAR_WIDTH).div_ceil(biggest as usize);
@@ -184,18 +214,30 @@ impl fmt::Display for Histogram {
 }
 
 /// Counts of named categories (formats, labels) as a bar chart, biggest first.
-pub(crate) fn fmt_categories(f: &mut fmt::Formatter<'_>, title: &str, counts: &BTreeMap<String, u64>) -> fmt::Result {
+pub(crate) fn fmt_categories(
+    f: &mut fmt::Formatter<'_>,
+    title: &str,
+    counts: &BTreeMap<String, u64>,
+) -> fmt::Result {
     let total: u64 = counts.values().sum();
     writeln!(f, "{title} ({} distinct)", counts.len())?;
     let mut sorted: Vec<_> = counts.iter().collect();
     sorted.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     let shown = sorted.len().min(MAX_ROWS);
     let biggest = sorted.first().map_or(1, |(_, c)| **c).max(1);
-    let label_width = sorted[..shown].iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    let label_width = sorted[..shown]
+        .iter()
+        .map(|(n, _)| n.len())
+        .max()
+        .unwrap_or(0);
     for (name, count) in &sorted[..shown] {
         let bar = (**count as usize * BAR_WIDTH).div_ceil(biggest as usize);
         let percent = **count as f64 * 100.0 / total.max(1) as f64;
-        writeln!(f, "  {name:>label_width$} {count:>8} {percent:>5.1}% {}", "#".repeat(bar))?;
+        writeln!(
+            f,
+            "  {name:>label_width$} {count:>8} {percent:>5.1}% {}",
+            "#".repeat(bar)
+        )?;
     }
     if sorted.len() > shown {
         let rest: u64 = sorted[shown..].iter().map(|(_, c)| **c).sum();
@@ -223,8 +265,19 @@ impl Histogram {
         let buckets: Vec<BucketJson> = {
             let mut all = Vec::new();
             for (&bucket, &count) in &self.buckets {
-                let upper = if bucket == i64::MIN { self.buckets.keys().nth(1).map_or(1.0, |&b| self.lower_edge(b)) } else { self.lower_edge(bucket + 1) };
-                all.push(BucketJson { lower: self.lower_edge(bucket), upper, count });
+                let upper = if bucket == i64::MIN {
+                    self.buckets
+                        .keys()
+                        .nth(1)
+                        .map_or(1.0, |&b| self.lower_edge(b))
+                } else {
+                    self.lower_edge(bucket + 1)
+                };
+                all.push(BucketJson {
+                    lower: self.lower_edge(bucket),
+                    upper,
+                    count,
+                });
             }
             all
         };

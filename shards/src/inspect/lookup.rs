@@ -16,6 +16,9 @@ pub struct Found {
 pub async fn lookup(dataset: &Dataset, key: &str) -> Result<Found, InspectError> {
     match dataset.find(key).await? {
         Some((shard, sample)) => Ok(Found { shard, sample }),
-        None => Err(InspectError::KeyNotFound { key: key.to_string(), url: dataset.location.url.clone() }),
+        None => Err(InspectError::KeyNotFound {
+            key: key.to_string(),
+            url: dataset.location.url.clone(),
+        }),
     }
 }

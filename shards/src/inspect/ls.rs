@@ -35,11 +35,30 @@ pub fn ls(dataset: &Dataset) -> LsReport {
 
 impl fmt::Display for LsReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name_width = self.shards.iter().map(|s| s.name.len()).max().unwrap_or(0).max(5);
+        let name_width = self
+            .shards
+            .iter()
+            .map(|s| s.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(5);
         for shard in &self.shards {
             let sha = shard.sha256.get(..SHA_PREFIX).unwrap_or(&shard.sha256);
-            writeln!(f, "{:<name_width$} {:>9} samples {:>10} {sha}", shard.name, shard.samples, human_bytes(shard.bytes))?;
+            writeln!(
+                f,
+                "{:<name_width$} {:>9} samples {:>10} {sha}",
+                shard.name,
+                shard.samples,
+                human_bytes(shard.bytes)
+            )?;
         }
-        writeln!(f, "{:<name_width$} {:>9} samples {:>10} in {} shards", "total", self.total_samples, human_bytes(self.total_bytes), self.shards.len())
+        writeln!(
+            f,
+            "{:<name_width$} {:>9} samples {:>10} in {} shards",
+            "total",
+            self.total_samples,
+            human_bytes(self.total_bytes),
+            self.shards.len()
+        )
     }
 }

@@ -26,8 +26,8 @@
 mod dupes;
 mod grid;
 mod histogram;
-mod ls;
 mod lookup;
+mod ls;
 mod scan;
 mod stat;
 mod verify;
@@ -37,8 +37,8 @@ use std::io::Cursor;
 pub use dupes::{DupeGroup, DupeMember, DupesOptions, DupesReport, NearDuplicateIndex, dupes};
 pub use grid::{ContactSheet, GridOptions, grid};
 pub use histogram::{Histogram, Scale};
-pub use ls::{LsReport, ls};
 pub use lookup::{Found, lookup};
+pub use ls::{LsReport, ls};
 pub use stat::{StatReport, stat};
 pub use verify::{Problem, VerifyOptions, VerifyReport, verify};
 
@@ -107,11 +107,14 @@ pub const MAX_DECODE_ALLOC: u64 = 1 << 30;
 
 /// Decodes image bytes whose member extension is `ext`, with size limits.
 pub fn decode_image(ext: &str, bytes: &[u8]) -> image::ImageResult<image::DynamicImage> {
-    let format = image::ImageFormat::from_extension(ext)
-        .ok_or_else(|| image::ImageError::Unsupported(image::error::UnsupportedError::from_format_and_kind(
+    let format = image::ImageFormat::from_extension(ext).ok_or_else(|| {
+        image::ImageError::Unsupported(image::error::UnsupportedError::from_format_and_kind(
             image::error::ImageFormatHint::Name(ext.to_string()),
-            image::error::UnsupportedErrorKind::Format(image::error::ImageFormatHint::Name(ext.to_string())),
-        )))?;
+            image::error::UnsupportedErrorKind::Format(image::error::ImageFormatHint::Name(
+                ext.to_string(),
+            )),
+        ))
+    })?;
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_DECODE_SIDE);
@@ -130,7 +133,11 @@ pub fn human_bytes(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// A small seeded generator (SplitMix64) for reproducible sampling; no

@@ -23,13 +23,21 @@ pub(crate) struct ShardScan<A> {
 /// `visit` on each sample with the shard's accumulator. Results come back in
 /// manifest order. A shard that cannot be read keeps what was visited before
 /// the error and reports the error.
-pub(crate) async fn scan_samples<A, F>(dataset: &Dataset, jobs: usize, reporter: Arc<dyn Reporter>, visit: F) -> Vec<ShardScan<A>>
+pub(crate) async fn scan_samples<A, F>(
+    dataset: &Dataset,
+    jobs: usize,
+    reporter: Arc<dyn Reporter>,
+    visit: F,
+) -> Vec<ShardScan<A>>
 where
     A: Default + Send + 'static,
     F: Fn(&mut A, &ManifestShard, Sample) + Send + Sync + 'static,
 {
     let visit = Arc::new(visit);
-    reporter.start(dataset.manifest.shards.len(), dataset.manifest.total_bytes());
+    reporter.start(
+        dataset.manifest.shards.len(),
+        dataset.manifest.total_bytes(),
+    );
     let tasks = futures::stream::iter(dataset.manifest.shards.clone())
         .map(|shard| {
             let dataset = dataset.clone();
@@ -58,11 +66,16 @@ where
             })
         })
         .buffered(jobs.max(1));
-    tasks.map(|joined| joined.expect("a shard scan task panicked")).collect().await
+    tasks
+        .map(|joined| joined.expect("a shard scan task panicked"))
+        .collect()
+        .await
 }
 
 /// Parses a sample's `KEY.json` as [`SampleMeta`].
 pub(crate) fn sample_meta(sample: &Sample) -> Result<SampleMeta, String> {
-    let json = sample.get("json").ok_or_else(|| "no .json member".to_string())?;
+    let json = sample
+        .get("json")
+        .ok_or_else(|| "no .json member".to_string())?;
     serde_json::from_slice(json).map_err(|e| format!("KEY.json does not parse: {e}"))
 }

@@ -82,11 +82,19 @@ impl Default for Accumulator {
             samples: 0,
             bad_json: 0,
             bad_json_examples: Vec::new(),
-            image_bytes: Histogram::new("stored image bytes", Scale::Log2 { steps: 2 }, Unit::Bytes),
+            image_bytes: Histogram::new(
+                "stored image bytes",
+                Scale::Log2 { steps: 2 },
+                Unit::Bytes,
+            ),
             width: pixels("stored width (px)"),
             height: pixels("stored height (px)"),
             short_side: pixels("stored short side (px)"),
-            original_megapixels: Histogram::new("original megapixels", Scale::Log2 { steps: 2 }, Unit::Decimal),
+            original_megapixels: Histogram::new(
+                "original megapixels",
+                Scale::Log2 { steps: 2 },
+                Unit::Decimal,
+            ),
             formats: BTreeMap::new(),
             labels: BTreeMap::new(),
         }
@@ -167,30 +175,38 @@ pub async fn stat(dataset: &Dataset, jobs: usize, reporter: Arc<dyn Reporter>) -
         }
     }
 
-    let scans = scan_samples(dataset, jobs, reporter, |acc: &mut Accumulator, shard, sample| {
-        acc.samples += 1;
-        if let Some((_, image)) = sample.image() {
-            acc.image_bytes.add(image.len() as f64);
-        }
-        match sample_meta(&sample) {
-            Ok(meta) => {
-                acc.width.add(f64::from(meta.width));
-                acc.height.add(f64::from(meta.height));
-                acc.short_side.add(f64::from(meta.width.min(meta.height)));
-                acc.original_megapixels.add(f64::from(meta.original_width) * f64::from(meta.original_height) / 1e6);
-                *acc.formats.entry(meta.format).or_default() += 1;
-                if let Some(cls) = meta.cls {
-                    *acc.labels.entry(cls).or_default() += 1;
+    let scans = scan_samples(
+        dataset,
+        jobs,
+        reporter,
+        |acc: &mut Accumulator, shard, sample| {
+            acc.samples += 1;
+            if let Some((_, image)) = sample.image() {
+                acc.image_bytes.add(image.len() as f64);
+            }
+            match sample_meta(&sample) {
+                Ok(meta) => {
+                    acc.width.add(f64::from(meta.width));
+                    acc.height.add(f64::from(meta.height));
+                    acc.short_side.add(f64::from(meta.width.min(meta.height)));
+                    acc.original_megapixels.add(
+                        f64::from(meta.original_width) * f64::from(meta.original_height) / 1e6,
+                    );
+                    *acc.formats.entry(meta.format).or_default() += 1;
+                    if let Some(cls) = meta.cls {
+                        *acc.labels.entry(cls).or_default() += 1;
+                    }
+                }
+                Err(reason) => {
+                    acc.bad_json += 1;
+                    if acc.bad_json_examples.len() < MAX_EXAMPLES {
+                        acc.bad_json_examples
+                            .push(format!("{}: {}: {reason}", shard.name, sample.key));
+                    }
                 }
             }
-            Err(reason) => {
-                acc.bad_json += 1;
-                if acc.bad_json_examples.len() < MAX_EXAMPLES {
-                    acc.bad_json_examples.push(format!("{}: {}: {reason}", shard.name, sample.key));
-                }
-            }
-        }
-    })
+        },
+    )
     .await;
     for scan in scans {
         if let Some(error) = scan.error {
@@ -205,12 +221,29 @@ impl fmt::Display for StatReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "dataset     {}", self.url)?;
         writeln!(f, "shards      {}", self.shards)?;
-        writeln!(f, "samples     {} in the manifest, {} read", self.samples, self.samples_read)?;
-        writeln!(f, "bytes       {} ({})", human_bytes(self.bytes), self.bytes)?;
-        writeln!(f, "sources     {} planned, {} failed, {} duplicates skipped", self.planned, self.failed, self.duplicates)?;
+        writeln!(
+            f,
+            "samples     {} in the manifest, {} read",
+            self.samples, self.samples_read
+        )?;
+        writeln!(
+            f,
+            "bytes       {} ({})",
+            human_bytes(self.bytes),
+            self.bytes
+        )?;
+        writeln!(
+            f,
+            "sources     {} planned, {} failed, {} duplicates skipped",
+            self.planned, self.failed, self.duplicates
+        )?;
         writeln!(f, "bytes in    {}", human_bytes(self.bytes_in))?;
         if !self.stats_missing.is_empty() {
-            writeln!(f, "stats files missing or unreadable for {} shards (sums above leave them out)", self.stats_missing.len())?;
+            writeln!(
+                f,
+                "stats files missing or unreadable for {} shards (sums above leave them out)",
+                self.stats_missing.len()
+            )?;
         }
         if !self.failed_by_reason.is_empty() {
             writeln!(f, "failed by reason:")?;
@@ -224,7 +257,13 @@ impl fmt::Display for StatReport {
                 writeln!(f, "  {example}")?;
             }
         }
-        for histogram in [&self.image_bytes, &self.width, &self.height, &self.short_side, &self.original_megapixels] {
+        for histogram in [
+            &self.image_bytes,
+            &self.width,
+            &self.height,
+            &self.short_side,
+            &self.original_megapixels,
+        ] {
             writeln!(f)?;
             write!(f, "{histogram}")?;
         }

@@ -12,10 +12,10 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::{IMAGE_EXTENSIONS, Reporter, decode_image, default_jobs, human_bytes};
+use crate::Dataset;
 use crate::meta::{ManifestShard, MemberSpan, SampleMeta, ShardIndex};
 use crate::reader::{DEFAULT_MAX_MEMBER_SIZE, split_member_name};
 use crate::tar::{Member, TarParser, padding};
-use crate::Dataset;
 
 /// How [`verify()`] runs.
 #[derive(Debug, Clone)]
@@ -29,7 +29,10 @@ pub struct VerifyOptions {
 
 impl Default for VerifyOptions {
     fn default() -> Self {
-        Self { jobs: default_jobs(), decode: true }
+        Self {
+            jobs: default_jobs(),
+            decode: true,
+        }
     }
 }
 
@@ -86,7 +89,12 @@ impl fmt::Display for VerifyReport {
         for problem in &self.problems {
             writeln!(f, "{problem}")?;
         }
-        let summary = format!("{} shards, {} samples, {}", self.shards, self.samples, human_bytes(self.bytes));
+        let summary = format!(
+            "{} shards, {} samples, {}",
+            self.shards,
+            self.samples,
+            human_bytes(self.bytes)
+        );
         if self.is_ok() {
             writeln!(f, "verified {summary}: OK")
         } else {
@@ -108,17 +116,36 @@ impl fmt::Display for VerifyReport {
 ///
 /// Problems are collected, never returned as errors: one bad sample does not
 /// stop the check of the others.
-pub async fn verify(dataset: &Dataset, options: &VerifyOptions, reporter: Arc<dyn Reporter>) -> VerifyReport {
-    reporter.start(dataset.manifest.shards.len(), dataset.manifest.total_bytes());
+pub async fn verify(
+    dataset: &Dataset,
+    options: &VerifyOptions,
+    reporter: Arc<dyn Reporter>,
+) -> VerifyReport {
+    reporter.start(
+        dataset.manifest.shards.len(),
+        dataset.manifest.total_bytes(),
+    );
     let outcomes: Vec<ShardOutcome> = futures::stream::iter(dataset.manifest.shards.clone())
-        .map(|shard| tokio::spawn(verify_shard(dataset.clone(), shard, options.clone(), reporter.clone())))
+        .map(|shard| {
+            tokio::spawn(verify_shard(
+                dataset.clone(),
+                shard,
+                options.clone(),
+                reporter.clone(),
+            ))
+        })
         .buffered(options.jobs.max(1))
         .map(|joined| joined.expect("a verify task panicked"))
         .collect()
         .await;
 
-    let mut report =
-        VerifyReport { url: dataset.location.url.clone(), shards: outcomes.len(), samples: 0, bytes: 0, problems: Vec::new() };
+    let mut report = VerifyReport {
+        url: dataset.location.url.clone(),
+        shards: outcomes.len(),
+        samples: 0,
+        bytes: 0,
+        problems: Vec::new(),
+    };
     let mut first_seen: HashMap<String, (String, u64)> = HashMap::new();
     for outcome in outcomes {
         report.samples += outcome.keys.len() as u64;
@@ -175,12 +202,21 @@ impl DecodeJob {
             Err(e) => format!("image member .{} does not decode: {e}", self.ext),
             Ok(image) => match self.expected {
                 Some((width, height)) if (image.width(), image.height()) != (width, height) => {
-                    format!("image is {}x{}, KEY.json says {width}x{height}", image.width(), image.height())
+                    format!(
+                        "image is {}x{}, KEY.json says {width}x{height}",
+                        image.width(),
+                        image.height()
+                    )
                 }
                 _ => return None,
             },
         };
-        Some(Problem { shard: self.shard, offset: Some(self.offset), key: Some(self.key), message })
+        Some(Problem {
+            shard: self.shard,
+            offset: Some(self.offset),
+            key: Some(self.key),
+            message,
+        })
     }
 }
 
@@ -197,14 +233,23 @@ struct ShardVerifier {
 
 impl ShardVerifier {
     fn problem(&mut self, key: Option<&str>, offset: Option<u64>, message: String) {
-        let problem = Problem { shard: self.shard.name.clone(), offset, key: key.map(str::to_string), message };
+        let problem = Problem {
+            shard: self.shard.name.clone(),
+            offset,
+            key: key.map(str::to_string),
+            message,
+        };
         self.reporter.problem(&problem);
         self.problems.push(problem);
     }
 
     fn member(&mut self, member: Member) {
         let Some((key, ext)) = split_member_name(&member.name) else {
-            self.problem(None, Some(member.header_offset), format!("member {:?} has no KEY.EXT name", member.name));
+            self.problem(
+                None,
+                Some(member.header_offset),
+                format!("member {:?} has no KEY.EXT name", member.name),
+            );
             return;
         };
         let end = member.data_offset + member.data.len() as u64 + padding(member.data.len() as u64);
@@ -213,14 +258,25 @@ impl ShardVerifier {
         {
             if pending.members.iter().any(|(e, _, _)| e == ext) {
                 let (key, offset) = (pending.key.clone(), pending.offset);
-                self.problem(Some(&key), Some(offset), format!("second .{ext} member at byte {}", member.header_offset));
+                self.problem(
+                    Some(&key),
+                    Some(offset),
+                    format!("second .{ext} member at byte {}", member.header_offset),
+                );
                 return;
             }
-            pending.members.push((ext.to_string(), member.data_offset, member.data));
+            pending
+                .members
+                .push((ext.to_string(), member.data_offset, member.data));
             pending.end = end;
             return;
         }
-        let next = Pending { key: key.to_string(), offset: member.header_offset, end, members: vec![(ext.to_string(), member.data_offset, member.data)] };
+        let next = Pending {
+            key: key.to_string(),
+            offset: member.header_offset,
+            end,
+            members: vec![(ext.to_string(), member.data_offset, member.data)],
+        };
         if let Some(done) = self.pending.replace(next) {
             self.finish_sample(done);
         }
@@ -231,34 +287,87 @@ impl ShardVerifier {
         self.keys.push((sample.key.clone(), sample.offset));
         let (key, offset) = (Some(sample.key.as_str()), Some(sample.offset));
 
-        let entry = self.index.as_ref().map(|index| (index.samples.len(), index.samples.get(position).cloned()));
+        let entry = self
+            .index
+            .as_ref()
+            .map(|index| (index.samples.len(), index.samples.get(position).cloned()));
         match entry {
             None => {}
-            Some((listed, None)) => self.problem(key, offset, format!("not in the index (it lists {listed} samples)")),
+            Some((listed, None)) => self.problem(
+                key,
+                offset,
+                format!("not in the index (it lists {listed} samples)"),
+            ),
             Some((_, Some(entry))) if entry.key != sample.key => {
-                self.problem(key, offset, format!("index entry {position} is {} at byte {}, the shard has {} here", entry.key, entry.offset, sample.key));
+                self.problem(
+                    key,
+                    offset,
+                    format!(
+                        "index entry {position} is {} at byte {}, the shard has {} here",
+                        entry.key, entry.offset, sample.key
+                    ),
+                );
             }
             Some((_, Some(entry))) => {
                 if entry.offset != sample.offset {
                     self.problem(key, offset, format!("index gives offset {}", entry.offset));
                 }
                 if entry.size != sample.end - sample.offset {
-                    self.problem(key, offset, format!("index gives size {}, the sample spans {} bytes", entry.size, sample.end - sample.offset));
+                    self.problem(
+                        key,
+                        offset,
+                        format!(
+                            "index gives size {}, the sample spans {} bytes",
+                            entry.size,
+                            sample.end - sample.offset
+                        ),
+                    );
                 }
-                let actual: BTreeMap<String, MemberSpan> =
-                    sample.members.iter().map(|(ext, data_offset, data)| (ext.clone(), MemberSpan { offset: *data_offset, size: data.len() as u64 })).collect();
+                let actual: BTreeMap<String, MemberSpan> = sample
+                    .members
+                    .iter()
+                    .map(|(ext, data_offset, data)| {
+                        (
+                            ext.clone(),
+                            MemberSpan {
+                                offset: *data_offset,
+                                size: data.len() as u64,
+                            },
+                        )
+                    })
+                    .collect();
                 if actual != entry.members {
                     let describe = |spans: &BTreeMap<String, MemberSpan>| {
-                        spans.iter().map(|(ext, s)| format!(".{ext} {}+{}", s.offset, s.size)).collect::<Vec<_>>().join(", ")
+                        spans
+                            .iter()
+                            .map(|(ext, s)| format!(".{ext} {}+{}", s.offset, s.size))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     };
-                    self.problem(key, offset, format!("index gives members [{}], the shard has [{}]", describe(&entry.members), describe(&actual)));
+                    self.problem(
+                        key,
+                        offset,
+                        format!(
+                            "index gives members [{}], the shard has [{}]",
+                            describe(&entry.members),
+                            describe(&actual)
+                        ),
+                    );
                 }
             }
         }
 
-        let images: Vec<&(String, u64, Bytes)> = sample.members.iter().filter(|(ext, _, _)| IMAGE_EXTENSIONS.contains(&ext.as_str())).collect();
+        let images: Vec<&(String, u64, Bytes)> = sample
+            .members
+            .iter()
+            .filter(|(ext, _, _)| IMAGE_EXTENSIONS.contains(&ext.as_str()))
+            .collect();
         if images.len() != 1 {
-            self.problem(key, offset, format!("{} image members, expected exactly one", images.len()));
+            self.problem(
+                key,
+                offset,
+                format!("{} image members, expected exactly one", images.len()),
+            );
         }
         let image = (images.len() == 1).then(|| images[0].clone());
         let meta = match sample.members.iter().find(|(ext, _, _)| ext == "json") {
@@ -268,7 +377,11 @@ impl ShardVerifier {
             }
             Some((_, _, json)) => match serde_json::from_slice::<SampleMeta>(json) {
                 Err(e) => {
-                    self.problem(key, offset, format!("KEY.json does not parse as sample metadata: {e}"));
+                    self.problem(
+                        key,
+                        offset,
+                        format!("KEY.json does not parse as sample metadata: {e}"),
+                    );
                     None
                 }
                 Ok(meta) => Some(meta),
@@ -281,7 +394,14 @@ impl ShardVerifier {
             if let Some((ext, _, _)) = &image
                 && &meta.format != ext
             {
-                self.problem(key, offset, format!("KEY.json gives format {:?}, the image member is .{ext}", meta.format));
+                self.problem(
+                    key,
+                    offset,
+                    format!(
+                        "KEY.json gives format {:?}, the image member is .{ext}",
+                        meta.format
+                    ),
+                );
             }
         }
         if self.decode
@@ -299,7 +419,12 @@ impl ShardVerifier {
     }
 }
 
-async fn verify_shard(dataset: Dataset, shard: ManifestShard, options: VerifyOptions, reporter: Arc<dyn Reporter>) -> ShardOutcome {
+async fn verify_shard(
+    dataset: Dataset,
+    shard: ManifestShard,
+    options: VerifyOptions,
+    reporter: Arc<dyn Reporter>,
+) -> ShardOutcome {
     let mut verifier = ShardVerifier {
         shard: shard.clone(),
         index: None,
@@ -313,21 +438,46 @@ async fn verify_shard(dataset: Dataset, shard: ManifestShard, options: VerifyOpt
     let bytes = check_shard(&dataset, &shard, &options, &mut verifier).await;
     reporter.advance(shard.bytes.saturating_sub(bytes));
     reporter.shard_done(&shard.name);
-    ShardOutcome { shard: shard.name, bytes, keys: verifier.keys, problems: verifier.problems }
+    ShardOutcome {
+        shard: shard.name,
+        bytes,
+        keys: verifier.keys,
+        problems: verifier.problems,
+    }
 }
 
 /// Runs every check of one shard; returns the bytes read.
-async fn check_shard(dataset: &Dataset, shard: &ManifestShard, options: &VerifyOptions, verifier: &mut ShardVerifier) -> u64 {
+async fn check_shard(
+    dataset: &Dataset,
+    shard: &ManifestShard,
+    options: &VerifyOptions,
+    verifier: &mut ShardVerifier,
+) -> u64 {
     match dataset.index(shard).await {
         Ok(index) => {
             if index.shard != shard.name {
                 verifier.problem(None, None, format!("index names shard {:?}", index.shard));
             }
             if index.bytes != shard.bytes {
-                verifier.problem(None, None, format!("index gives {} bytes, the manifest {}", index.bytes, shard.bytes));
+                verifier.problem(
+                    None,
+                    None,
+                    format!(
+                        "index gives {} bytes, the manifest {}",
+                        index.bytes, shard.bytes
+                    ),
+                );
             }
             if index.samples.len() as u64 != shard.samples {
-                verifier.problem(None, None, format!("index lists {} samples, the manifest {}", index.samples.len(), shard.samples));
+                verifier.problem(
+                    None,
+                    None,
+                    format!(
+                        "index lists {} samples, the manifest {}",
+                        index.samples.len(),
+                        shard.samples
+                    ),
+                );
             }
             verifier.index = Some(index);
         }
@@ -335,7 +485,14 @@ async fn check_shard(dataset: &Dataset, shard: &ManifestShard, options: &VerifyO
     }
     match dataset.stats(shard).await {
         Ok(stats) if stats.successes != shard.samples => {
-            verifier.problem(None, None, format!("stats give {} samples written, the manifest {}", stats.successes, shard.samples));
+            verifier.problem(
+                None,
+                None,
+                format!(
+                    "stats give {} samples written, the manifest {}",
+                    stats.successes, shard.samples
+                ),
+            );
         }
         Ok(_) => {}
         Err(e) => verifier.problem(None, None, format!("stats unreadable: {e}")),
@@ -420,28 +577,53 @@ async fn check_shard(dataset: &Dataset, shard: &ManifestShard, options: &VerifyO
     if clean {
         let count = verifier.keys.len() as u64;
         if count != shard.samples {
-            verifier.problem(None, None, format!("the shard holds {count} samples, the manifest lists {}", shard.samples));
+            verifier.problem(
+                None,
+                None,
+                format!(
+                    "the shard holds {count} samples, the manifest lists {}",
+                    shard.samples
+                ),
+            );
         }
         if let Some(index) = &verifier.index
             && index.samples.len() as u64 > count
         {
             let missing = index.samples[count as usize].clone();
-            verifier.problem(Some(&missing.key), Some(missing.offset), format!("in the index but not in the shard ({} such samples)", index.samples.len() as u64 - count));
+            verifier.problem(
+                Some(&missing.key),
+                Some(missing.offset),
+                format!(
+                    "in the index but not in the shard ({} such samples)",
+                    index.samples.len() as u64 - count
+                ),
+            );
         }
     }
     if !read_error {
         let sha256 = hex::encode(hasher.finalize());
         if sha256 != shard.sha256 {
-            verifier.problem(None, None, format!("SHA-256 is {sha256}, the manifest gives {}", shard.sha256));
+            verifier.problem(
+                None,
+                None,
+                format!("SHA-256 is {sha256}, the manifest gives {}", shard.sha256),
+            );
         }
         if total != shard.bytes {
-            verifier.problem(None, None, format!("size is {total} bytes, the manifest gives {}", shard.bytes));
+            verifier.problem(
+                None,
+                None,
+                format!("size is {total} bytes, the manifest gives {}", shard.bytes),
+            );
         }
     }
     total
 }
 
-fn collect_decode(verifier: &mut ShardVerifier, result: Option<Result<Option<Problem>, tokio::task::JoinError>>) {
+fn collect_decode(
+    verifier: &mut ShardVerifier,
+    result: Option<Result<Option<Problem>, tokio::task::JoinError>>,
+) {
     match result {
         Some(Ok(Some(problem))) => {
             verifier.reporter.problem(&problem);
