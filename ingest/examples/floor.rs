@@ -15,10 +15,6 @@ use std::time::{Duration, Instant};
 
 use ingest::image::{ImageConfig, StageTimings, process_image};
 
-// The same allocator as the ingest binary, so that the floor measures the same work.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn files_under(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut pending = vec![dir.to_path_buf()];

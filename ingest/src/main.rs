@@ -13,14 +13,6 @@ use ingest::input::{DEFAULT_EXTENSIONS, InputSpec, LabelSource, ListFormat};
 use ingest::job::{self, JobConfig, Partition, Progress, Reporter};
 use shards::{ShardStats, StoreOptions};
 
-// Every image passes through multi-megabyte buffers (decode, resize, encode). glibc's malloc
-// serves those with mmap and returns them with munmap, and in a multi-threaded process each
-// munmap stalls the other workers (TLB shootdowns): measured in the ingest benchmark, 2 workers
-// then gave 1.5x one worker where two separate processes give 2x. mimalloc keeps and reuses
-// freed memory per thread.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Turn unlabeled images in object storage into WebDataset shards.
 #[derive(Parser)]
 #[command(version, about)]
