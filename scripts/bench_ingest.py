@@ -22,7 +22,7 @@ if not os.path.isdir(bench):
                 target = os.path.join(bench + ".tmp", row["path"].replace("/", "__"))
                 shutil.copyfile(os.path.join(cache, "photos", row["path"]), target)
     os.rename(bench + ".tmp", bench)
-files = sorted(os.listdir(bench))
+files = sorted(f for f in os.listdir(bench) if f.endswith(".jpg"))
 n_images = len(files)
 mp = 0.0
 with open(os.path.join(cache, "photos.tsv")) as f:
@@ -103,7 +103,7 @@ tjbench = sorted(glob.glob(os.path.join(root, "target/release/build/turbojpeg-sy
 tj_line = ""
 sample = next((f for f in files if f.startswith("endless-sky-2x__")), files[0])
 if tjbench:
-    out = subprocess.run([tjbench[-1], os.path.join(bench, sample), "-benchtime", "2", "-warmup", "1"], capture_output=True, text=True).stdout
+    out = subprocess.run([tjbench[-1], os.path.join(bench, sample), "-benchtime", "2", "-warmup", "1", "-nowrite"], capture_output=True, text=True).stdout
     fps = re.search(r"Decompress.*?Frame rate:\s+([\d.]+)", out, re.S)
     kind = re.search(r"8-bit JPEG \(([^)]*)\)", out)
     if fps:
