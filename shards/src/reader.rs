@@ -55,13 +55,57 @@ pub fn split_member_name(name: &str) -> Option<(&str, &str)> {
     Some((key, ext))
 }
 
-/// Groups adjacent members into samples.
-struct Grouper {
+/// Turns tar bytes into samples: parses members and groups adjacent ones
+/// that share a key. Both readers below only feed it bytes.
+struct Assembler {
     shard: String,
+    parser: TarParser,
+    buf: BytesMut,
     pending: Option<Sample>,
 }
 
-impl Grouper {
+impl Assembler {
+    fn new(shard: String, max_member_size: u64) -> Self {
+        Self {
+            shard,
+            parser: TarParser::new(max_member_size),
+            buf: BytesMut::new(),
+            pending: None,
+        }
+    }
+
+    fn tar_error(&self, source: crate::tar::TarError) -> ShardError {
+        ShardError::Tar {
+            shard: self.shard.clone(),
+            source,
+        }
+    }
+
+    /// The next sample known to be complete from the bytes fed so far;
+    /// `None` when more bytes are needed (or the archive has ended).
+    fn next_buffered(&mut self) -> Result<Option<Sample>, ShardError> {
+        loop {
+            let member = match self.parser.next_member(&mut self.buf) {
+                Ok(Some(member)) => member,
+                Ok(None) => return Ok(None),
+                Err(source) => return Err(self.tar_error(source)),
+            };
+            if let Some(sample) = self.push(member)? {
+                return Ok(Some(sample));
+            }
+        }
+    }
+
+    /// The input is over: the last sample, if the archive ended properly.
+    fn finish(&mut self) -> Result<Option<Sample>, ShardError> {
+        self.parser
+            .check_eof(self.buf.len())
+            .map_err(|source| self.tar_error(source))?;
+        Ok(self.pending.take())
+    }
+
+    /// Adds a member to the sample being assembled; returns the previous
+    /// sample when this member starts a new one.
     fn push(&mut self, member: Member) -> Result<Option<Sample>, ShardError> {
         let (key, ext) = split_member_name(&member.name).ok_or_else(|| ShardError::Invalid {
             shard: self.shard.clone(),
@@ -101,9 +145,7 @@ impl Grouper {
 /// offset; the sample being assembled when it happened is never yielded.
 pub struct SampleReader<R> {
     input: R,
-    parser: TarParser,
-    grouper: Grouper,
-    buf: BytesMut,
+    assembler: Assembler,
     finished: bool,
 }
 
@@ -117,53 +159,37 @@ impl<R: Read> SampleReader<R> {
     pub fn with_max_member_size(input: R, shard: impl Into<String>, max_member_size: u64) -> Self {
         Self {
             input,
-            parser: TarParser::new(max_member_size),
-            grouper: Grouper {
-                shard: shard.into(),
-                pending: None,
-            },
-            buf: BytesMut::new(),
+            assembler: Assembler::new(shard.into(), max_member_size),
             finished: false,
         }
     }
 
     fn next_sample(&mut self) -> Result<Option<Sample>, ShardError> {
-        let shard = self.grouper.shard.clone();
         loop {
-            let member =
-                self.parser
-                    .next_member(&mut self.buf)
-                    .map_err(|source| ShardError::Tar {
-                        shard: shard.clone(),
-                        source,
-                    })?;
-            if let Some(member) = member {
-                if let Some(sample) = self.grouper.push(member)? {
-                    return Ok(Some(sample));
-                }
-                continue;
+            if let Some(sample) = self.assembler.next_buffered()? {
+                return Ok(Some(sample));
             }
-            if self.parser.at_end() {
-                return Ok(self.grouper.pending.take());
-            }
-            let want = self.parser.wanted().clamp(4096, 1 << 20);
-            let start = self.buf.len();
-            self.buf.resize(start + want, 0);
+            let buf = &mut self.assembler.buf;
+            let start = buf.len();
+            buf.resize(
+                start + self.assembler.parser.wanted().clamp(4096, 1 << 20),
+                0,
+            );
             let read = loop {
-                match self.input.read(&mut self.buf[start..]) {
+                match self.input.read(&mut buf[start..]) {
                     Ok(n) => break n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(source) => return Err(ShardError::Io { shard, source }),
+                    Err(source) => {
+                        return Err(ShardError::Io {
+                            shard: self.assembler.shard.clone(),
+                            source,
+                        });
+                    }
                 }
             };
-            self.buf.truncate(start + read);
+            buf.truncate(start + read);
             if read == 0 {
-                self.parser
-                    .check_eof(self.buf.len())
-                    .map_err(|source| ShardError::Tar {
-                        shard: shard.clone(),
-                        source,
-                    })?;
+                return self.assembler.finish();
             }
         }
     }
@@ -188,9 +214,7 @@ impl<R: Read> Iterator for SampleReader<R> {
 /// bounded by the largest sample whatever the shard's size.
 pub struct ShardStream {
     body: BoxStream<'static, object_store::Result<Bytes>>,
-    parser: TarParser,
-    grouper: Grouper,
-    buf: BytesMut,
+    assembler: Assembler,
     finished: bool,
 }
 
@@ -221,12 +245,7 @@ impl ShardStream {
     ) -> Self {
         Self {
             body,
-            parser: TarParser::new(max_member_size),
-            grouper: Grouper {
-                shard: shard.into(),
-                pending: None,
-            },
-            buf: BytesMut::new(),
+            assembler: Assembler::new(shard.into(), max_member_size),
             finished: false,
         }
     }
@@ -245,53 +264,18 @@ impl ShardStream {
 
     async fn next_inner(&mut self) -> Result<Option<Sample>, ShardError> {
         loop {
-            let shard = &self.grouper.shard;
-            let member =
-                self.parser
-                    .next_member(&mut self.buf)
-                    .map_err(|source| ShardError::Tar {
-                        shard: shard.clone(),
-                        source,
-                    })?;
-            if let Some(member) = member {
-                if let Some(sample) = self.grouper.push(member)? {
-                    return Ok(Some(sample));
-                }
-                continue;
-            }
-            if self.parser.at_end() {
-                // Drain (and check) whatever padding follows the marker.
-                while let Some(chunk) = self.body.next().await {
-                    let chunk = chunk.map_err(|source| ShardError::Store {
-                        shard: shard.clone(),
-                        source,
-                    })?;
-                    self.buf.extend_from_slice(&chunk);
-                    self.parser
-                        .next_member(&mut self.buf)
-                        .map_err(|source| ShardError::Tar {
-                            shard: shard.clone(),
-                            source,
-                        })?;
-                }
-                return Ok(self.grouper.pending.take());
+            if let Some(sample) = self.assembler.next_buffered()? {
+                return Ok(Some(sample));
             }
             match self.body.next().await {
-                Some(chunk) => {
-                    let chunk = chunk.map_err(|source| ShardError::Store {
-                        shard: shard.clone(),
+                Some(Ok(chunk)) => self.assembler.buf.extend_from_slice(&chunk),
+                Some(Err(source)) => {
+                    return Err(ShardError::Store {
+                        shard: self.assembler.shard.clone(),
                         source,
-                    })?;
-                    self.buf.extend_from_slice(&chunk);
+                    });
                 }
-                None => {
-                    self.parser
-                        .check_eof(self.buf.len())
-                        .map_err(|source| ShardError::Tar {
-                            shard: shard.clone(),
-                            source,
-                        })?;
-                }
+                None => return self.assembler.finish(),
             }
         }
     }

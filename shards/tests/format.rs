@@ -307,3 +307,43 @@ with tarfile.open(sys.argv[1], "w", format=tarfile.USTAR_FORMAT) as tf:
     assert_eq!(samples.len(), 3);
     assert_eq!(samples[2].1[0].1, vec![2u8; 700]);
 }
+
+#[test]
+fn data_after_the_end_of_archive_is_an_error_in_both_readers() {
+    let samples: Vec<SampleSpec> = vec![("a".into(), vec![("jpg".into(), vec![1u8; 10])])];
+    let mut bytes = write(&samples).out;
+    bytes.extend_from_slice(&[0u8; 512]);
+    assert_eq!(
+        read_all(&bytes).unwrap().len(),
+        1,
+        "zero padding after the marker is fine"
+    );
+    bytes.extend_from_slice(&[7u8; 512]);
+    let err = read_all(&bytes).unwrap_err();
+    assert!(
+        err.to_string().contains("after the end-of-archive marker"),
+        "{err}"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let chunks: Vec<object_store::Result<Bytes>> = vec![Ok(Bytes::from(bytes))];
+    let mut stream = ShardStream::from_stream(
+        futures::stream::iter(chunks).boxed(),
+        "t-000000.tar",
+        1 << 20,
+    );
+    let err = rt.block_on(async {
+        loop {
+            match stream.next().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("trailing data was accepted"),
+                Err(e) => break e,
+            }
+        }
+    });
+    assert!(
+        err.to_string().contains("after the end-of-archive marker"),
+        "{err}"
+    );
+}
