@@ -128,6 +128,23 @@ impl Location {
         };
         let bucket_url = || format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
         let prefix_of = |url: &Url| Path::from_url_path(url.path()).map_err(|e| bad(e.to_string()));
+        // The three cloud builders share no trait, so one macro configures each the same way:
+        // environment first, then the bucket URL, retries, client options and `options`.
+        macro_rules! cloud_store {
+            ($builder:ty) => {{
+                let mut builder = <$builder>::from_env()
+                    .with_url(bucket_url())
+                    .with_retry(options.retry.clone())
+                    .with_client_options(options.client_options());
+                for (key, value) in &options.options {
+                    let key = key
+                        .parse()
+                        .map_err(|e: object_store::Error| bad(e.to_string()))?;
+                    builder = builder.with_config(key, value);
+                }
+                Arc::new(builder.build().map_err(|e| bad(e.to_string()))?)
+            }};
+        }
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = match url.scheme() {
             "file" => {
                 let dir = url
@@ -144,56 +161,10 @@ impl Location {
                     .with_automatic_cleanup(true);
                 (Arc::new(store), Path::default())
             }
-            "s3" | "s3a" => {
-                let mut builder = AmazonS3Builder::from_env()
-                    .with_url(bucket_url())
-                    .with_retry(options.retry.clone())
-                    .with_client_options(options.client_options());
-                for (key, value) in &options.options {
-                    builder = builder.with_config(
-                        key.parse()
-                            .map_err(|e: object_store::Error| bad(e.to_string()))?,
-                        value,
-                    );
-                }
-                (
-                    Arc::new(builder.build().map_err(|e| bad(e.to_string()))?),
-                    prefix_of(&url)?,
-                )
-            }
-            "gs" => {
-                let mut builder = GoogleCloudStorageBuilder::from_env()
-                    .with_url(bucket_url())
-                    .with_retry(options.retry.clone())
-                    .with_client_options(options.client_options());
-                for (key, value) in &options.options {
-                    builder = builder.with_config(
-                        key.parse()
-                            .map_err(|e: object_store::Error| bad(e.to_string()))?,
-                        value,
-                    );
-                }
-                (
-                    Arc::new(builder.build().map_err(|e| bad(e.to_string()))?),
-                    prefix_of(&url)?,
-                )
-            }
+            "s3" | "s3a" => (cloud_store!(AmazonS3Builder), prefix_of(&url)?),
+            "gs" => (cloud_store!(GoogleCloudStorageBuilder), prefix_of(&url)?),
             "az" | "azure" | "abfs" | "abfss" | "adl" => {
-                let mut builder = MicrosoftAzureBuilder::from_env()
-                    .with_url(bucket_url())
-                    .with_retry(options.retry.clone())
-                    .with_client_options(options.client_options());
-                for (key, value) in &options.options {
-                    builder = builder.with_config(
-                        key.parse()
-                            .map_err(|e: object_store::Error| bad(e.to_string()))?,
-                        value,
-                    );
-                }
-                (
-                    Arc::new(builder.build().map_err(|e| bad(e.to_string()))?),
-                    prefix_of(&url)?,
-                )
+                (cloud_store!(MicrosoftAzureBuilder), prefix_of(&url)?)
             }
             "http" | "https" => {
                 let base = &url[..url::Position::BeforePath];
@@ -407,4 +378,52 @@ pub fn split_object_url(object_url: &str) -> Result<(String, String), StoreError
         object.push_str(query);
     }
     Ok((base, object))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(options: &[(&str, &str)]) -> StoreOptions {
+        StoreOptions {
+            options: options
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..StoreOptions::default()
+        }
+    }
+
+    #[test]
+    fn cloud_urls_open_with_builder_options() {
+        let s3 = with(&[
+            ("aws_access_key_id", "k"),
+            ("aws_secret_access_key", "s"),
+            ("aws_region", "us-east-1"),
+            ("aws_endpoint", "http://127.0.0.1:1"),
+        ]);
+        let location = Location::open("s3://bucket/some/prefix", &s3, false).unwrap();
+        assert_eq!(location.prefix.as_ref(), "some/prefix");
+        assert_eq!(location.child("a/b.tar").as_ref(), "some/prefix/a/b.tar");
+        let azure = with(&[("azure_storage_use_emulator", "true")]);
+        assert_eq!(
+            Location::open("az://container/x", &azure, false)
+                .unwrap()
+                .prefix
+                .as_ref(),
+            "x"
+        );
+    }
+
+    #[test]
+    fn unknown_options_and_schemes_are_named() {
+        let err =
+            Location::open("gs://bucket/x", &with(&[("no_such_key", "1")]), false).unwrap_err();
+        assert!(err.to_string().contains("gs://bucket/x"), "{err}");
+        let err = Location::open("ftp://host/x", &StoreOptions::default(), false).unwrap_err();
+        assert!(
+            err.to_string().contains("unsupported scheme \"ftp\""),
+            "{err}"
+        );
+    }
 }
