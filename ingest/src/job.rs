@@ -235,7 +235,7 @@ enum Outcome {
         item: SourceItem,
         meta: object_store::ObjectMeta,
         sha256: [u8; 32],
-        image: ProcessedImage,
+        image: Box<ProcessedImage>,
         fetch: Duration,
     },
     Failed {
@@ -725,25 +725,39 @@ impl JobState<'_> {
             Ok(resolved) => resolved,
             Err(message) => return fail("bad_url", message, 0, &item),
         };
-        let result = match location.store.get(&path).await {
-            Ok(result) => result,
-            Err(object_store::Error::NotFound { .. }) => {
-                return fail("not_found", "no such object".into(), 0, &item);
+        // object_store retries failed requests, but not a body that breaks off
+        // mid-transfer (a server restarting, a connection reset): such a read
+        // is started again, and the new request gets object_store's retries.
+        const BODY_ATTEMPTS: u32 = 4;
+        let mut attempt = 1;
+        let (meta, bytes) = loop {
+            let result = match location.store.get(&path).await {
+                Ok(result) => result,
+                Err(object_store::Error::NotFound { .. }) => {
+                    return fail("not_found", "no such object".into(), 0, &item);
+                }
+                Err(e) => return fail("fetch", e.to_string(), 0, &item),
+            };
+            let meta = result.meta.clone();
+            if meta.size > self.config.image.max_input_bytes {
+                // Refused from the object's size alone, before reading its bytes.
+                let message = format!(
+                    "input is {} bytes, more than the {}-byte cap",
+                    meta.size, self.config.image.max_input_bytes
+                );
+                return fail("too_large_bytes", message, 0, &item);
             }
-            Err(e) => return fail("fetch", e.to_string(), 0, &item),
-        };
-        let meta = result.meta.clone();
-        if meta.size > self.config.image.max_input_bytes {
-            // Refused from the object's size alone, before reading its bytes.
-            let message = format!(
-                "input is {} bytes, more than the {}-byte cap",
-                meta.size, self.config.image.max_input_bytes
-            );
-            return fail("too_large_bytes", message, 0, &item);
-        }
-        let bytes = match result.bytes().await {
-            Ok(bytes) => bytes,
-            Err(e) => return fail("fetch", e.to_string(), 0, &item),
+            match result.bytes().await {
+                Ok(bytes) => break (meta, bytes),
+                Err(e) if attempt < BODY_ATTEMPTS => {
+                    tracing::debug!(url = %item.url, attempt, error = %e, "body read broke off; fetching again");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return fail("fetch", format!("{e} (after {attempt} attempts)"), 0, &item);
+                }
+            }
         };
         let fetch = fetch_started.elapsed();
         let permit = self
@@ -766,7 +780,7 @@ impl JobState<'_> {
                 item,
                 meta,
                 sha256,
-                image,
+                image: Box::new(image),
                 fetch,
             },
             Ok((_, Err(rejection))) => Outcome::Failed {
