@@ -89,7 +89,7 @@ pub async fn make(
         serde_json::to_writer(&mut chunk, &item).expect("items serialize");
         chunk.push(b'\n');
         total += 1;
-        if total % samples_per_shard == 0 {
+        if total.is_multiple_of(samples_per_shard) {
             output
                 .put_bytes(&chunk_name(shards), std::mem::take(&mut chunk))
                 .await

@@ -78,10 +78,10 @@ fn count_images(dir: &Path) -> usize {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 stack.push(path);
-            } else if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
-                if ingest::input::DEFAULT_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str()) {
-                    n += 1;
-                }
+            } else if let Some(ext) = path.extension().and_then(|e| e.to_str())
+                && ingest::input::DEFAULT_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str())
+            {
+                n += 1;
             }
         }
     }
