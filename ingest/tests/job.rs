@@ -3,26 +3,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shards::{Manifest, SampleMeta, SampleReader, ShardIndex, ShardStats};
 
-fn ingest() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ingest"));
-    command.env("RUST_LOG", "warn");
-    command
-}
+mod common;
 
-fn run_ok(command: &mut Command) -> Output {
-    let output = command.output().expect("ingest runs");
-    assert!(
-        output.status.success(),
-        "ingest failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
+use common::run_ok;
+
+fn ingest() -> Command {
+    common::ingest_with_env(&[])
 }
 
 /// All samples of a local dataset: key -> (metadata, image bytes), checked against index and manifest.
@@ -68,6 +59,21 @@ fn read_dataset(dir: &Path) -> BTreeMap<String, (SampleMeta, Vec<u8>)> {
 
 fn small_photos() -> PathBuf {
     seer_tests::photos_small_dir()
+}
+
+/// The first `n` photos of one folder of the small set.
+fn photos_in(folder: &str, n: usize) -> Vec<PathBuf> {
+    let photos: Vec<PathBuf> = std::fs::read_dir(small_photos().join(folder))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .take(n)
+        .collect();
+    assert_eq!(
+        photos.len(),
+        n,
+        "the small photo set has fewer than {n} photos in {folder}"
+    );
+    photos
 }
 
 fn count_images(dir: &Path) -> usize {
@@ -262,12 +268,7 @@ fn kill_9_then_rerun_equals_an_uninterrupted_run() {
 #[test]
 fn exact_duplicates_are_written_once_and_labels_come_from_folders() {
     let input = tempfile::tempdir().unwrap();
-    let photos: Vec<PathBuf> = std::fs::read_dir(small_photos().join("endless-sky"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .take(3)
-        .collect();
-    assert_eq!(photos.len(), 3);
+    let photos = photos_in("endless-sky", 3);
     for (folder, files) in [("cats", &photos[..2]), ("dogs", &photos[..])] {
         std::fs::create_dir_all(input.path().join(folder)).unwrap();
         for file in files {
@@ -306,11 +307,7 @@ fn exact_duplicates_are_written_once_and_labels_come_from_folders() {
 #[test]
 fn list_file_with_labels_and_retry_of_failed_samples() {
     let dir = tempfile::tempdir().unwrap();
-    let photos: Vec<PathBuf> = std::fs::read_dir(small_photos().join("endless-sky"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .take(4)
-        .collect();
+    let photos = photos_in("endless-sky", 4);
     let late = dir.path().join("late.jpg");
     let mut csv = String::from("label,url\n");
     for (i, p) in photos.iter().enumerate() {
@@ -349,11 +346,7 @@ fn list_file_with_labels_and_retry_of_failed_samples() {
     let before = read_dataset(&out);
 
     // The missing file appears; --retry-failed fetches only it and keeps the rest as they were.
-    let other = std::fs::read_dir(small_photos().join("endless-sky-2x"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .next()
-        .unwrap();
+    let other = photos_in("endless-sky-2x", 1).remove(0);
     std::fs::copy(other, &late).unwrap();
     let output = run_ok(
         ingest()
@@ -509,11 +502,7 @@ fn hostile_inputs_never_crash_and_every_bad_file_is_listed_with_its_reason() {
 #[test]
 fn too_many_failures_stop_the_job_with_a_clear_message_and_keep_completed_shards() {
     let input = tempfile::tempdir().unwrap();
-    let good: Vec<PathBuf> = std::fs::read_dir(small_photos().join("endless-sky"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .take(4)
-        .collect();
+    let good = photos_in("endless-sky", 4);
     for (i, p) in good.iter().enumerate() {
         std::fs::copy(p, input.path().join(format!("a{i}.jpg"))).unwrap();
     }
