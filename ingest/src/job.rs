@@ -725,39 +725,47 @@ impl JobState<'_> {
             Ok(resolved) => resolved,
             Err(message) => return fail("bad_url", message, 0, &item),
         };
-        // object_store retries failed requests, but not a body that breaks off
-        // mid-transfer (a server restarting, a connection reset): such a read
-        // is started again, and the new request gets object_store's retries.
-        const BODY_ATTEMPTS: u32 = 4;
+        // object_store retries each request, but its jittered backoff can spend all
+        // its retries within two seconds, and it never restarts a body that breaks
+        // off mid-transfer (a server restarting, a connection reset). So a failed
+        // fetch is started again, up to 4 attempts with 1, 2 and 4 s pauses, each
+        // with object_store's own retries: a storage outage of several seconds
+        // costs time, not samples.
+        const FETCH_ATTEMPTS: u32 = 4;
         let mut attempt = 1;
         let (meta, bytes) = loop {
-            let result = match location.store.get(&path).await {
-                Ok(result) => result,
+            let error = match location.store.get(&path).await {
                 Err(object_store::Error::NotFound { .. }) => {
                     return fail("not_found", "no such object".into(), 0, &item);
                 }
-                Err(e) => return fail("fetch", e.to_string(), 0, &item),
+                Err(e) => e,
+                Ok(result) => {
+                    let meta = result.meta.clone();
+                    if meta.size > self.config.image.max_input_bytes {
+                        // Refused from the object's size alone, before reading its bytes.
+                        let message = format!(
+                            "input is {} bytes, more than the {}-byte cap",
+                            meta.size, self.config.image.max_input_bytes
+                        );
+                        return fail("too_large_bytes", message, 0, &item);
+                    }
+                    match result.bytes().await {
+                        Ok(bytes) => break (meta, bytes),
+                        Err(e) => e,
+                    }
+                }
             };
-            let meta = result.meta.clone();
-            if meta.size > self.config.image.max_input_bytes {
-                // Refused from the object's size alone, before reading its bytes.
-                let message = format!(
-                    "input is {} bytes, more than the {}-byte cap",
-                    meta.size, self.config.image.max_input_bytes
+            if attempt == FETCH_ATTEMPTS {
+                return fail(
+                    "fetch",
+                    format!("{error} (after {attempt} attempts)"),
+                    0,
+                    &item,
                 );
-                return fail("too_large_bytes", message, 0, &item);
             }
-            match result.bytes().await {
-                Ok(bytes) => break (meta, bytes),
-                Err(e) if attempt < BODY_ATTEMPTS => {
-                    tracing::debug!(url = %item.url, attempt, error = %e, "body read broke off; fetching again");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                    attempt += 1;
-                }
-                Err(e) => {
-                    return fail("fetch", format!("{e} (after {attempt} attempts)"), 0, &item);
-                }
-            }
+            tracing::debug!(url = %item.url, attempt, %error, "fetch failed; trying again");
+            tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+            attempt += 1;
         };
         let fetch = fetch_started.elapsed();
         let permit = self
