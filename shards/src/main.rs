@@ -208,33 +208,39 @@ fn print_json(value: &impl serde::Serialize) -> Result<()> {
     write_stdout(&text)
 }
 
+fn print_report(report: &(impl std::fmt::Display + serde::Serialize), json: bool) -> Result<()> {
+    if json {
+        print_json(report)
+    } else {
+        print_text(report)
+    }
+}
+
+/// Output of a scan that could not read some shards to their end is incomplete: say so and fail.
+fn fail_on_unreadable(unreadable: &[String]) -> Result<()> {
+    if !unreadable.is_empty() {
+        bail!(
+            "{} shards could not be read to their end; `shards verify` tells more",
+            unreadable.len()
+        );
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<ExitCode> {
     let jobs = cli.jobs.unwrap_or_else(inspect::default_jobs).max(1);
     match &cli.command {
         Command::Ls { dataset } => {
             let report = inspect::ls(&open(dataset, &cli).await?);
-            if cli.json {
-                print_json(&report)?
-            } else {
-                print_text(&report)?
-            }
+            print_report(&report, cli.json)?;
         }
         Command::Stat { dataset } => {
             let dataset = open(dataset, &cli).await?;
             let progress = ProgressReporter::new(&cli, "stat");
             let report = inspect::stat(&dataset, jobs, progress.clone()).await;
             progress.finish();
-            if cli.json {
-                print_json(&report)?
-            } else {
-                print_text(&report)?
-            }
-            if !report.unreadable.is_empty() {
-                bail!(
-                    "{} shards could not be read to their end; `shards verify` tells more",
-                    report.unreadable.len()
-                );
-            }
+            print_report(&report, cli.json)?;
+            fail_on_unreadable(&report.unreadable)?;
         }
         Command::Verify { dataset, no_decode } => {
             let dataset = open(dataset, &cli).await?;
@@ -245,11 +251,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             let report = inspect::verify(&dataset, &options, progress.clone()).await;
             progress.finish();
-            if cli.json {
-                print_json(&report)?
-            } else {
-                print_text(&report)?
-            }
+            print_report(&report, cli.json)?;
             if !report.is_ok() {
                 return Ok(ExitCode::from(2));
             }
@@ -370,17 +372,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             )
             .await;
             progress.finish();
-            if cli.json {
-                print_json(&report)?
-            } else {
-                print_text(&report)?
-            }
-            if !report.unreadable.is_empty() {
-                bail!(
-                    "{} shards could not be read to their end; `shards verify` tells more",
-                    report.unreadable.len()
-                );
-            }
+            print_report(&report, cli.json)?;
+            fail_on_unreadable(&report.unreadable)?;
         }
     }
     Ok(ExitCode::SUCCESS)
