@@ -268,17 +268,19 @@ fn assert_in_child() {
     );
 }
 
-#[tokio::test]
-async fn s3_env_vars_configure_amazon_s3_builder_from_env() {
-    let server = S3Server::start().await;
-    server
-        .store()
+/// The parent's half of an env-var check: it writes an object, a child process
+/// configured only by `env` reads it and writes one back, and the parent reads that.
+async fn exchange_with_child(
+    store: &dyn ObjectStore,
+    child_test: &str,
+    env: Vec<(String, String)>,
+) {
+    store
         .put(&"from-parent.txt".into(), PutPayload::from_static(b"p"))
         .await
         .unwrap();
-    run_child_test("from_env_s3_child", server.env_vars());
-    let got = server
-        .store()
+    run_child_test(child_test, env);
+    let got = store
         .get(&"from-child.txt".into())
         .await
         .unwrap()
@@ -286,68 +288,57 @@ async fn s3_env_vars_configure_amazon_s3_builder_from_env() {
         .await
         .unwrap();
     assert_eq!(got.as_ref(), b"c");
+}
+
+/// The child's half: the store built from the environment alone sees the parent's object.
+async fn child_side(store: &dyn ObjectStore) {
+    assert_in_child();
+    let got = store
+        .get(&"from-parent.txt".into())
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(got.as_ref(), b"p");
+    store
+        .put(&"from-child.txt".into(), PutPayload::from_static(b"c"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn s3_env_vars_configure_amazon_s3_builder_from_env() {
+    let server = S3Server::start().await;
+    exchange_with_child(&server.store(), "from_env_s3_child", server.env_vars()).await;
 }
 
 #[tokio::test]
 #[ignore = "run by s3_env_vars_configure_amazon_s3_builder_from_env"]
 async fn from_env_s3_child() {
-    assert_in_child();
-    let store = object_store::aws::AmazonS3Builder::from_env()
-        .build()
-        .unwrap();
-    let got = store
-        .get(&"from-parent.txt".into())
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(got.as_ref(), b"p");
-    store
-        .put(&"from-child.txt".into(), PutPayload::from_static(b"c"))
-        .await
-        .unwrap();
+    child_side(
+        &object_store::aws::AmazonS3Builder::from_env()
+            .build()
+            .unwrap(),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn azurite_env_vars_configure_microsoft_azure_builder_from_env() {
     let server = AzuriteServer::start().await;
-    server
-        .store()
-        .put(&"from-parent.txt".into(), PutPayload::from_static(b"p"))
-        .await
-        .unwrap();
-    run_child_test("from_env_azure_child", server.env_vars());
-    let got = server
-        .store()
-        .get(&"from-child.txt".into())
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(got.as_ref(), b"c");
+    exchange_with_child(&server.store(), "from_env_azure_child", server.env_vars()).await;
 }
 
 #[tokio::test]
 #[ignore = "run by azurite_env_vars_configure_microsoft_azure_builder_from_env"]
 async fn from_env_azure_child() {
-    assert_in_child();
-    let store = object_store::azure::MicrosoftAzureBuilder::from_env()
-        .build()
-        .unwrap();
-    let got = store
-        .get(&"from-parent.txt".into())
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(got.as_ref(), b"p");
-    store
-        .put(&"from-child.txt".into(), PutPayload::from_static(b"c"))
-        .await
-        .unwrap();
+    child_side(
+        &object_store::azure::MicrosoftAzureBuilder::from_env()
+            .build()
+            .unwrap(),
+    )
+    .await;
 }
 
 #[tokio::test]
