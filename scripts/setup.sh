@@ -2,7 +2,8 @@
 # Installs what building and testing the project needs beyond the Rust toolchain:
 #   system packages  cmake, nasm (turbojpeg builds libjpeg-turbo from source), pkg-config
 #   .venv            project-local Python with webdataset, pillow, numpy (reference checks in
-#                    tests/python/ and the interoperability tests of the shard format)
+#                    tests/python/ and the interoperability tests of the shard format), and
+#                    torch + torchvision (libtorch for the trainer; augmentation and model references)
 # Idempotent: apt runs only when a package is missing, pip only when the pinned requirements
 # changed since the last successful install (a stamp inside .venv records them).
 set -euo pipefail
@@ -34,10 +35,13 @@ requirements=(
   webdataset==1.0.2
   pillow==13.0.0
   numpy==2.4.6
-  # ---- torch: a later change adds the training reference here -------------------------------
-  # torch==2.11.0
-  # torchvision==<the release that matches torch 2.11.0>
-  # -------------------------------------------------------------------------------------------
+  # torch provides libtorch for the trainer (tch 0.24 binds libtorch 2.11.0, built with
+  # LIBTORCH_USE_PYTORCH=1) and the PyTorch references the trainer is tested against;
+  # torchvision 0.26.0 is the release built against torch 2.11.0 (augmentation and RegNetY
+  # references). The wheel is a CUDA build: about 5 GB with its CUDA libraries.
+  torch==2.11.0
+  torchvision==0.26.0
+  safetensors==0.7.0
 )
 venv="$root/.venv"
 stamp="$venv/.seer-requirements"
@@ -49,7 +53,7 @@ else
   echo "python venv: installing into $venv"
   # shellcheck disable=SC2086 # one requirement per word on purpose
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $wanted
-  "$venv/bin/python" -c 'import webdataset, PIL, numpy'
+  "$venv/bin/python" -c 'import webdataset, PIL, numpy, torch, torchvision, safetensors'
   echo "$wanted" > "$stamp"
 fi
 
