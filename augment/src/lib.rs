@@ -10,3 +10,8 @@ pub mod params;
 
 pub use config::{AugmentConfig, CropGroup, Layout};
 pub use params::{ViewParams, ViewRng};
+pub mod decode;
+pub mod pipeline;
+pub mod view;
+
+pub use pipeline::{Batch, Pipeline, PipelineOptions, StreamState, ViewData};
