@@ -56,5 +56,8 @@ else
   "$venv/bin/python" -c 'import webdataset, PIL, numpy, torch, torchvision, safetensors'
   echo "$wanted" > "$stamp"
 fi
+# tch finds libtorch here (.cargo/config.toml): the torch package folder, with include/ and lib/.
+torch_dir=$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+ln -sfn "$torch_dir" "$venv/libtorch"
 
 seer_elapsed "$start" "setup"
