@@ -1,1 +1,8 @@
-//! Placeholder crate; see the open issues.
+//! RegNetY + SwAV pretraining on libtorch (tch): the model, the loss, the optimizer, and the
+//! training loop fed by the augmenter's batch channel.
+
+pub mod collective;
+pub mod export;
+pub mod optim;
+pub mod regnet;
+pub mod swav;
