@@ -6,3 +6,4 @@ pub mod export;
 pub mod optim;
 pub mod regnet;
 pub mod swav;
+pub mod metrics;
