@@ -1,0 +1,441 @@
+//! `RandomResizedCrop`'s pixel work: crop, then Pillow's bilinear resampling.
+//!
+//! On a PIL image torchvision's `F.resized_crop` is `img.crop(box).resize(size, BILINEAR)`.
+//! Pillow's "bilinear" is not a 2x2 interpolation but a separable convolution with a triangle
+//! filter whose support grows with the reduction factor (an antialiasing filter), computed in
+//! two passes with 22-bit fixed-point weights and a `u8` intermediate image. Every detail of
+//! that arithmetic shows in the output, so [`CropResizer`] repeats it exactly: the weights from
+//! `precompute_coeffs` and `normalize_coeffs_8bpc` (`libImaging/Resample.c`), the order of the
+//! two passes, the rows the first pass produces, the rounding and the clipping.
+//!
+//! `fast_image_resize` (whose convolution comes from Pillow-SIMD) is close but not equal: it
+//! keeps 16-bit weights and always resizes horizontally first, so its output differs from
+//! Pillow's by up to a few levels (the reference test prints the measured difference).
+
+use super::{CropBox, RgbMut, RgbRef};
+
+/// Pillow's fixed-point precision for 8-bit resampling: 32 bits minus 8 for the value and 2
+/// for headroom.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Half of one output step in fixed point: what Pillow adds before shifting, so the shift
+/// rounds to nearest.
+const ROUNDING: i32 = 1 << (PRECISION_BITS - 1);
+
+/// Support of Pillow's bilinear (triangle) filter at scale 1.
+const BILINEAR_SUPPORT: f64 = 1.0;
+
+/// Crops and resizes RGB8 images exactly as Pillow's `Image.resize(size, Image.BILINEAR)` does
+/// after `Image.crop`, reusing its weight tables and intermediate image between calls.
+#[derive(Debug, Default)]
+pub struct CropResizer {
+    horizontal: Weights,
+    vertical: Weights,
+    /// The image between the two passes.
+    intermediate: Vec<u8>,
+    /// One row of accumulators for the vertical pass.
+    accumulator: Vec<i32>,
+}
+
+impl CropResizer {
+    /// A resizer with empty scratch buffers; they grow to the largest size seen and stay.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Writes `src` cropped to `crop` and resized to `dst`'s size into `dst`:
+    /// `img.crop((left, top, left + width, top + height)).resize((dst.width, dst.height),
+    /// Image.BILINEAR)`, which is torchvision's `F.resized_crop` on a PIL image.
+    ///
+    /// # Panics
+    ///
+    /// When `crop` is empty or reaches outside `src`, or when a buffer's length is not
+    /// `width * height * 3`.
+    pub fn resized_crop(&mut self, src: RgbRef<'_>, crop: CropBox, dst: RgbMut<'_>) {
+        check_len("source", src.width, src.height, src.data.len());
+        check_len("destination", dst.width, dst.height, dst.data.len());
+        assert!(
+            crop.width > 0
+                && crop.height > 0
+                && u64::from(crop.left) + u64::from(crop.width) <= u64::from(src.width)
+                && u64::from(crop.top) + u64::from(crop.height) <= u64::from(src.height),
+            "crop {crop:?} is empty or outside the {}x{} source",
+            src.width,
+            src.height
+        );
+        if dst.width == 0 || dst.height == 0 {
+            return;
+        }
+        let view = CropView::new(src, crop);
+        let (in_width, in_height) = (crop.width as usize, crop.height as usize);
+        let (out_width, out_height) = (dst.width as usize, dst.height as usize);
+        let need_horizontal = out_width != in_width;
+        let need_vertical = out_height != in_height;
+        // Pillow runs the vertical pass first when the height shrinks more than twice as much
+        // as the width, and the pass order changes the rounding of the intermediate image.
+        let horizontal_first = !(in_height > out_height
+            && (in_height - out_height) as i64 > (in_width as i64 - out_width as i64) * 2);
+
+        match (need_horizontal, need_vertical) {
+            (false, false) => view.copy_to(dst.data),
+            (true, false) => {
+                self.horizontal.compute(in_width, out_width);
+                horizontal_pass(&view, 0, in_height, &self.horizontal, dst.data, out_width);
+            }
+            (false, true) => {
+                self.vertical.compute(in_height, out_height);
+                vertical_pass(&view, &self.vertical, 0, &mut self.accumulator, dst.data);
+            }
+            (true, true) if horizontal_first => {
+                self.vertical.compute(in_height, out_height);
+                self.horizontal.compute(in_width, out_width);
+                // Only the rows the vertical pass reads are resampled horizontally.
+                let first_row = self.vertical.starts[0] as usize;
+                let last = out_height - 1;
+                let end_row = (self.vertical.starts[last] + self.vertical.lens[last]) as usize;
+                let rows = end_row - first_row;
+                self.intermediate.resize(out_width * rows * 3, 0);
+                horizontal_pass(
+                    &view,
+                    first_row,
+                    rows,
+                    &self.horizontal,
+                    &mut self.intermediate,
+                    out_width,
+                );
+                let intermediate = CropView::whole(&self.intermediate, out_width, rows);
+                vertical_pass(
+                    &intermediate,
+                    &self.vertical,
+                    first_row,
+                    &mut self.accumulator,
+                    dst.data,
+                );
+            }
+            (true, true) => {
+                self.vertical.compute(in_height, out_height);
+                self.horizontal.compute(in_width, out_width);
+                self.intermediate.resize(in_width * out_height * 3, 0);
+                vertical_pass(
+                    &view,
+                    &self.vertical,
+                    0,
+                    &mut self.accumulator,
+                    &mut self.intermediate,
+                );
+                let intermediate = CropView::whole(&self.intermediate, in_width, out_height);
+                horizontal_pass(
+                    &intermediate,
+                    0,
+                    out_height,
+                    &self.horizontal,
+                    dst.data,
+                    out_width,
+                );
+            }
+        }
+    }
+}
+
+fn check_len(what: &str, width: u32, height: u32, len: usize) {
+    let expected = width as usize * height as usize * 3;
+    assert_eq!(
+        len, expected,
+        "{what} buffer of {len} bytes for a {width}x{height} RGB8 image"
+    );
+}
+
+/// A rectangle of an interleaved RGB8 image, addressed by rows.
+struct CropView<'a> {
+    data: &'a [u8],
+    /// Bytes from one source row to the next.
+    stride: usize,
+    /// Byte offset of the first pixel.
+    offset: usize,
+    /// Bytes per row of the rectangle.
+    row_bytes: usize,
+}
+
+impl<'a> CropView<'a> {
+    fn new(src: RgbRef<'a>, crop: CropBox) -> Self {
+        let stride = src.width as usize * 3;
+        Self {
+            data: src.data,
+            stride,
+            offset: crop.top as usize * stride + crop.left as usize * 3,
+            row_bytes: crop.width as usize * 3,
+        }
+    }
+
+    fn whole(data: &'a [u8], width: usize, height: usize) -> Self {
+        debug_assert_eq!(data.len(), width * height * 3);
+        Self {
+            data,
+            stride: width * 3,
+            offset: 0,
+            row_bytes: width * 3,
+        }
+    }
+
+    fn row(&self, y: usize) -> &'a [u8] {
+        let start = self.offset + y * self.stride;
+        &self.data[start..start + self.row_bytes]
+    }
+
+    fn copy_to(&self, out: &mut [u8]) {
+        for (y, out_row) in out.chunks_exact_mut(self.row_bytes).enumerate() {
+            out_row.copy_from_slice(self.row(y));
+        }
+    }
+}
+
+/// Pillow's resampling weights for one axis: for each output pixel, the first input pixel and
+/// the fixed-point weights of `lens[i]` consecutive input pixels (stored `window` apart).
+#[derive(Debug, Default)]
+struct Weights {
+    starts: Vec<u32>,
+    lens: Vec<u32>,
+    window: usize,
+    fixed: Vec<i32>,
+    /// The floating-point weights before quantization, kept to reuse the allocation.
+    exact: Vec<f64>,
+}
+
+impl Weights {
+    /// `precompute_coeffs` then `normalize_coeffs_8bpc` for a box from 0 to `in_size`.
+    fn compute(&mut self, in_size: usize, out_size: usize) {
+        // The crop box is (0, 0, w, h) of the cropped image, so in0 = 0 and in1 = in_size
+        // (Pillow holds both as float; integers below 2^24 are exact there).
+        let scale = in_size as f64 / out_size as f64;
+        let filter_scale = scale.max(1.0);
+        let support = BILINEAR_SUPPORT * filter_scale;
+        self.window = support.ceil() as usize * 2 + 1;
+        let inverse_filter_scale = 1.0 / filter_scale;
+
+        self.starts.clear();
+        self.lens.clear();
+        self.exact.clear();
+        self.exact.resize(out_size * self.window, 0.0);
+        for (out_x, weights) in self.exact.chunks_exact_mut(self.window).enumerate() {
+            let center = (out_x as f64 + 0.5) * scale;
+            // C's `(int)` truncates toward zero; both bounds are clamped to the image.
+            let min = ((center - support + 0.5) as i32).max(0) as usize;
+            let max = ((center + support + 0.5) as i32).min(in_size as i32) as usize;
+            let len = max - min;
+            let mut total = 0.0;
+            for (x, weight) in weights[..len].iter_mut().enumerate() {
+                let distance = ((x + min) as f64 - center + 0.5) * inverse_filter_scale;
+                *weight = bilinear(distance);
+                total += *weight;
+            }
+            if total != 0.0 {
+                for weight in &mut weights[..len] {
+                    *weight /= total;
+                }
+            }
+            self.starts.push(min as u32);
+            self.lens.push(len as u32);
+        }
+        let one = f64::from(1u32 << PRECISION_BITS);
+        self.fixed.clear();
+        self.fixed.extend(self.exact.iter().map(|&weight| {
+            if weight < 0.0 {
+                (-0.5 + weight * one) as i32
+            } else {
+                (0.5 + weight * one) as i32
+            }
+        }));
+    }
+
+    fn taps(&self, out_x: usize) -> (usize, &[i32]) {
+        let start = out_x * self.window;
+        (
+            self.starts[out_x] as usize,
+            &self.fixed[start..start + self.lens[out_x] as usize],
+        )
+    }
+}
+
+/// Pillow's `bilinear_filter`: the triangle 1 - |x| on (-1, 1).
+fn bilinear(x: f64) -> f64 {
+    let x = x.abs();
+    if x < 1.0 { 1.0 - x } else { 0.0 }
+}
+
+/// Pillow's `clip8`: the fixed-point sum back to a byte, saturating.
+#[inline(always)]
+fn clip8(sum: i32) -> u8 {
+    (sum >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Resamples rows `first_row..first_row + rows` of `src` horizontally into `out`
+/// (`rows` rows of `out_width` pixels).
+fn horizontal_pass(
+    src: &CropView<'_>,
+    first_row: usize,
+    rows: usize,
+    weights: &Weights,
+    out: &mut [u8],
+    out_width: usize,
+) {
+    for (y, out_row) in out.chunks_exact_mut(out_width * 3).take(rows).enumerate() {
+        let row = src.row(first_row + y);
+        for (out_x, out_pixel) in out_row.chunks_exact_mut(3).enumerate() {
+            let (start, taps) = weights.taps(out_x);
+            let pixels = &row[start * 3..(start + taps.len()) * 3];
+            let mut sums = [ROUNDING; 3];
+            for (pixel, &weight) in pixels.chunks_exact(3).zip(taps) {
+                sums[0] += i32::from(pixel[0]) * weight;
+                sums[1] += i32::from(pixel[1]) * weight;
+                sums[2] += i32::from(pixel[2]) * weight;
+            }
+            out_pixel[0] = clip8(sums[0]);
+            out_pixel[1] = clip8(sums[1]);
+            out_pixel[2] = clip8(sums[2]);
+        }
+    }
+}
+
+/// Resamples `src` vertically into `out`; the weights' row numbers are `row_offset` ahead of
+/// `src`'s (the horizontal pass produced only the rows from `row_offset` on).
+fn vertical_pass(
+    src: &CropView<'_>,
+    weights: &Weights,
+    row_offset: usize,
+    accumulator: &mut Vec<i32>,
+    out: &mut [u8],
+) {
+    let row_bytes = src.row_bytes;
+    accumulator.clear();
+    accumulator.resize(row_bytes, 0);
+    for (out_y, out_row) in out.chunks_exact_mut(row_bytes).enumerate() {
+        let (start, taps) = weights.taps(out_y);
+        accumulator.fill(ROUNDING);
+        for (y, &weight) in taps.iter().enumerate() {
+            let row = src.row(start - row_offset + y);
+            // Integer sums are exact in any order, so this runs along the row (and
+            // vectorizes) rather than along the taps as Pillow does.
+            for (sum, &value) in accumulator.iter_mut().zip(row) {
+                *sum += i32::from(value) * weight;
+            }
+        }
+        for (out_value, &sum) in out_row.iter_mut().zip(accumulator.iter()) {
+            *out_value = clip8(sum);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gradient(width: u32, height: u32) -> Vec<u8> {
+        (0..width * height * 3)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect()
+    }
+
+    fn resize(src: &[u8], size: (u32, u32), crop: CropBox, out: (u32, u32)) -> Vec<u8> {
+        let mut dst = vec![0; (out.0 * out.1 * 3) as usize];
+        let source = RgbRef {
+            width: size.0,
+            height: size.1,
+            data: src,
+        };
+        let target = RgbMut {
+            width: out.0,
+            height: out.1,
+            data: &mut dst,
+        };
+        CropResizer::new().resized_crop(source, crop, target);
+        dst
+    }
+
+    #[test]
+    fn same_size_crop_is_a_copy() {
+        let src = gradient(10, 8);
+        let crop = CropBox {
+            top: 2,
+            left: 3,
+            height: 4,
+            width: 5,
+        };
+        let out = resize(&src, (10, 8), crop, (5, 4));
+        for y in 0..4 {
+            let start = ((y + 2) * 10 + 3) * 3;
+            assert_eq!(&out[y * 15..(y + 1) * 15], &src[start..start + 15]);
+        }
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let src = vec![77; 40 * 30 * 3];
+        let full = CropBox {
+            top: 0,
+            left: 0,
+            height: 30,
+            width: 40,
+        };
+        for out in [(1, 1), (7, 3), (40, 29), (96, 96), (13, 60)] {
+            assert!(
+                resize(&src, (40, 30), full, out).iter().all(|&v| v == 77),
+                "{out:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tiny_images_do_not_panic() {
+        let one = [1, 2, 3];
+        let whole = CropBox {
+            top: 0,
+            left: 0,
+            height: 1,
+            width: 1,
+        };
+        assert_eq!(resize(&one, (1, 1), whole, (3, 2)), [1, 2, 3].repeat(6));
+        let src = gradient(2, 3);
+        let crop = CropBox {
+            top: 1,
+            left: 1,
+            height: 2,
+            width: 1,
+        };
+        assert_eq!(resize(&src, (2, 3), crop, (224, 224)).len(), 224 * 224 * 3);
+        assert_eq!(resize(&src, (2, 3), crop, (0, 5)).len(), 0);
+    }
+
+    #[test]
+    fn weights_sum_to_one_in_fixed_point() {
+        let mut weights = Weights::default();
+        for (input, output) in [(1000, 224), (224, 224), (50, 224), (3, 1), (97, 96)] {
+            weights.compute(input, output);
+            for x in 0..output {
+                let (start, taps) = weights.taps(x);
+                assert!(start + taps.len() <= input);
+                let sum: i32 = taps.iter().sum();
+                assert!(
+                    (sum - (1 << PRECISION_BITS)).abs() <= taps.len() as i32,
+                    "{sum}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "outside")]
+    fn crop_outside_the_source_panics() {
+        let src = gradient(4, 4);
+        resize(
+            &src,
+            (4, 4),
+            CropBox {
+                top: 1,
+                left: 1,
+                height: 4,
+                width: 2,
+            },
+            (2, 2),
+        );
+    }
+}
