@@ -16,8 +16,6 @@
 //! Factors are `f32`: torchvision's `ColorJitter` samples them in `float32` and PIL narrows the
 //! blend factor to `float`, so an `f32` carries exactly the value PIL computes with.
 
-use std::sync::LazyLock;
-
 use super::RgbMut;
 
 /// `ImageEnhance.Brightness(img).enhance(factor)`: blends with black.
@@ -46,12 +44,26 @@ pub fn adjust_saturation(image: RgbMut<'_>, factor: f32) {
     if factor == 1.0 {
         return;
     }
-    for pixel in image.data.chunks_exact_mut(3) {
-        let gray = luma(pixel[0], pixel[1], pixel[2]);
-        for value in pixel {
+    for block in image.data.as_chunks_mut::<3>().0.chunks_mut(BLOCK) {
+        saturation_block(block, factor);
+    }
+}
+
+dispatch_avx2! {
+    /// Saturation of up to [`BLOCK`] pixels.
+    fn saturation_block(pixels: &mut [[u8; 3]], factor: f32) => saturation_block_portable
+}
+
+#[inline(always)]
+fn saturation_block_portable(pixels: &mut [[u8; 3]], factor: f32) {
+    let mut channels = split(pixels);
+    let gray = luma_block(&channels);
+    for channel in &mut channels {
+        for (value, &gray) in channel.iter_mut().zip(&gray) {
             *value = blend(gray, *value, factor);
         }
     }
+    merge(&channels, pixels);
 }
 
 /// torchvision's `F.adjust_hue` on a PIL image: RGB to PIL's HSV, hue plus
@@ -62,44 +74,197 @@ pub fn adjust_saturation(image: RgbMut<'_>, factor: f32) {
 pub fn adjust_hue(image: RgbMut<'_>, hue_factor: f32) {
     // np.int32(hue_factor * 255) truncates toward zero; .astype(np.uint8) wraps.
     let shift = (f64::from(hue_factor) * 255.0) as i32 as u8;
-    let tables = &*HSV_TABLES;
-    for pixel in image.data.chunks_exact_mut(3) {
-        let [red, green, blue] = [pixel[0], pixel[1], pixel[2]];
-        let max = red.max(green).max(blue);
-        let min = red.min(green).min(blue);
-        if max == min {
-            // Hue and saturation 0: HSV to RGB gives (v, v, v), the pixel itself.
-            continue;
-        }
-        let (hue, saturation) = tables.hue_saturation(red, green, blue, max, min);
-        let rgb = tables.hsv_to_rgb(hue.wrapping_add(shift), saturation, max);
-        pixel.copy_from_slice(&rgb);
+    for block in image.data.as_chunks_mut::<3>().0.chunks_mut(BLOCK) {
+        hue_block(block, shift);
     }
+}
+
+dispatch_avx2! {
+    /// Hue shift of up to [`BLOCK`] pixels.
+    fn hue_block(pixels: &mut [[u8; 3]], shift: u8) => hue_block_portable
+}
+
+#[inline(always)]
+fn hue_block_portable(pixels: &mut [[u8; 3]], shift: u8) {
+    let channels = split(pixels);
+    let mut shifted = [[0u8; BLOCK]; 3];
+    for i in 0..BLOCK {
+        let [red, green, blue] = [channels[0][i], channels[1][i], channels[2][i]];
+        let [hue, saturation, value] = rgb_to_hsv(red, green, blue);
+        let rgb = hsv_to_rgb(hue.wrapping_add(shift), saturation, value);
+        for c in 0..3 {
+            shifted[c][i] = rgb[c];
+        }
+    }
+    merge(&shifted, pixels);
+}
+
+/// PIL's `rgb2hsv_row` (`libImaging/Convert.c`) in the same `float` and `double` steps, written
+/// without branches so that it vectorizes: every case is computed and the right one selected.
+/// Tested against [`reference::rgb_to_hsv`], the step-by-step transcription, for every color.
+#[inline(always)]
+fn rgb_to_hsv(red: u8, green: u8, blue: u8) -> [u8; 3] {
+    // i32, not u32: x86 converts signed integers to floats in one instruction.
+    let (r, g, b) = (i32::from(red), i32::from(green), i32::from(blue));
+    let max = r.max(g).max(b);
+    let min = r.min(g).min(b);
+    // Gray pixels divide by zero here; their results are discarded below.
+    let chroma = (max - min) as f32;
+    let saturation = chroma / max as f32;
+    let red_distance = (max - r) as f32 / chroma;
+    let green_distance = (max - g) as f32 / chroma;
+    let blue_distance = (max - b) as f32 / chroma;
+    let hue_if_red = blue_distance - green_distance;
+    let hue_if_green = (2.0 + f64::from(red_distance) - f64::from(blue_distance)) as f32;
+    let hue_if_blue = (4.0 + f64::from(green_distance) - f64::from(red_distance)) as f32;
+    let hue = if r == max {
+        hue_if_red
+    } else if g == max {
+        hue_if_green
+    } else {
+        hue_if_blue
+    };
+    // fmod(h / 6.0 + 1.0, 1.0), for h / 6 + 1 in [5/6, 11/6].
+    let turns = f64::from(hue) / 6.0 + 1.0;
+    let hue = (if turns >= 1.0 { turns - 1.0 } else { turns }) as f32;
+    let hue_byte = floor_non_negative(f64::from(hue) * 255.0);
+    let saturation_byte = floor_non_negative(f64::from(saturation) * 255.0);
+    let gray = max == min;
+    [
+        if gray { 0 } else { hue_byte as u8 },
+        if gray { 0 } else { saturation_byte as u8 },
+        max as u8,
+    ]
+}
+
+/// PIL's `hsv2rgb` in the same `float` and `double` steps, branch-free (with saturation 0 the
+/// formulas give `(v, v, v)`, PIL's special case). C's `round` becomes `floor(x + 0.5)`, which
+/// agrees on every value these products take: the products for `p` and `q` are exact
+/// multiples of 2^-38, so adding 0.5 is exact, and for `t` the exhaustive test against
+/// [`reference::hsv_to_rgb`] checks it.
+#[inline(always)]
+fn hsv_to_rgb(hue: u8, saturation: u8, value: u8) -> [u8; 3] {
+    let scaled_hue = f64::from(hue) * 6.0 / 255.0;
+    let sector = floor_non_negative(scaled_hue);
+    let fraction = (scaled_hue - f64::from(sector)) as f32;
+    let scaled = (f64::from(saturation) / 255.0) as f32;
+    let v = f64::from(value);
+    let p = floor_non_negative(v * (1.0 - f64::from(scaled)) + 0.5);
+    let q = floor_non_negative(v * (1.0 - f64::from(scaled * fraction)) + 0.5);
+    let t = floor_non_negative(v * (1.0 - f64::from(scaled) * (1.0 - f64::from(fraction))) + 0.5);
+    let v = i32::from(value);
+    // switch (i % 6): 0 (v, t, p), 1 (q, v, p), 2 (p, v, t), 3 (p, q, v), 4 (t, p, v),
+    // 5 (v, p, q); i is 6 only for hue 255, where it acts as 0.
+    let red = match sector {
+        0 | 5 | 6 => v,
+        1 => q,
+        2 | 3 => p,
+        _ => t,
+    };
+    let green = match sector {
+        0 | 6 => t,
+        1 | 2 => v,
+        3 => q,
+        _ => p,
+    };
+    let blue = match sector {
+        0 | 1 | 6 => p,
+        2 => t,
+        3 | 4 => v,
+        _ => q,
+    };
+    [red as u8, green as u8, blue as u8]
+}
+
+/// `floor(x)` for `x` in `[0, 2^51)` (C's `(int)` of a non-negative value), without a
+/// float-to-int conversion, which does not vectorize: adding 2^52 rounds to the nearest integer
+/// and leaves it in the low mantissa bits, and one comparison turns nearest into floor.
+#[inline(always)]
+fn floor_non_negative(x: f64) -> i32 {
+    const TWO_POW_52: f64 = 4_503_599_627_370_496.0;
+    let shifted = x + TWO_POW_52;
+    let nearest = shifted - TWO_POW_52;
+    (shifted.to_bits() as i32).wrapping_sub(i32::from(nearest > x))
 }
 
 /// `F.rgb_to_grayscale(img, num_output_channels=3)`: PIL's `convert("L")` copied to all three
 /// channels.
 pub fn to_grayscale(image: RgbMut<'_>) {
-    for pixel in image.data.chunks_exact_mut(3) {
-        let gray = luma(pixel[0], pixel[1], pixel[2]);
-        pixel.fill(gray);
+    for block in image.data.as_chunks_mut::<3>().0.chunks_mut(BLOCK) {
+        grayscale_block(block);
     }
+}
+
+dispatch_avx2! {
+    /// Grayscale of up to [`BLOCK`] pixels.
+    fn grayscale_block(pixels: &mut [[u8; 3]]) => grayscale_block_portable
+}
+
+#[inline(always)]
+fn grayscale_block_portable(pixels: &mut [[u8; 3]]) {
+    let gray = luma_block(&split(pixels));
+    merge(&[gray; 3], pixels);
+}
+
+/// Pixels per step of the block-wise operations: a block is split into one array per channel,
+/// computed a channel array at a time (which vectorizes), and interleaved back.
+const BLOCK: usize = 64;
+
+/// The channels of up to [`BLOCK`] pixels, as arrays (zero past the last pixel).
+#[inline(always)]
+fn split(pixels: &[[u8; 3]]) -> [[u8; BLOCK]; 3] {
+    let mut channels = [[0u8; BLOCK]; 3];
+    for (i, pixel) in pixels.iter().take(BLOCK).enumerate() {
+        for c in 0..3 {
+            channels[c][i] = pixel[c];
+        }
+    }
+    channels
+}
+
+/// The inverse of [`split`], for as many pixels as `pixels` holds.
+#[inline(always)]
+fn merge(channels: &[[u8; BLOCK]; 3], pixels: &mut [[u8; 3]]) {
+    for (i, pixel) in pixels.iter_mut().take(BLOCK).enumerate() {
+        for c in 0..3 {
+            pixel[c] = channels[c][i];
+        }
+    }
+}
+
+/// [`luma`] of a block of channel arrays.
+#[inline(always)]
+fn luma_block(channels: &[[u8; BLOCK]; 3]) -> [u8; BLOCK] {
+    std::array::from_fn(|i| luma(channels[0][i], channels[1][i], channels[2][i]))
 }
 
 /// PIL's RGB to L conversion (`L24` in `Convert.c`).
 #[inline(always)]
 fn luma(red: u8, green: u8, blue: u8) -> u8 {
-    let weighted = u32::from(red) * 19595 + u32::from(green) * 38470 + u32::from(blue) * 7471;
+    // i32, not u32: vectorizes to plain 32-bit multiplies.
+    let weighted = i32::from(red) * 19595 + i32::from(green) * 38470 + i32::from(blue) * 7471;
     ((weighted + 0x8000) >> 16) as u8
 }
 
-/// One value of `ImagingBlend`. The sum is `float` arithmetic, as in C; `as u8` truncates
-/// toward zero and saturates, which is both the plain cast of the interpolating branch and the
-/// clipping of the extrapolating one.
+/// One value of `ImagingBlend`: `degenerate + factor * (value - degenerate)` in `float` (the
+/// integer difference converts exactly), then C's cast to `UINT8` of the interpolating branch
+/// or the clipping to 0..=255 of the extrapolating one; both are the truncation of the value
+/// clamped to 0..=255.
 #[inline(always)]
 fn blend(degenerate: u8, value: u8, factor: f32) -> u8 {
-    let difference = (i32::from(value) - i32::from(degenerate)) as f32;
-    (f32::from(degenerate) + factor * difference) as u8
+    let degenerate = f32::from(degenerate);
+    let blended = degenerate + factor * (f32::from(value) - degenerate);
+    floor_byte(blended.clamp(0.0, 255.0))
+}
+
+/// `floor(x)` for `x` in `[0, 255]` without a float-to-int conversion (see
+/// [`floor_non_negative`]).
+#[inline(always)]
+fn floor_byte(x: f32) -> u8 {
+    const TWO_POW_23: f32 = 8_388_608.0;
+    let shifted = x + TWO_POW_23;
+    let nearest = shifted - TWO_POW_23;
+    (shifted.to_bits() as u8).wrapping_sub(u8::from(nearest > x))
 }
 
 fn apply_table(data: &mut [u8], table: &[u8; 256]) {
@@ -112,115 +277,28 @@ fn apply_table(data: &mut [u8], table: &[u8; 256]) {
 /// histogram divided in `double` (Python's true division of ints is correctly rounded, as is
 /// the division of two exactly represented doubles).
 fn mean_gray_level(data: &[u8]) -> u8 {
-    let sum: u64 = data
-        .chunks_exact(3)
-        .map(|p| u64::from(luma(p[0], p[1], p[2])))
-        .sum();
-    let count = (data.len() / 3) as f64;
-    (sum as f64 / count + 0.5) as u8
+    let pixels = data.as_chunks::<3>().0;
+    let sum: u64 = pixels.chunks(BLOCK).map(gray_sum).sum();
+    (sum as f64 / pixels.len() as f64 + 0.5) as u8
 }
 
-/// Tables that make PIL's HSV conversions cheap per pixel while giving the same bytes.
-///
-/// RGB to HSV: the hue PIL computes depends only on which channel is the maximum and which the
-/// minimum (six cases, ties resolved as PIL's `if` chain does), the chroma `max - min` and the
-/// distance `max - mid`; the saturation only on `max` and the chroma. Both are tabulated from
-/// the exact scalar conversion. HSV to RGB: the sector and fractional part of each hue byte and
-/// the scaled saturation of each saturation byte are tabulated; the remaining products are
-/// computed in the same `double` steps as in C.
-struct HsvTables {
-    /// Hue byte, indexed by `case << 16 | chroma << 8 | (max - mid)`.
-    hue: Box<[u8]>,
-    /// Saturation byte, indexed by `max << 8 | chroma`.
-    saturation: Box<[u8]>,
-    /// `i % 6` for each hue byte, where `i = floor(h * 6 / 255)`.
-    sector: [u8; 256],
-    /// The fractional part `f` (a C `float`) for each hue byte.
-    fraction: [f32; 256],
-    /// `fs = s / 255.0` (a C `float`) for each saturation byte.
-    scaled_saturation: [f32; 256],
+dispatch_avx2! {
+    /// The sum of the gray levels of up to [`BLOCK`] pixels.
+    fn gray_sum(pixels: &[[u8; 3]]) -> u64 => gray_sum_portable
 }
 
-static HSV_TABLES: LazyLock<HsvTables> = LazyLock::new(HsvTables::build);
-
-impl HsvTables {
-    fn build() -> Self {
-        let mut hue = vec![0u8; 6 << 16].into_boxed_slice();
-        for chroma in 1..=255u8 {
-            for distance in 0..=chroma {
-                // Any representative works: PIL's hue depends on differences from the max.
-                let max = 255u8;
-                let mid = max - distance;
-                let min = max - chroma;
-                let representatives = [
-                    [max, min, mid], // red max, green min
-                    [max, mid, min], // red max, blue min
-                    [min, max, mid], // green max, red min
-                    [mid, max, min], // green max, blue min
-                    [mid, min, max], // blue max, green min
-                    [min, mid, max], // blue max, red min
-                ];
-                for (case, [red, green, blue]) in representatives.into_iter().enumerate() {
-                    let index = case << 16 | usize::from(chroma) << 8 | usize::from(distance);
-                    hue[index] = reference::rgb_to_hsv(red, green, blue)[0];
-                }
-            }
-        }
-        let mut saturation = vec![0u8; 1 << 16].into_boxed_slice();
-        for max in 1..=255u8 {
-            for chroma in 1..=max {
-                // A pixel with this max and chroma (hue does not matter for saturation).
-                let index = usize::from(max) << 8 | usize::from(chroma);
-                saturation[index] = reference::rgb_to_hsv(max, max - chroma, max)[1];
-            }
-        }
-        Self {
-            hue,
-            saturation,
-            sector: std::array::from_fn(|h| reference::hue_sector(h as u8).0),
-            fraction: std::array::from_fn(|h| reference::hue_sector(h as u8).1),
-            scaled_saturation: std::array::from_fn(|s| reference::scaled_saturation(s as u8)),
-        }
-    }
-
-    /// PIL's hue and saturation bytes of a pixel with chroma (`max > min`).
-    #[inline(always)]
-    fn hue_saturation(&self, red: u8, green: u8, blue: u8, max: u8, min: u8) -> (u8, u8) {
-        let chroma = max - min;
-        // The middle value: the sum minus the extremes (at most 3 * 255, fits u16).
-        let mid = (u16::from(red) + u16::from(green) + u16::from(blue)
-            - u16::from(max)
-            - u16::from(min)) as u8;
-        let case = if red == max {
-            if green == min { 0 } else { 1 }
-        } else if green == max {
-            if red == min { 2 } else { 3 }
-        } else if green == min {
-            4
-        } else {
-            5
-        };
-        let index = case << 16 | usize::from(chroma) << 8 | usize::from(max - mid);
-        let hue = self.hue[index];
-        let saturation = self.saturation[usize::from(max) << 8 | usize::from(chroma)];
-        (hue, saturation)
-    }
-
-    /// PIL's `hsv2rgb` for one pixel.
-    #[inline(always)]
-    fn hsv_to_rgb(&self, hue: u8, saturation: u8, value: u8) -> [u8; 3] {
-        if saturation == 0 {
-            return [value; 3];
-        }
-        let fraction = self.fraction[usize::from(hue)];
-        let scaled = self.scaled_saturation[usize::from(saturation)];
-        let [p, q, t] = reference::pqt(value, scaled, fraction);
-        reference::arrange(self.sector[usize::from(hue)], value, p, q, t)
-    }
+#[inline(always)]
+fn gray_sum_portable(pixels: &[[u8; 3]]) -> u64 {
+    // Padding pixels are black, gray level 0.
+    luma_block(&split(pixels))
+        .iter()
+        .map(|&gray| u64::from(gray))
+        .sum()
 }
 
-/// PIL's HSV conversions written out scalar, step by step in C's types: the definition the
-/// tables are built from and tested against.
+/// PIL's HSV conversions transcribed statement by statement, in C's types and with its
+/// branches: the definition the branch-free versions are tested against.
+#[cfg(test)]
 mod reference {
     /// `rgb2hsv_row`.
     pub(super) fn rgb_to_hsv(red: u8, green: u8, blue: u8) -> [u8; 3] {
@@ -250,60 +328,35 @@ mod reference {
     }
 
     /// `hsv2rgb` for one pixel.
-    #[cfg(test)]
     pub(super) fn hsv_to_rgb(hue: u8, saturation: u8, value: u8) -> [u8; 3] {
         if saturation == 0 {
             return [value; 3];
         }
-        let (sector, fraction) = hue_sector(hue);
-        let [p, q, t] = pqt(value, scaled_saturation(saturation), fraction);
-        arrange(sector, value, p, q, t)
-    }
-
-    /// `i % 6` and `f` of `hsv2rgb`: `i = floor(h * 6.0 / 255.0)` and `f = h * 6.0 / 255.0 - i`
-    /// in double, `f` stored as float.
-    pub(super) fn hue_sector(hue: u8) -> (u8, f32) {
-        let scaled = f64::from(hue) * 6.0 / 255.0;
-        let sector = scaled.floor();
-        let fraction = (scaled - sector) as f32;
-        ((sector as u8) % 6, fraction)
-    }
-
-    /// `fs = s / 255.0` in double, stored as float.
-    pub(super) fn scaled_saturation(saturation: u8) -> f32 {
-        (f64::from(saturation) / 255.0) as f32
-    }
-
-    /// `p`, `q` and `t` of `hsv2rgb`. `fs * f` is a float product; everything else is double.
-    #[inline(always)]
-    pub(super) fn pqt(value: u8, scaled: f32, fraction: f32) -> [u8; 3] {
-        let value = f64::from(value);
-        let p = value * (1.0 - f64::from(scaled));
-        let q = value * (1.0 - f64::from(scaled * fraction));
-        let t = value * (1.0 - f64::from(scaled) * (1.0 - f64::from(fraction)));
-        [round(p), round(q), round(t)]
-    }
-
-    /// C's `round` (half away from zero) for the non-negative values of `pqt`, clipped to a
-    /// byte. `x - trunc(x)` is exact, so the comparison with 0.5 is too (unlike `x + 0.5`).
-    #[inline(always)]
-    fn round(x: f64) -> u8 {
-        let whole = x as i32;
-        let rounded = whole + i32::from(x - f64::from(whole) >= 0.5);
-        clip8(rounded)
-    }
-
-    /// The channel order of `hsv2rgb`'s `switch (i % 6)`.
-    #[inline(always)]
-    pub(super) fn arrange(sector: u8, v: u8, p: u8, q: u8, t: u8) -> [u8; 3] {
-        match sector {
-            0 => [v, t, p],
-            1 => [q, v, p],
-            2 => [p, v, t],
-            3 => [p, q, v],
-            4 => [t, p, v],
-            _ => [v, p, q],
+        // i = floor((float)h * 6.0 / 255.0); f = (float)h * 6.0 / 255.0 - (float)i;
+        let scaled_hue = f64::from(hue) * 6.0 / 255.0;
+        let i = scaled_hue.floor() as i32;
+        let f = (scaled_hue - f64::from(i)) as f32;
+        let fs = (f64::from(saturation) / 255.0) as f32;
+        let v = f64::from(value);
+        // `fs * f` multiplies two floats; everything else is double.
+        let p = clip8(round(v * (1.0 - f64::from(fs))));
+        let q = clip8(round(v * (1.0 - f64::from(fs * f))));
+        let t = clip8(round(v * (1.0 - f64::from(fs) * (1.0 - f64::from(f)))));
+        match i % 6 {
+            0 => [value, t, p],
+            1 => [q, value, p],
+            2 => [p, value, t],
+            3 => [p, q, value],
+            4 => [t, p, value],
+            _ => [value, p, q],
         }
+    }
+
+    /// C's `round` (half away from zero) for non-negative values. `x - trunc(x)` is exact, so
+    /// the comparison with 0.5 is too (unlike `x + 0.5`).
+    fn round(x: f64) -> i32 {
+        let whole = x as i32;
+        whole + i32::from(x - f64::from(whole) >= 0.5)
     }
 
     fn clip8(value: i32) -> u8 {
@@ -420,21 +473,35 @@ mod tests {
         assert_eq!(data, original);
     }
 
-    /// The tables against the scalar conversion, for every RGB color.
+    /// The branch-free conversion against the transcription, for every RGB color.
     #[test]
-    fn rgb_to_hsv_tables_match_every_color() {
-        let tables = &*HSV_TABLES;
+    fn rgb_to_hsv_matches_pil_for_every_color() {
         for red in 0..=255u8 {
             for green in 0..=255u8 {
                 for blue in 0..=255u8 {
-                    let max = red.max(green).max(blue);
-                    let min = red.min(green).min(blue);
-                    if max == min {
-                        continue;
-                    }
                     let expected = reference::rgb_to_hsv(red, green, blue);
-                    let (hue, saturation) = tables.hue_saturation(red, green, blue, max, min);
-                    assert_eq!([hue, saturation], expected[..2], "rgb {red} {green} {blue}");
+                    assert_eq!(
+                        rgb_to_hsv(red, green, blue),
+                        expected,
+                        "rgb {red} {green} {blue}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The branch-free conversion (no special case for saturation 0, `floor(x + 0.5)` for
+    /// `round`) against the transcription, for every HSV triple.
+    #[test]
+    fn hsv_to_rgb_matches_pil_for_every_hsv() {
+        for hue in 0..=255u8 {
+            for saturation in 0..=255u8 {
+                for value in 0..=255u8 {
+                    assert_eq!(
+                        hsv_to_rgb(hue, saturation, value),
+                        reference::hsv_to_rgb(hue, saturation, value),
+                        "hsv {hue} {saturation} {value}"
+                    );
                 }
             }
         }
@@ -464,10 +531,9 @@ mod tests {
             ([128, 1, 77], [77, 77, 77]),
             ([200, 100, 250], [221, 152, 250]),
         ];
-        let tables = &*HSV_TABLES;
         for ([h, s, v], rgb) in to_rgb {
             assert_eq!(reference::hsv_to_rgb(h, s, v), rgb, "hsv {h} {s} {v}");
-            assert_eq!(tables.hsv_to_rgb(h, s, v), rgb, "hsv {h} {s} {v}");
+            assert_eq!(hsv_to_rgb(h, s, v), rgb, "hsv {h} {s} {v}");
         }
     }
 }
