@@ -42,6 +42,9 @@ requirements=(
   torch==2.11.0
   torchvision==0.26.0
   safetensors==0.7.0
+  # TensorBoard's own event reader checks the trainer's hand-written event files
+  # (trainer/tests/metrics_tensorboard.rs via tests/python/read_tensorboard.py).
+  tensorboard==2.20.0
 )
 venv="$root/.venv"
 stamp="$venv/.seer-requirements"
@@ -53,7 +56,7 @@ else
   echo "python venv: installing into $venv"
   # shellcheck disable=SC2086 # one requirement per word on purpose
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $wanted
-  "$venv/bin/python" -c 'import webdataset, PIL, numpy, torch, torchvision, safetensors'
+  "$venv/bin/python" -c 'import webdataset, PIL, numpy, torch, torchvision, safetensors, tensorboard'
   echo "$wanted" > "$stamp"
 fi
 # tch finds libtorch here (.cargo/config.toml): the torch package folder, with include/ and lib/.
