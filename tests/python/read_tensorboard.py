@@ -1,5 +1,6 @@
 """Reads a folder of TensorBoard event files with TensorBoard's own reader and prints its
-scalars as JSON: {"<tag>": [[step, value], ...], ...}, each tag's points in step order.
+scalars as JSON: {"<tag>": [[step, value], ...], ...}, each tag's points in the order
+TensorBoard keeps them (after it drops the steps a resumed run logged again).
 
 Used by trainer/tests/metrics_tensorboard.rs to check the trainer's hand-written event files.
 Before reading, every record's framing is checked against TensorBoard's masked CRC32C and the
