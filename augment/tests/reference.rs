@@ -704,3 +704,104 @@ fn to_tensor_normalize_matches_torchvision() {
     }
     errors.assert_within("to_tensor_normalize", 0.0, 0.0);
 }
+
+/// Time per operation on views of a real photo, for the documentation; not an assertion
+/// (timings are never asserted). Run it optimized:
+/// `cargo test --release -p augment --test reference -- --ignored --nocapture timing`.
+#[test]
+#[ignore = "timing, run on demand with --release"]
+fn timing_per_op() {
+    let photo = load_photo(&photo_paths()[0]);
+    let (w, h) = (photo.width, photo.height);
+    let mut rng = Rng(0x7157_0bc6_6a16_0002);
+    eprintln!("source {w}x{h}; median of 15 rounds, each the mean of its iterations");
+    let mut resizer = CropResizer::new();
+    let mut blur = GaussianBlur::new();
+    for size in [224u32, 96] {
+        let iterations = if size == 224 { 40 } else { 200 };
+        // Crops as RandomResizedCrop draws them for this size in SwAV's recipe.
+        let scale = if size == 224 {
+            (0.14, 1.0)
+        } else {
+            (0.05, 0.14)
+        };
+        let crops: Vec<CropBox> = (0..iterations)
+            .map(|_| random_crop(&mut rng, &photo, scale))
+            .collect();
+        let mut view = Image {
+            width: size,
+            height: size,
+            data: vec![0; (size * size * 3) as usize],
+        };
+        let mut floats = vec![0f32; view.data.len()];
+        let mut bytes = vec![0u8; view.data.len()];
+        let mut timings: Vec<(String, f64)> = Vec::new();
+        let mut time = |name: &str, run: &mut dyn FnMut(usize)| {
+            let mut rounds: Vec<f64> = (0..15)
+                .map(|_| {
+                    let start = std::time::Instant::now();
+                    for i in 0..iterations {
+                        run(i);
+                    }
+                    start.elapsed().as_secs_f64() * 1e6 / iterations as f64
+                })
+                .collect();
+            rounds.sort_by(f64::total_cmp);
+            timings.push((name.to_string(), rounds[rounds.len() / 2]));
+        };
+        time("resized_crop", &mut |i| {
+            resizer.resized_crop(photo.view(), crops[i], square(&mut view.data, size))
+        });
+        time("resized_crop (fast_image_resize)", &mut |i| {
+            std::hint::black_box(fir_resize(&photo, Some(crops[i]), size, size));
+        });
+        resizer.resized_crop(photo.view(), crops[0], square(&mut view.data, size));
+        let original = view.data.clone();
+        let mut in_place = |name: &str, op: &mut dyn FnMut(RgbMut<'_>)| {
+            time(name, &mut |_| {
+                view.data.copy_from_slice(&original);
+                op(square(&mut view.data, size));
+            });
+        };
+        in_place("copy (included in each below)", &mut |_| {});
+        in_place("flip", &mut |img| ops::flip_horizontal(img));
+        in_place("brightness 1.5", &mut |img| {
+            color::adjust_brightness(img, 1.5)
+        });
+        in_place("contrast 0.7", &mut |img| color::adjust_contrast(img, 0.7));
+        in_place("saturation 1.5", &mut |img| {
+            color::adjust_saturation(img, 1.5)
+        });
+        in_place("hue 0.1", &mut |img| color::adjust_hue(img, 0.1));
+        in_place("grayscale", &mut |img| color::to_grayscale(img));
+        in_place("gaussian blur 1.0", &mut |img| blur.apply(img, 1.0));
+        in_place("gaussian blur 2.0", &mut |img| blur.apply(img, 2.0));
+        let finished = Image {
+            width: size,
+            height: size,
+            data: original.clone(),
+        };
+        time("pack f32 (normalize)", &mut |_| {
+            pack::pack_f32_chw(
+                finished.view(),
+                NORMALIZATIONS[0].0,
+                NORMALIZATIONS[0].1,
+                &mut floats,
+            )
+        });
+        time("pack u8", &mut |_| {
+            pack::pack_u8_hwc(finished.view(), &mut bytes)
+        });
+        for (name, micros) in timings {
+            eprintln!("{size:>3}x{size:<3} {name:<34} {micros:>8.1} us");
+        }
+    }
+}
+
+fn square(data: &mut [u8], size: u32) -> RgbMut<'_> {
+    RgbMut {
+        width: size,
+        height: size,
+        data,
+    }
+}
