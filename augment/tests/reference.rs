@@ -26,7 +26,7 @@ const PHOTOS: usize = 20;
 const SHORT_SIDE: u32 = 512;
 const FACTORS: [f32; 5] = [0.2, 0.7, 1.0, 1.5, 1.8];
 const HUES: [f32; 7] = [-0.5, -0.2, -0.05, 0.0, 0.1, 0.2, 0.5];
-const BLUR_RADII: [f32; 7] = [0.1, 0.5, 1.0, 1.37, 2.0, 6.0, 20.0];
+const BLUR_RADII: [f32; 8] = [0.1, 0.5, 1.0, 1.37, 2.0, 6.0, 20.0, 300.0];
 /// SwAV's normalization (its std keeps the 0.228 typo) and VISSL's.
 const NORMALIZATIONS: [([f32; 3], [f32; 3]); 2] = [
     ([0.485, 0.456, 0.406], [0.228, 0.224, 0.225]),

@@ -47,8 +47,9 @@ impl GaussianBlur {
     /// Blurs `image` in place like `image.filter(ImageFilter.GaussianBlur(radius))`.
     ///
     /// `radius` is the standard deviation in pixels, as in PIL (which narrows it to `float`,
-    /// so an `f32` carries exactly PIL's value). A radius of 0 (or NaN, which PIL rejects)
-    /// leaves the image unchanged; a negative radius blurs like its absolute value, as in PIL.
+    /// so an `f32` carries exactly PIL's value). A negative radius blurs like its absolute
+    /// value, as in PIL. A radius of 0 leaves the image unchanged, and so do the radii PIL
+    /// rejects with an error: NaN and infinity, and those whose box radius reaches 2^31.
     ///
     /// # Panics
     ///
@@ -61,7 +62,8 @@ impl GaussianBlur {
             "RGB8 buffer of the wrong length"
         );
         let box_radius = extended_box_radius(radius, PASSES);
-        if box_radius.is_nan() || box_radius <= 0.0 || image.data.is_empty() {
+        let pil_accepts = box_radius < 2_147_483_648.0;
+        if !pil_accepts || box_radius.is_nan() || box_radius <= 0.0 || image.data.is_empty() {
             return;
         }
         let kernel = BoxKernel::new(box_radius);
@@ -111,7 +113,8 @@ impl BoxKernel {
         // (UINT32)((1 << 24) / (floatRadius * 2 + 1)), a float division.
         let inner = (ONE as f32 / (box_radius * 2.0 + 1.0)) as u32;
         // Unsigned C arithmetic; wrapping keeps Pillow's result should it ever underflow.
-        let outer = ONE.wrapping_sub((radius * 2 + 1).wrapping_mul(inner)) / 2;
+        let box_width = radius.wrapping_mul(2).wrapping_add(1);
+        let outer = ONE.wrapping_sub(box_width.wrapping_mul(inner)) / 2;
         Self {
             radius: radius as usize,
             inner,
@@ -200,16 +203,18 @@ fn horizontal_pass_portable(
 /// Pillow's `ImagingLineBoxBlur` for one row, as a running sum that moves one pixel per step:
 /// the path for wide boxes.
 fn running_sum_row(row: &[u8], out: &mut [u8], kernel: BoxKernel) {
-    let last = (row.len() / 3) as isize - 1;
+    let len = row.len() / 3;
+    let last = len as isize - 1;
     let radius = kernel.radius as isize;
     let at = |x: isize| x.clamp(0, last) as usize * 3;
-    let mut sums = [0u32; 3];
-    for x in -radius - 1..radius {
-        let i = at(x);
-        for c in 0..3 {
-            sums[c] = sums[c].wrapping_add(u32::from(row[i + c]));
-        }
-    }
+    let (first_copies, inside, last_copies) = initial_window(kernel.radius, len);
+    let mut sums: [u32; 3] = std::array::from_fn(|c| {
+        let first = u32::from(row[c]).wrapping_mul(first_copies);
+        let end = u32::from(row[at(last) + c]).wrapping_mul(last_copies);
+        (0..inside).fold(first.wrapping_add(end), |sum, x| {
+            sum.wrapping_add(u32::from(row[x * 3 + c]))
+        })
+    });
     for x in 0..=last {
         let (add, remove, far_right) = (at(x + radius), at(x - radius - 1), at(x + radius + 1));
         for c in 0..3 {
@@ -218,6 +223,14 @@ fn running_sum_row(row: &[u8], out: &mut [u8], kernel: BoxKernel) {
             out[x as usize * 3 + c] = kernel.output(sums[c], row[remove + c], row[far_right + c]);
         }
     }
+}
+
+/// The running sum before the first output covers positions `-r - 1 ..= r - 1` of a line of
+/// `len` values, edges extended: as (copies of the first value, values `0..inside` once each,
+/// copies of the last value). Its cost follows the line, not the radius, as in Pillow.
+fn initial_window(radius: usize, len: usize) -> (u32, usize, u32) {
+    let inside = radius.min(len);
+    ((radius + 1) as u32, inside, (radius - inside) as u32)
 }
 
 dispatch_avx2! {
@@ -246,12 +259,15 @@ fn vertical_pass_portable(
         let start = y.clamp(0, last) as usize * row_bytes;
         &src[start..start + row_bytes]
     };
+    let (first_copies, inside, last_copies) = initial_window(kernel.radius, (last + 1) as usize);
     sums.clear();
-    sums.resize(row_bytes, 0);
-    // The running sum for y = -1 covers rows -r - 1 ..= r - 1; the loop below adds more than a
-    // few rows only for wide boxes.
-    for y in -radius - 1..radius {
-        for (sum, &value) in sums.iter_mut().zip(row(y)) {
+    sums.extend(row(0).iter().zip(row(last)).map(|(&first, &end)| {
+        u32::from(first)
+            .wrapping_mul(first_copies)
+            .wrapping_add(u32::from(end).wrapping_mul(last_copies))
+    }));
+    for y in 0..inside {
+        for (sum, &value) in sums.iter_mut().zip(row(y as isize)) {
             *sum = sum.wrapping_add(u32::from(value));
         }
     }
@@ -341,6 +357,20 @@ mod tests {
                 .sum::<u64>()
         };
         assert!(spread(&data) * 4 < spread(&original));
+    }
+
+    #[test]
+    fn huge_radii_are_quick_and_do_not_panic() {
+        let mut data = noise(9 * 4 * 3);
+        let started = std::time::Instant::now();
+        for radius in [1e3, 1e6, 1e9, f32::MAX, f32::INFINITY] {
+            blur(9, 4, &mut data, radius);
+        }
+        assert!(started.elapsed().as_secs() < 5);
+        // A box wider than the image averages each line with its edges extended.
+        let mut flat = vec![100; 9 * 4 * 3];
+        blur(9, 4, &mut flat, 1e3);
+        assert!(flat.iter().all(|&v| v == 100));
     }
 
     #[test]

@@ -15,6 +15,13 @@
 //!
 //! Factors are `f32`: torchvision's `ColorJitter` samples them in `float32` and PIL narrows the
 //! blend factor to `float`, so an `f32` carries exactly the value PIL computes with.
+//!
+//! Speed: brightness and contrast map bytes through a 256-entry table; saturation, grayscale
+//! and hue work on blocks of 64 pixels split into channel arrays, with branch-free arithmetic
+//! that vectorizes (compiled for AVX2 when the CPU has it). The HSV conversions keep PIL's
+//! `float`/`double` steps wherever a cheaper form could round differently; the cheaper forms
+//! used are checked against a statement-by-statement transcription of PIL's C code for every
+//! one of the 2^24 inputs.
 
 use super::RgbMut;
 
@@ -276,6 +283,7 @@ fn floor_byte(x: f32) -> u8 {
     (shifted.to_bits() as u8).wrapping_sub(u8::from(nearest > x))
 }
 
+/// Replaces every byte by its entry in `table`.
 fn apply_table(data: &mut [u8], table: &[u8; 256]) {
     for value in data {
         *value = table[usize::from(*value)];

@@ -26,7 +26,9 @@ pub fn pack_u8_hwc(image: RgbRef<'_>, out: &mut [u8]) {
 ///
 /// Each value is `(x / 255 - mean[c]) / std[c]` in `f32` with true divisions, the operations
 /// torchvision performs (`img.float().div(255)`, then `sub_(mean).div_(std)`), so the result is
-/// bit-identical to torchvision's tensor.
+/// bit-identical to torchvision's tensor. A byte has 256 values, so each channel's 256 results
+/// are computed once per call and the planes filled by lookup: measured faster than
+/// vectorized divisions (which cost two per value), with the same bits.
 ///
 /// # Panics
 ///
