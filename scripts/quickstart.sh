@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The quick start: on a fresh machine, install what the build needs, fetch real photos
 # (Debian packages, into $SEER_CACHE), ingest them from a local folder into ./dataset
-# (WebDataset shards with index, stats and manifest), then inspect the result.
+# (WebDataset shards with index, stats and manifest), inspect the result, then show and
+# measure the SwAV multi-crop views the augmenter makes from it.
 # Rerunning it resumes or skips what is done. Extra arguments go to `ingest run`.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -9,7 +10,7 @@ source "$root/scripts/env.sh"
 cd "$root"
 bash scripts/setup.sh
 bash scripts/fetch-testdata.sh
-cargo build --release -p ingest -p shards
+cargo build --release -p ingest -p shards -p augment
 bin="$root/target/release"
 output="${SEER_DATASET:-$root/dataset}"
 
@@ -25,3 +26,7 @@ echo "== shards dupes"
 "$bin/shards" dupes "$output" | tail -n 20
 "$bin/shards" grid "$output" -o "$output/grid.png"
 echo "contact sheet of 64 random samples: $output/grid.png"
+echo "== augment views (SwAV's 2x224 + 6x96 views of one sample, beside the source)"
+"$bin/augment" views --data "$output" -o "$output/views.png" --preset swav
+echo "== augment bench (the multi-crop pipeline on this dataset, 10 s on every core)"
+"$bin/augment" bench --data "$output" --preset swav --threads "$(nproc)" --seconds 10

@@ -85,8 +85,8 @@ struct ViewsArgs {
     /// Dataset URL or folder.
     #[arg(long)]
     data: String,
-    /// The sample's key.
-    key: String,
+    /// The sample's key (default: the first sample of the first shard).
+    key: Option<String>,
     /// Output PNG.
     #[arg(short, long)]
     output: std::path::PathBuf,
@@ -210,21 +210,38 @@ fn views(args: ViewsArgs) -> Result<()> {
     let config = args.recipe.config()?;
     let runtime = tokio::runtime::Runtime::new()?;
     let dataset = runtime.block_on(Dataset::open(&args.data, &StoreOptions::default()))?;
-    let Some((shard, sample)) = runtime.block_on(dataset.find(&args.key))? else {
-        bail!("{}: no sample with key {:?}", args.data, args.key);
+    let key = match &args.key {
+        Some(key) => key.clone(),
+        None => {
+            let first = dataset
+                .manifest
+                .shards
+                .first()
+                .with_context(|| format!("{}: the dataset has no shards", args.data))?;
+            let index = runtime.block_on(dataset.index(first))?;
+            index
+                .samples
+                .first()
+                .with_context(|| format!("{}: shard {} is empty", args.data, first.name))?
+                .key
+                .clone()
+        }
+    };
+    let Some((shard, sample)) = runtime.block_on(dataset.find(&key))? else {
+        bail!("{}: no sample with key {key:?}", args.data);
     };
     let (_, bytes) = sample
         .image()
-        .with_context(|| format!("{}: sample {} has no image", shard.name, args.key))?;
+        .with_context(|| format!("{}: sample {key} has no image", shard.name))?;
     let mut decoder = Decoder::new(64 << 20);
     let source = decoder
         .decode(bytes)
-        .with_context(|| format!("{}: sample {}", shard.name, args.key))?;
+        .with_context(|| format!("{}: sample {key}", shard.name))?;
     let params = sample_views(
         &config,
         args.recipe.seed,
         args.epoch,
-        &args.key,
+        &key,
         source.width,
         source.height,
     );
@@ -271,7 +288,7 @@ fn views(args: ViewsArgs) -> Result<()> {
         "{}: {} views of {} ({}x{}, shard {}) -> {}",
         config.crops_spec(),
         params.len(),
-        args.key,
+        key,
         source.width,
         source.height,
         shard.name,
