@@ -1,9 +1,13 @@
 //! RegNetY + SwAV pretraining on libtorch (tch): the model, the loss, the optimizer, and the
 //! training loop fed by the augmenter's batch channel.
 
+pub mod checkpoint;
 pub mod collective;
+pub mod config;
+pub mod data;
 pub mod export;
 pub mod optim;
 pub mod regnet;
 pub mod swav;
+pub mod train;
 pub mod metrics;

@@ -1,0 +1,674 @@
+//! The training loop: RegNetY + SwAV on libtorch, fed by the augmenter, checkpointed, logged.
+//!
+//! [`train`] runs one process's share of a run described by a [`TrainConfig`]. Each step:
+//!
+//! 1. takes the next batch from the [`BatchLoader`] (the wait is recorded);
+//! 2. runs the trunk once per group of equal-size crops and the head once on all `V·B`
+//!    features, crop-major ([`SwavModel::forward`], seer.md §1 "Batching / forward");
+//! 3. computes the swapped-prediction loss with the step as SwAV's iteration (Sinkhorn in
+//!    `float32` or higher whatever the precision, seer.md §2);
+//! 4. if the loss is finite: backward (scaled, in fp16), zeroes the prototypes' gradient while
+//!    they are frozen, a LARC-SGD step at the schedule's learning rate, prototypes back to unit
+//!    norm (seer.md §2 "Prototype normalization", §3);
+//! 5. otherwise skips the update and counts it; more than `max_skipped_steps` skipped steps in a
+//!    row stop the run with [`TrainError::Diverged`].
+//!
+//! The model lives in one [`VarStore`]: the trunk under `trunk.` with torchvision's names
+//! (`trunk.stem.0.weight`, `trunk.trunk_output.block1.block1-0.f.a.0.weight`, ...), the head
+//! under `heads.0.` with VISSL's (`heads.0.projection_head.0.weight`, `heads.0.prototypes0.weight`),
+//! so `trunk` is the prefix [`crate::export::export_trunk`] takes.
+//!
+//! **Precision.** `fp32` everywhere on CPU. On CUDA, `bf16` and `fp16` run the forward pass and
+//! the loss under libtorch's CUDA autocast (weights, gradients and optimizer state stay
+//! `float32`); `fp16` adds dynamic loss scaling as apex AMP O1 and `torch.cuda.amp.GradScaler`
+//! do (seer.md §3): scale 2¹⁶, halved and the step skipped when a gradient overflows, doubled
+//! after 2000 steps without overflow.
+//!
+//! **Exact resume.** Checkpoints hold every variable, the momentum buffers, the queue, the
+//! loss scale, the step and the data stream's position after the last consumed batch; torch's
+//! generator is reseeded from `(seed, step)` before every step. On CPU with a fixed
+//! `threads`, N steps, a resume and N more steps give bit-identical weights to 2N steps straight
+//! (tested in `trainer/tests/train_cli.rs`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use augment::{Layout, PipelineOptions};
+use shards::StoreOptions;
+use tch::nn::{ModuleT, VarStore};
+use tch::{Device, Kind, Tensor};
+use tracing::{info, warn};
+
+use crate::checkpoint::{
+    CheckpointError, CheckpointStore, LossScaleState, Snapshot, TrainState, load_checkpoint,
+    restore_variables, step_seed,
+};
+use crate::collective::{Collective, SingleProcess};
+use crate::config::{ConfigError, Precision, TrainConfig};
+use crate::data::{BatchLoader, DataError, ResolutionGroup};
+use crate::metrics::{MetricsWriter, plot_png};
+use crate::optim::{LarcSgd, OptimError, trainable_parameters};
+use crate::regnet::{InvalidParams, RegNetY};
+use crate::swav::{SwavError, SwavHead, SwavLoss, SwavOutput};
+
+/// The var-store prefix of the trunk.
+pub const TRUNK_PREFIX: &str = "trunk";
+
+/// Why a run stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The configuration does not fit this run (e.g. a half precision on CPU).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The model cannot be built.
+    #[error(transparent)]
+    Model(#[from] InvalidParams),
+    /// The loss cannot be configured, or a saved queue does not fit.
+    #[error(transparent)]
+    Loss(#[from] SwavError),
+    /// The data stream failed.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// A checkpoint could not be written or read.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// A checkpoint's optimizer state does not fit the model.
+    #[error("{url}: {source}")]
+    OptimizerState {
+        /// The checkpoint.
+        url: String,
+        /// What does not fit.
+        #[source]
+        source: OptimError,
+    },
+    /// The run directory could not be written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Too many steps in a row were skipped.
+    #[error(
+        "step {step}: {skipped} steps in a row skipped (last loss {last_loss}): training \
+         diverged; lower the learning rate, or resume from an earlier checkpoint"
+    )]
+    Diverged {
+        /// The step (0-based) at which the run stopped.
+        step: u64,
+        /// Steps skipped in a row.
+        skipped: u32,
+        /// The last loss computed.
+        last_loss: f64,
+    },
+}
+
+/// Where `--resume` resumes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// The newest checkpoint of the run's checkpoint folder, if there is one (else a fresh
+    /// start).
+    Latest,
+    /// A checkpoint root (its newest checkpoint) or one checkpoint folder.
+    From(String),
+}
+
+/// How to run a [`TrainConfig`].
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Where to compute.
+    pub device: Device,
+    /// The run directory: resolved configuration, metrics, loss plot, default checkpoints.
+    pub run_dir: PathBuf,
+    /// Resume from a checkpoint.
+    pub resume: Option<Resume>,
+    /// Stop (with a checkpoint) once this many steps are done, as if preempted; the learning
+    /// rate schedule still spans `schedule.steps`.
+    pub stop_after: Option<u64>,
+    /// Object-store options for the data and the checkpoints.
+    pub store: StoreOptions,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    /// Step the run started at (0, or the resumed checkpoint's).
+    pub start_step: u64,
+    /// Steps completed at the end.
+    pub end_step: u64,
+    /// Mean loss of the first logging window of this run.
+    pub first_loss: Option<f64>,
+    /// Mean loss of the last logging window.
+    pub last_loss: Option<f64>,
+    /// Steps skipped over the whole run (non-finite loss or fp16 overflow).
+    pub skipped_steps: u64,
+    /// URL of the last checkpoint written.
+    pub checkpoint: Option<String>,
+    /// Mean wall time per step of this run, in seconds.
+    pub seconds_per_step: f64,
+    /// Share of the step time spent waiting for data.
+    pub data_wait_share: f64,
+}
+
+/// The trunk and the head on one var store.
+pub struct SwavModel {
+    /// Every variable: `trunk.*` and `heads.0.*`.
+    pub vs: VarStore,
+    /// The RegNetY trunk.
+    pub trunk: RegNetY,
+    /// The projection head and prototypes.
+    pub head: SwavHead,
+}
+
+impl SwavModel {
+    /// Builds the model of `config` on `device`, initialized from torch's generator as it is.
+    pub fn new(config: &TrainConfig, device: Device) -> Result<Self, TrainError> {
+        let vs = VarStore::new(device);
+        let params = config.regnet_params();
+        let trunk = RegNetY::new(&(vs.root() / TRUNK_PREFIX), &params)?;
+        let mut head = SwavHead::new(
+            &(vs.root() / "heads" / 0),
+            config.head_config(trunk.out_channels()),
+        );
+        head.normalize_prototypes();
+        Ok(SwavModel { vs, trunk, head })
+    }
+
+    /// Embeddings and scores of a batch `[V·B, ·]`, crop-major: one trunk pass per resolution
+    /// group (BN statistics per group, as SwAV), the pooled features concatenated in crop
+    /// order, then the head once.
+    pub fn forward(&self, groups: &[(ResolutionGroup, Tensor)], train: bool) -> SwavOutput {
+        let features: Vec<Tensor> = groups
+            .iter()
+            .map(|(_, images)| self.trunk.forward_t(images, train)) // [n·B, C]
+            .collect();
+        let features = Tensor::cat(&features, 0); // [V·B, C]
+        self.head.forward_t(&features, train)
+    }
+}
+
+/// The torch seed the model is initialized with: the run's seed, within `i64`.
+pub fn init_seed(seed: u64) -> i64 {
+    (seed & i64::MAX as u64) as i64
+}
+
+/// fp16 dynamic loss scaling (seer.md §3 "Mixed precision"; `GradScaler`'s defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct LossScaler {
+    scale: f64,
+    good_steps: u64,
+}
+
+impl LossScaler {
+    const INITIAL_SCALE: f64 = 65_536.0;
+    const GROWTH_INTERVAL: u64 = 2000;
+
+    fn new() -> Self {
+        LossScaler {
+            scale: Self::INITIAL_SCALE,
+            good_steps: 0,
+        }
+    }
+
+    fn update(&mut self, finite: bool) {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps == Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale *= 0.5;
+            self.good_steps = 0;
+        }
+    }
+
+    fn state(&self) -> LossScaleState {
+        LossScaleState {
+            scale: self.scale,
+            good_steps: self.good_steps,
+        }
+    }
+}
+
+/// What became of one step.
+enum StepOutcome {
+    Applied,
+    /// The loss was not finite.
+    NonFiniteLoss,
+    /// fp16: a gradient overflowed at the current scale.
+    Overflow,
+}
+
+/// Selects the dtype libtorch's CUDA autocast casts to (tch's `autocast` only switches it on,
+/// and libtorch's default is `float16`).
+fn set_cuda_autocast_dtype(kind: Kind) {
+    // c10's `enum class DeviceType : int8_t` (CUDA = 1) and `enum class ScalarType : int8_t`
+    // (Half = 5, BFloat16 = 15).
+    const CUDA: i8 = 1;
+    let dtype: i8 = match kind {
+        Kind::Half => 5,
+        Kind::BFloat16 => 15,
+        other => panic!("autocast to {other:?} is not supported"),
+    };
+    unsafe extern "C" {
+        #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
+        fn at_autocast_set_autocast_dtype(device_type: i8, dtype: i8);
+    }
+    // SAFETY: `at::autocast::set_autocast_dtype(c10::DeviceType, c10::ScalarType)` of
+    // libtorch_cpu (linked by torch-sys) is a plain function taking two `int8_t` enums by value
+    // and returning nothing; under the Itanium C++ ABI that is the C calling convention. It sets
+    // a thread-local and accepts any device type and floating dtype.
+    unsafe { at_autocast_set_autocast_dtype(CUDA, dtype) }
+}
+
+/// The dtype libtorch's CUDA autocast casts to, as c10's `ScalarType` number.
+#[cfg(test)]
+fn cuda_autocast_dtype() -> i8 {
+    unsafe extern "C" {
+        #[link_name = "_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE"]
+        fn at_autocast_get_autocast_dtype(device_type: i8) -> i8;
+    }
+    // SAFETY: as in `set_cuda_autocast_dtype`: a plain libtorch function of one `int8_t` enum
+    // returning one, reading a thread-local.
+    unsafe { at_autocast_get_autocast_dtype(1) }
+}
+
+/// Measures over one logging window.
+struct Window {
+    started: Instant,
+    steps: u64,
+    images: u64,
+    wait: Duration,
+    loss_sum: f64,
+    losses: u64,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window {
+            started: Instant::now(),
+            steps: 0,
+            images: 0,
+            wait: Duration::ZERO,
+            loss_sum: 0.0,
+            losses: 0,
+        }
+    }
+
+    fn mean_loss(&self) -> f64 {
+        if self.losses == 0 {
+            f64::NAN
+        } else {
+            self.loss_sum / self.losses as f64
+        }
+    }
+}
+
+/// Runs (or resumes) training as `config` and `options` say. See the module documentation.
+pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummary, TrainError> {
+    let device = options.device;
+    if config.precision != Precision::Fp32 && !device.is_cuda() {
+        return Err(ConfigError::Invalid {
+            field: "precision".into(),
+            message: format!(
+                "{} needs a CUDA device; on {device:?} use --set precision=fp32",
+                config.precision
+            ),
+        }
+        .into());
+    }
+    if config.threads > 0 {
+        tch::set_num_threads(config.threads as i32);
+    }
+    let collective = SingleProcess;
+    let run_dir = &options.run_dir;
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| TrainError::Io { path, source }
+    };
+    std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
+    let config_text = config.to_toml();
+    let config_path = run_dir.join("config.toml");
+    std::fs::write(&config_path, &config_text).map_err(io(&config_path))?;
+
+    tch::manual_seed(init_seed(config.seed));
+    let mut model = SwavModel::new(config, device)?;
+    let mut loss_fn = SwavLoss::new(config.loss_config())?;
+    let parameters = trainable_parameters(&model.vs);
+    let mut optimizer = LarcSgd::new(config.larc_config());
+    let schedule = config.lr_schedule(collective.world_size());
+    let mut scaler = (config.precision == Precision::Fp16).then(LossScaler::new);
+    let mut state = TrainState::new(config.seed, config.data_seed(), config.digest());
+
+    let checkpoint_url = match &config.checkpoint.url {
+        Some(url) => url.clone(),
+        None => run_dir.join("checkpoints").display().to_string(),
+    };
+    let checkpoints = CheckpointStore::open(&checkpoint_url, &options.store)?;
+    let resume_from = match &options.resume {
+        None => None,
+        Some(Resume::From(url)) => Some(load_checkpoint(url, &options.store)?),
+        Some(Resume::Latest) => match checkpoints.latest()? {
+            Some(latest) => Some(checkpoints.load(&latest.checkpoint)?),
+            None => {
+                info!(
+                    url = checkpoints.url(),
+                    "no checkpoint to resume from: starting afresh"
+                );
+                None
+            }
+        },
+    };
+    if let Some(checkpoint) = resume_from {
+        restore_variables(&model.vs, &checkpoint.model, &checkpoint.url)?;
+        optimizer
+            .load_state(checkpoint.optimizer, &parameters)
+            .map_err(|source| TrainError::OptimizerState {
+                url: checkpoint.url.clone(),
+                source,
+            })?;
+        loss_fn.set_queue(checkpoint.queue.map(|q| q.to_device(device)))?;
+        if checkpoint.state.config_digest != state.config_digest {
+            warn!(
+                checkpoint = checkpoint.url,
+                "the checkpoint was written under another configuration; resuming with this one"
+            );
+        }
+        if let (Some(scaler), Some(saved)) = (scaler.as_mut(), checkpoint.state.loss_scale) {
+            scaler.scale = saved.scale;
+            scaler.good_steps = saved.good_steps;
+        }
+        state = TrainState {
+            config_digest: state.config_digest,
+            ..checkpoint.state
+        };
+        info!(step = state.step, checkpoint = checkpoint.url, "resumed");
+    }
+    let start_step = state.step;
+    let end_step = options
+        .stop_after
+        .map_or(config.schedule.steps, |s| s.min(config.schedule.steps));
+
+    let mut pipeline = PipelineOptions::new(config.augment.clone(), config.data.batch_size);
+    pipeline.layout = Layout::U8Nhwc;
+    if let Some(threads) = config.data.threads {
+        pipeline.threads = threads;
+    }
+    pipeline.prefetch = config.data.prefetch;
+    pipeline.shuffle_buffer = config.data.shuffle_buffer;
+    pipeline.seed = state.data_seed;
+    pipeline.rank = collective.rank();
+    pipeline.world = collective.world_size();
+    pipeline.store = options.store.clone();
+    let mut loader = BatchLoader::start(
+        &config.data.url,
+        pipeline,
+        state.stream.clone(),
+        device,
+        config.data.staging_buffers,
+    )?;
+
+    let run_name = run_dir
+        .file_name()
+        .map_or_else(|| "run".to_owned(), |n| n.to_string_lossy().into_owned());
+    let mut metrics = MetricsWriter::create(run_dir, &run_name).map_err(io(run_dir))?;
+    info!(
+        start_step,
+        end_step,
+        steps = config.schedule.steps,
+        device = ?device,
+        precision = %config.precision,
+        parameters = parameters.iter().map(|(_, t)| t.numel()).sum::<usize>(),
+        "training"
+    );
+
+    let half = match config.precision {
+        Precision::Fp32 => None,
+        Precision::Bf16 => Some(Kind::BFloat16),
+        Precision::Fp16 => Some(Kind::Half),
+    };
+    if let Some(kind) = half {
+        set_cuda_autocast_dtype(kind);
+    }
+    let run_started = Instant::now();
+    let mut total_wait = Duration::ZERO;
+    let mut window = Window::new();
+    let mut first_loss = None;
+    let mut last_loss = None;
+    let mut last_checkpoint = None;
+    let mut saved_at = None;
+    for step in start_step..end_step {
+        let batch = loader.next_batch()?;
+        window.wait += batch.wait;
+        total_wait += batch.wait;
+        tch::manual_seed(step_seed(config.seed, step));
+        let lr = schedule.lr(step);
+
+        let loss = tch::autocast(half.is_some(), || {
+            let out = model.forward(&batch.groups, true);
+            loss_fn.loss(
+                &out.embeddings,
+                &out.scores,
+                model.head.prototypes(),
+                step,
+                &collective,
+            )
+        });
+        let loss_value = loss.double_value(&[]);
+        loader.device_synchronized();
+        let outcome = if !loss_value.is_finite() {
+            if let Some(scaler) = scaler.as_mut() {
+                scaler.update(false);
+            }
+            StepOutcome::NonFiniteLoss
+        } else {
+            match scaler.as_mut() {
+                None => loss.backward(),
+                Some(scaler) => (&loss * scaler.scale).backward(),
+            }
+            model.head.cancel_prototype_gradients(step);
+            let finite = match scaler.as_mut() {
+                None => true,
+                Some(scaler) => {
+                    let finite = unscale_gradients(&parameters, scaler.scale);
+                    scaler.update(finite);
+                    finite
+                }
+            };
+            if finite {
+                optimizer.step(&parameters, lr);
+                optimizer.zero_grad(&parameters);
+                model.head.normalize_prototypes();
+                StepOutcome::Applied
+            } else {
+                optimizer.zero_grad(&parameters);
+                StepOutcome::Overflow
+            }
+        };
+        drop(loss);
+
+        state.step = step + 1;
+        state.stream = Some((*batch.state).clone());
+        state.images_seen += batch.batch_size as u64;
+        window.steps += 1;
+        window.images += batch.batch_size as u64;
+        match outcome {
+            StepOutcome::Applied => {
+                state.skipped_in_a_row = 0;
+                window.loss_sum += loss_value;
+                window.losses += 1;
+            }
+            StepOutcome::NonFiniteLoss | StepOutcome::Overflow => {
+                state.skipped_steps += 1;
+                state.skipped_in_a_row += 1;
+                let reason = if matches!(outcome, StepOutcome::Overflow) {
+                    "fp16 gradient overflow"
+                } else {
+                    "non-finite loss"
+                };
+                warn!(step, loss = loss_value, reason, "step skipped");
+                if state.skipped_in_a_row > config.max_skipped_steps {
+                    return Err(TrainError::Diverged {
+                        step,
+                        skipped: state.skipped_in_a_row,
+                        last_loss: loss_value,
+                    });
+                }
+            }
+        }
+        state.loss_scale = scaler.map(|s| s.state());
+
+        let done = step + 1;
+        if done % config.logging.every_steps == 0 || done == end_step {
+            let elapsed = window.started.elapsed().as_secs_f64();
+            let loss = window.mean_loss();
+            let imgs_per_s = window.images as f64 / elapsed;
+            let data_wait = window.wait.as_secs_f64() / elapsed;
+            let mut scalars = vec![
+                ("train/loss", loss),
+                ("train/lr", lr),
+                ("train/imgs_per_s", imgs_per_s),
+                ("train/data_wait", data_wait),
+                ("train/step_time", elapsed / window.steps as f64),
+                ("train/skipped_steps", state.skipped_steps as f64),
+                ("train/epoch", batch.state.epoch as f64),
+            ];
+            if let Some(scaler) = &scaler {
+                scalars.push(("train/loss_scale", scaler.scale));
+            }
+            metrics.log(done, &scalars).map_err(io(run_dir))?;
+            info!(step = done, loss, lr, imgs_per_s, data_wait, "train");
+            if window.losses > 0 {
+                first_loss.get_or_insert(loss);
+                last_loss = Some(loss);
+            }
+            window = Window::new();
+        }
+        if done % config.checkpoint.every_steps == 0 || done == end_step {
+            let url = save(
+                &checkpoints,
+                &model,
+                &optimizer,
+                &loss_fn,
+                &state,
+                &config_text,
+                config,
+            )?;
+            info!(step = done, url, "checkpoint");
+            last_checkpoint = Some(url);
+            saved_at = Some(done);
+        }
+    }
+    if saved_at != Some(state.step) && state.step > start_step {
+        last_checkpoint = Some(save(
+            &checkpoints,
+            &model,
+            &optimizer,
+            &loss_fn,
+            &state,
+            &config_text,
+            config,
+        )?);
+    }
+    drop(loader);
+
+    let plot = run_dir.join("loss.png");
+    if let Err(e) = plot_png(metrics.jsonl_path(), "train/loss", &plot) {
+        warn!(error = %e, "no loss plot");
+    }
+    let steps = (state.step - start_step).max(1) as f64;
+    let elapsed = run_started.elapsed().as_secs_f64();
+    Ok(TrainSummary {
+        start_step,
+        end_step: state.step,
+        first_loss,
+        last_loss,
+        skipped_steps: state.skipped_steps,
+        checkpoint: last_checkpoint,
+        seconds_per_step: elapsed / steps,
+        data_wait_share: total_wait.as_secs_f64() / elapsed.max(f64::MIN_POSITIVE),
+    })
+}
+
+fn save(
+    checkpoints: &CheckpointStore,
+    model: &SwavModel,
+    optimizer: &LarcSgd,
+    loss_fn: &SwavLoss,
+    state: &TrainState,
+    config_text: &str,
+    config: &TrainConfig,
+) -> Result<String, TrainError> {
+    let optimizer_state = optimizer.state();
+    let snapshot = Snapshot {
+        vs: &model.vs,
+        optimizer: &optimizer_state,
+        queue: loss_fn.queue(),
+        state,
+        config: config_text,
+    };
+    Ok(checkpoints.save(&snapshot, config.checkpoint.keep_last)?)
+}
+
+/// Divides every gradient by `scale` in place; returns whether all of them are finite (one
+/// host synchronization).
+fn unscale_gradients(parameters: &[(String, Tensor)], scale: f64) -> bool {
+    tch::no_grad(|| {
+        let mut total: Option<Tensor> = None;
+        for (_, parameter) in parameters {
+            let mut grad = parameter.grad();
+            if !grad.defined() {
+                continue;
+            }
+            grad *= 1.0 / scale;
+            let magnitude = grad.abs().sum(Kind::Float);
+            total = Some(match total {
+                None => magnitude,
+                Some(t) => t + magnitude,
+            });
+        }
+        total.is_none_or(|t| t.isfinite().int64_value(&[]) != 0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_scale_halves_on_overflow_and_doubles_after_2000_good_steps() {
+        let mut scaler = LossScaler::new();
+        assert_eq!(scaler.scale, 65_536.0);
+        scaler.update(false);
+        assert_eq!(scaler.scale, 32_768.0);
+        for _ in 0..1999 {
+            scaler.update(true);
+        }
+        assert_eq!(scaler.scale, 32_768.0);
+        scaler.update(true);
+        assert_eq!((scaler.scale, scaler.good_steps), (65_536.0, 0));
+    }
+
+    #[test]
+    fn autocast_dtype_is_set_through_libtorch() {
+        set_cuda_autocast_dtype(Kind::BFloat16);
+        assert_eq!(cuda_autocast_dtype(), 15);
+        set_cuda_autocast_dtype(Kind::Half);
+        assert_eq!(cuda_autocast_dtype(), 5);
+    }
+
+    #[test]
+    fn unscaling_detects_overflow() {
+        let w = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        (&w * 4.0).sum(Kind::Float).backward();
+        let parameters = vec![("w".to_owned(), w.shallow_clone())];
+        assert!(unscale_gradients(&parameters, 2.0));
+        assert_eq!(Vec::<f32>::try_from(&w.grad()).unwrap(), [2.0, 2.0]);
+        let v = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
+        (&v * f64::INFINITY).sum(Kind::Float).backward();
+        assert!(!unscale_gradients(&[("v".to_owned(), v)], 2.0));
+    }
+}
