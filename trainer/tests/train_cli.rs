@@ -1,0 +1,424 @@
+//! The `train` binary end to end on CPU, on the small photo set ingested into shards: the
+//! configuration's error messages and exit codes, a run whose loss goes down, exact resume,
+//! checkpoint retention, the guard against non-finite losses, and `train export`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+use trainer::config::TrainConfig;
+use trainer::export::load_trunk;
+use trainer::metrics::{metric_series, read_jsonl};
+use trainer::regnet::RegNetY;
+
+/// The 58 small-set photos ingested at the default 512-px short side into shards of 8
+/// samples; built once per test process (as `augment/tests/pipeline.rs` builds it).
+fn dataset() -> &'static Path {
+    static DATASET: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, path) = DATASET.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("dataset");
+        let input = ingest::input::InputSpec {
+            url: seer_tests::photos_small_dir().to_str().unwrap().to_string(),
+            list: false,
+            list_format: ingest::input::ListFormat::Auto,
+            url_column: "url".into(),
+            labels: ingest::input::LabelSource::None,
+            extensions: ingest::input::DEFAULT_EXTENSIONS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        };
+        let mut config = ingest::job::JobConfig::new(input, out.to_str().unwrap());
+        config.samples_per_shard = 8;
+        config.work_dir = dir.path().to_path_buf();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let summary = runtime
+            .block_on(ingest::job::run(&config, &ingest::job::Silent))
+            .expect("ingest the small photo set");
+        assert!(summary.written >= 50, "{summary:?}");
+        (dir, out)
+    });
+    path
+}
+
+/// A tiny RegNetY (stages 8, 16, 32 wide), a small head, 2×32 + 2×16 crops, batches of 8,
+/// one torch thread (bit-exact results), a checkpoint every 2 steps of which 2 are kept.
+fn tiny_config() -> String {
+    format!(
+        r#"
+seed = 3
+threads = 1
+max_skipped_steps = 2
+
+[model]
+depth = 4
+w0 = 8
+wa = 8.0
+wm = 2.0
+group_width = 8
+
+[head]
+hidden_dims = [32]
+output_dim = 16
+use_bn = true
+num_prototypes = 16
+freeze_prototypes_iters = 2
+
+[loss]
+sinkhorn_iterations = 3
+
+[augment]
+crops = [
+    {{ count = 2, size = 32, scale = [0.14, 1.0] }},
+    {{ count = 2, size = 16, scale = [0.05, 0.14] }},
+]
+
+[data]
+url = "{url}"
+batch_size = 8
+threads = 1
+shuffle_buffer = 16
+
+[optim]
+lr_per_256 = 32.0
+warmup_steps = 2
+
+[schedule]
+steps = 8
+
+[checkpoint]
+every_steps = 2
+keep_last = 2
+
+[logging]
+every_steps = 1
+"#,
+        url = dataset().display()
+    )
+}
+
+/// A folder with the tiny configuration as `tiny.toml`.
+fn workspace() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tiny.toml"), tiny_config()).unwrap();
+    dir
+}
+
+/// Runs `train` with `args` in `dir`.
+fn train(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run the train binary")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `train` and expects success; returns the summary it prints.
+fn train_ok(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let output = train(dir, args);
+    assert!(
+        output.status.success(),
+        "train {args:?} failed ({}):\n{}",
+        output.status,
+        text(&output.stderr)
+    );
+    let stdout = text(&output.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("summary {stdout:?}: {e}"))
+}
+
+/// Every tensor of a safetensors file, by name.
+fn tensors(path: &Path) -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+/// Names of the tensors that differ (in shape, dtype or any bit) between two files.
+fn differing(a: &Path, b: &Path) -> Vec<String> {
+    let (a, b) = (tensors(a), tensors(b));
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "the files hold different tensors"
+    );
+    a.iter()
+        .filter(|(name, t)| !t.equal(&b[*name]))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+fn checkpoint_folders(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ckpt-"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn bad_configurations_exit_2_naming_the_field() {
+    let dir = workspace();
+    for (args, expected) in [
+        (
+            &["--set", "optim.lr_per_256=-1"][..],
+            "optim.lr_per_256: -1 must be positive",
+        ),
+        (
+            &["--set", "optim.lr=1"],
+            "optim.lr: give either lr (absolute) or lr_per_256",
+        ),
+        (&["--set", "optim.momentom=0.9"], "unknown field `momentom`"),
+        (
+            &["--set", "schedule.steps=0"],
+            "schedule.steps: must be at least 1",
+        ),
+        (
+            &["--set", "loss.crops_for_assign=[0, 4]"],
+            "loss.crops_for_assign: crop 4",
+        ),
+        (
+            &["--set", "precision=fp16"],
+            "precision: fp16 needs a CUDA device",
+        ),
+        (
+            &["--device", "gpu"],
+            "--device \"gpu\": expected cpu, cuda or cuda:N",
+        ),
+    ] {
+        let mut all = vec!["--config", "tiny.toml"];
+        all.extend_from_slice(args);
+        let output = train(dir.path(), &all);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: {stderr:?} lacks {expected:?}"
+        );
+    }
+    let output = train(dir.path(), &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("missing --config"));
+}
+
+#[test]
+fn the_loss_goes_down() {
+    let dir = workspace();
+    let steps = 40;
+    let summary = train_ok(
+        dir.path(),
+        &[
+            "--config",
+            "tiny.toml",
+            "--run-dir",
+            "run",
+            "--set",
+            &format!("schedule.steps={steps}"),
+            "--set",
+            "checkpoint.every_steps=100",
+        ],
+    );
+    let run = dir.path().join("run");
+    let records = read_jsonl(&run.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metric_series(&records, "train/loss")
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    assert_eq!(losses.len(), steps);
+    let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;
+    let (start, end) = (mean(&losses[..5]), mean(&losses[steps - 5..]));
+    eprintln!("loss: first 5 steps {start:.4}, last 5 steps {end:.4}; summary {summary}");
+    assert!(
+        end < start - 0.2,
+        "the loss did not go down: {start:.4} -> {end:.4} ({losses:?})"
+    );
+    assert_eq!(summary["end_step"], steps);
+    assert_eq!(summary["skipped_steps"], 0);
+    for file in ["config.toml", "metrics.jsonl", "loss.png"] {
+        assert!(run.join(file).is_file(), "{file} missing from the run");
+    }
+    assert!(
+        std::fs::read_dir(&run).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("tfevents")),
+        "no TensorBoard event file"
+    );
+    // The resolved configuration reproduces the run's.
+    let saved = TrainConfig::load(&run.join("config.toml"), &[] as &[&str]).unwrap();
+    assert_eq!(saved.schedule.steps, steps as u64);
+}
+
+#[test]
+fn resuming_gives_the_same_weights_as_running_straight() {
+    let dir = workspace();
+    let config = ["--config", "tiny.toml"];
+    let straight = train_ok(
+        dir.path(),
+        &[&config[..], &["--run-dir", "straight"]].concat(),
+    );
+    assert_eq!(straight["end_step"], 8);
+    let first = train_ok(
+        dir.path(),
+        &[&config[..], &["--run-dir", "resumed", "--stop-after", "4"]].concat(),
+    );
+    assert_eq!(first["end_step"], 4);
+    let second = train_ok(
+        dir.path(),
+        &[&config[..], &["--run-dir", "resumed", "--resume"]].concat(),
+    );
+    assert_eq!(
+        (&second["start_step"], &second["end_step"]),
+        (&4.into(), &8.into())
+    );
+
+    let final_checkpoint = |run: &str| dir.path().join(run).join("checkpoints/ckpt-00000008");
+    let (a, b) = (final_checkpoint("straight"), final_checkpoint("resumed"));
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let differ = differing(&a.join(file), &b.join(file));
+        assert!(
+            differ.is_empty(),
+            "{file}: {} tensors differ, e.g. {:?}",
+            differ.len(),
+            differ.first()
+        );
+    }
+    let state = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap()
+    };
+    assert_eq!(state(&a)["stream"], state(&b)["stream"]);
+
+    // Retention: a checkpoint every 2 steps, the newest 2 kept.
+    let root = dir.path().join("straight/checkpoints");
+    assert_eq!(
+        checkpoint_folders(&root),
+        ["ckpt-00000006", "ckpt-00000008"]
+    );
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("latest.json")).unwrap()).unwrap();
+    assert_eq!(latest["checkpoint"], "ckpt-00000008");
+
+    // Resuming a finished run does nothing, and an explicit checkpoint folder resumes too.
+    let again = train_ok(
+        dir.path(),
+        &[&config[..], &["--run-dir", "straight", "--resume"]].concat(),
+    );
+    assert_eq!(again["end_step"], 8);
+    let from_folder = train_ok(
+        dir.path(),
+        &[
+            &config[..],
+            &[
+                "--run-dir",
+                "from-folder",
+                "--resume",
+                "straight/checkpoints/ckpt-00000006",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        (&from_folder["start_step"], &from_folder["end_step"]),
+        (&6.into(), &8.into())
+    );
+    let differ = differing(
+        &a.join("model.safetensors"),
+        &dir.path()
+            .join("from-folder/checkpoints/ckpt-00000008/model.safetensors"),
+    );
+    assert!(differ.is_empty(), "{differ:?}");
+}
+
+#[test]
+fn non_finite_losses_stop_the_run() {
+    let dir = workspace();
+    let output = train(
+        dir.path(),
+        &[
+            "--config",
+            "tiny.toml",
+            "--run-dir",
+            "run",
+            "--set",
+            "optim.lr_per_256=1e31",
+            "--set",
+            "schedule.steps=20",
+        ],
+    );
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("3 steps in a row skipped") && stderr.contains("training diverged"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("step skipped"),
+        "skipped steps are logged: {stderr}"
+    );
+}
+
+#[test]
+fn export_writes_a_trunk_that_load_trunk_reads() {
+    let dir = workspace();
+    train_ok(
+        dir.path(),
+        &[
+            "--config",
+            "tiny.toml",
+            "--run-dir",
+            "run",
+            "--set",
+            "schedule.steps=2",
+        ],
+    );
+    let output = train(
+        dir.path(),
+        &[
+            "export",
+            "--checkpoint",
+            "run/checkpoints",
+            "--output",
+            "trunk.safetensors",
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stdout).contains("(step 2)"),
+        "{}",
+        text(&output.stdout)
+    );
+
+    let config = TrainConfig::load(&dir.path().join("tiny.toml"), &[] as &[&str]).unwrap();
+    let vs = VarStore::new(Device::Cpu);
+    let _trunk = RegNetY::new(&vs.root(), &config.regnet_params()).unwrap();
+    let exported = dir.path().join("trunk.safetensors");
+    let unused = load_trunk(&vs, "", &exported).unwrap();
+    assert!(unused.is_empty(), "{unused:?}");
+    // Every trunk tensor of the checkpoint, under torchvision's names.
+    let model = tensors(
+        &dir.path()
+            .join("run/checkpoints/ckpt-00000002/model.safetensors"),
+    );
+    let loaded = vs.variables();
+    let trunk: Vec<_> = model
+        .iter()
+        .filter_map(|(k, t)| Some((k.strip_prefix("trunk.")?, t)))
+        .collect();
+    assert_eq!(trunk.len(), loaded.len());
+    for (name, saved) in trunk {
+        assert!(loaded[name].equal(saved), "{name} differs");
+    }
+    assert!(loaded.contains_key("stem.0.weight"));
+}
