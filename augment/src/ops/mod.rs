@@ -98,3 +98,102 @@ pub fn flip_horizontal(image: RgbMut<'_>) {
         pixels.reverse();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn view(data: &mut [u8], width: u32, height: u32) -> RgbMut<'_> {
+        RgbMut {
+            width,
+            height,
+            data,
+        }
+    }
+
+    fn image(width: u32, height: u32, seed: u8) -> Vec<u8> {
+        (0..width * height * 3)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn flip_reverses_pixels_not_channels() {
+        let mut data = vec![1, 2, 3, 4, 5, 6, 7, 8, 9];
+        flip_horizontal(RgbMut {
+            width: 3,
+            height: 1,
+            data: &mut data,
+        });
+        assert_eq!(data, [7, 8, 9, 4, 5, 6, 1, 2, 3]);
+        let mut one = vec![1, 2, 3];
+        flip_horizontal(RgbMut {
+            width: 1,
+            height: 1,
+            data: &mut one,
+        });
+        assert_eq!(one, [1, 2, 3]);
+        flip_horizontal(RgbMut {
+            width: 0,
+            height: 4,
+            data: &mut [],
+        });
+    }
+
+    proptest! {
+        #[test]
+        fn flip_twice_is_identity(width in 0u32..20, height in 0u32..6, seed: u8) {
+            let original = image(width, height, seed);
+            let mut data = original.clone();
+            flip_horizontal(RgbMut { width, height, data: &mut data });
+            flip_horizontal(RgbMut { width, height, data: &mut data });
+            prop_assert_eq!(data, original);
+        }
+
+        /// Any crop of any small image to any small size: no panic, and a crop of the output's
+        /// size is a plain copy.
+        #[test]
+        fn resized_crop_handles_every_geometry(
+            (width, height, left, top, crop_width, crop_height) in (1u32..40, 1u32..40)
+                .prop_flat_map(|(w, h)| (Just(w), Just(h), 0..w, 0..h))
+                .prop_flat_map(|(w, h, l, t)| (Just(w), Just(h), Just(l), Just(t), 1..=w - l, 1..=h - t)),
+            out_width in 1u32..50,
+            out_height in 1u32..50,
+            seed: u8,
+        ) {
+            let src = image(width, height, seed);
+            let crop = CropBox { top, left, height: crop_height, width: crop_width };
+            let source = RgbRef { width, height, data: &src };
+            let mut resizer = resize::CropResizer::new();
+            let mut out = vec![0; (out_width * out_height * 3) as usize];
+            resizer.resized_crop(source, crop, RgbMut { width: out_width, height: out_height, data: &mut out });
+            let mut same = vec![0; (crop_width * crop_height * 3) as usize];
+            let target = RgbMut { width: crop_width, height: crop_height, data: &mut same };
+            resizer.resized_crop(source, crop, target);
+            for y in 0..crop_height as usize {
+                let start = ((top as usize + y) * width as usize + left as usize) * 3;
+                let row = crop_width as usize * 3;
+                prop_assert_eq!(&same[y * row..(y + 1) * row], &src[start..start + row]);
+            }
+        }
+
+        #[test]
+        fn color_and_blur_never_panic(
+            width in 0u32..12,
+            height in 0u32..12,
+            factor in -1.0f32..3.0,
+            hue in -0.5f32..=0.5,
+            radius in 0.0f32..30.0,
+            seed: u8,
+        ) {
+            let mut data = image(width, height, seed);
+            color::adjust_brightness(view(&mut data, width, height), factor);
+            color::adjust_contrast(view(&mut data, width, height), factor);
+            color::adjust_saturation(view(&mut data, width, height), factor);
+            color::adjust_hue(view(&mut data, width, height), hue);
+            color::to_grayscale(view(&mut data, width, height));
+            blur::GaussianBlur::new().apply(view(&mut data, width, height), radius);
+        }
+    }
+}
