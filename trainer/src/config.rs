@@ -821,7 +821,7 @@ impl TrainConfig {
     /// The resolved configuration as TOML, every field spelled out: what a run saves as
     /// `config.toml` and what reproduces it.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("the configuration serializes to TOML")
+        toml::to_string(self).expect("the configuration serializes to TOML")
     }
 
     /// A short digest of [`to_toml`](Self::to_toml), recorded in checkpoints to notice a resume

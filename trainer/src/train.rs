@@ -323,6 +323,12 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
     if config.threads > 0 {
         tch::set_num_threads(config.threads as i32);
     }
+    if device.is_cuda() {
+        // The crop sizes are fixed, so cuDNN's search for the fastest convolution algorithms
+        // runs once per size. CUDA results are then not bit-reproducible, which only the CPU
+        // promises.
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
     let collective = SingleProcess;
     let run_dir = &options.run_dir;
     let io = |path: &Path| {

@@ -45,8 +45,10 @@ fn dataset() -> &'static Path {
     path
 }
 
-/// A tiny RegNetY (stages 8, 16, 32 wide), a small head, 2×32 + 2×16 crops, batches of 8,
-/// one torch thread (bit-exact results), a checkpoint every 2 steps of which 2 are kept.
+/// A tiny RegNetY (stages 8, 16, 32 wide), a small head with 16 prototypes and a queue of 4
+/// batches (full from step 5), 2×32 + 2×16 crops without color distortion (as
+/// `configs/cpu-small.toml`), batches of 8, one torch thread (bit-exact results), a
+/// checkpoint every 2 steps of which 2 are kept.
 fn tiny_config() -> String {
     format!(
         r#"
@@ -70,12 +72,16 @@ freeze_prototypes_iters = 2
 
 [loss]
 sinkhorn_iterations = 3
+queue = {{ length = 32, start_iter = 1 }}
 
 [augment]
 crops = [
     {{ count = 2, size = 32, scale = [0.14, 1.0] }},
     {{ count = 2, size = 16, scale = [0.05, 0.14] }},
 ]
+jitter = {{ p = 0.0 }}
+grayscale_p = 0.0
+blur = {{ p = 0.0 }}
 
 [data]
 url = "{url}"
