@@ -22,7 +22,7 @@
 //! assert_eq!(config.optim.lr_per_256, Some(1.2));
 //! assert_eq!(config.loss_config().n_crops, 4);
 //! let saved = config.to_toml(); // what the run directory's config.toml holds
-//! assert_eq!(TrainConfig::from_toml_str(&saved, &[]).unwrap(), config);
+//! assert_eq!(TrainConfig::from_toml_str(&saved, &[] as &[&str]).unwrap(), config);
 //! ```
 //!
 //! **Overrides.** `--set key.path=value` replaces (or adds) one key before the file is
