@@ -13,6 +13,9 @@
 //! 5. otherwise skips the update and counts it; more than `max_skipped_steps` skipped steps in a
 //!    row stop the run with [`TrainError::Diverged`].
 //!
+//! A checkpoint is written every `checkpoint.every_steps` steps, at the end, and when
+//! [`TrainOptions::interrupt`] is raised (the `train` binary raises it on SIGINT and SIGTERM).
+//!
 //! The model lives in one [`VarStore`]: the trunk under `trunk.` with torchvision's names
 //! (`trunk.stem.0.weight`, `trunk.trunk_output.block1.block1-0.f.a.0.weight`, ...), the head
 //! under `heads.0.` with VISSL's (`heads.0.projection_head.0.weight`, `heads.0.prototypes0.weight`),
@@ -31,6 +34,8 @@
 //! (tested in `trainer/tests/train_cli.rs`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use augment::{Layout, PipelineOptions};
@@ -129,6 +134,9 @@ pub struct TrainOptions {
     pub stop_after: Option<u64>,
     /// Object-store options for the data and the checkpoints.
     pub store: StoreOptions,
+    /// Once set (by a signal handler, say), the run stops after the step in progress, with a
+    /// checkpoint.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 /// What a finished run reports.
@@ -150,6 +158,8 @@ pub struct TrainSummary {
     pub seconds_per_step: f64,
     /// Share of the step time spent waiting for data.
     pub data_wait_share: f64,
+    /// Whether [`TrainOptions::interrupt`] stopped the run early.
+    pub interrupted: bool,
 }
 
 /// The trunk and the head on one var store.
@@ -446,6 +456,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
     let mut last_loss = None;
     let mut last_checkpoint = None;
     let mut saved_at = None;
+    let mut interrupted = false;
     for step in start_step..end_step {
         let batch = loader.next_batch()?;
         window.wait += batch.wait;
@@ -567,6 +578,15 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
             last_checkpoint = Some(url);
             saved_at = Some(done);
         }
+        if options
+            .interrupt
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::SeqCst))
+        {
+            info!(step = done, "interrupted: stopping with a checkpoint");
+            interrupted = true;
+            break;
+        }
     }
     if saved_at != Some(state.step) && state.step > start_step {
         last_checkpoint = Some(save(
@@ -596,6 +616,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
         checkpoint: last_checkpoint,
         seconds_per_step: elapsed / steps,
         data_wait_share: total_wait.as_secs_f64() / elapsed.max(f64::MIN_POSITIVE),
+        interrupted,
     })
 }
 

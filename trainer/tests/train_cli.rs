@@ -348,6 +348,46 @@ fn resuming_gives_the_same_weights_as_running_straight() {
 }
 
 #[test]
+fn sigterm_stops_the_run_with_a_checkpoint() {
+    let dir = workspace();
+    let child = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(["--config", "tiny.toml", "--run-dir", "run"])
+        .args([
+            "--set",
+            "schedule.steps=100000",
+            "--set",
+            "checkpoint.every_steps=100000",
+        ])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the train binary");
+    let metrics = dir.path().join("run/metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "no 3 steps logged within 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let summary: serde_json::Value = serde_json::from_str(text(&output.stdout).trim()).unwrap();
+    assert_eq!(summary["interrupted"], true);
+    let end = summary["end_step"].as_u64().unwrap();
+    assert!((3..1000).contains(&end), "{summary}");
+    let root = dir.path().join("run/checkpoints");
+    assert_eq!(checkpoint_folders(&root), [format!("ckpt-{end:08}")]);
+}
+
+#[test]
 fn non_finite_losses_stop_the_run() {
     let dir = workspace();
     let output = train(

@@ -1,11 +1,15 @@
 //! The `train` command: see `train --help`.
 //!
-//! Exit codes: 0 done; 1 failed (data, storage, checkpoint); 2 bad command line or
-//! configuration; 3 training diverged (too many skipped steps in a row).
+//! Exit codes: 0 done (or stopped by SIGINT/SIGTERM after writing a checkpoint: the summary
+//! says `"interrupted": true`); 1 failed (data, storage, checkpoint); 2 bad command line or
+//! configuration; 3 training diverged (too many skipped steps in a row); 130 a second signal
+//! before the checkpoint was written.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -140,6 +144,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         }),
         stop_after: args.stop_after,
         store: StoreOptions::default().with_retries(10, Duration::from_secs(180)),
+        interrupt: Some(stop_on_signals()),
     };
     let summary = train(&config, &options).map_err(|e| {
         let code = match e {
@@ -162,9 +167,53 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         "checkpoint": summary.checkpoint,
         "seconds_per_step": summary.seconds_per_step,
         "data_wait_share": summary.data_wait_share,
+        "interrupted": summary.interrupted,
     });
     println!("{json}");
     Ok(())
+}
+
+/// A flag raised by the first SIGINT or SIGTERM, so the run stops after its current step with a
+/// checkpoint (a preempted job resumes from there); a second signal exits at once with 130.
+fn stop_on_signals() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let raised = flag.clone();
+    let watch = move || {
+        use tokio::signal::unix::{SignalKind, signal};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the signal handler");
+        runtime.block_on(async move {
+            let (Ok(mut terminate), Ok(mut interrupt)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::warn!("cannot handle SIGINT and SIGTERM: they stop the run at once");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+                if raised.swap(true, Ordering::SeqCst) {
+                    eprintln!("second signal: stopping without a checkpoint");
+                    std::process::exit(130);
+                }
+                tracing::warn!(
+                    "signal: stopping after this step with a checkpoint (again: at once)"
+                );
+            }
+        });
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(watch)
+    {
+        tracing::warn!(error = %e, "no signal handler thread: signals stop the run at once");
+    }
+    flag
 }
 
 fn export(checkpoint: &str, output: &Path) -> Result<()> {
