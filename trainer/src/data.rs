@@ -9,7 +9,8 @@
 //! The bytes of a group are copied into a host staging tensor `[n·B, H, W, 3]`, moved to the
 //! device as `uint8` (four times fewer bytes than `float32`), and only there permuted to
 //! `[n·B, 3, H, W]`, scaled to `[0, 1]` and normalized with the augmentation's mean and
-//! standard deviation, as torchvision's `ToTensor` + `Normalize`.
+//! standard deviation with the operations of torchvision's `ToTensor` + `Normalize` (on CPU the
+//! result equals the augmenter's own `float32` layout bit for bit; `trainer/tests/train_cli.rs`).
 //!
 //! On CUDA the staging tensors are pinned, so the copy to the device is a non-blocking DMA
 //! transfer that overlaps with the host's work on the next batch. Staging tensors are reused
@@ -83,6 +84,8 @@ pub struct DeviceBatch {
     pub index: u64,
     /// Images per crop, `B`.
     pub batch_size: i64,
+    /// The samples' keys, one per row.
+    pub keys: Vec<String>,
     /// Crops per image, `V`.
     pub crops: usize,
     /// Per resolution group, in crop order: the group and its images `[n·B, 3, H, W]`
@@ -107,10 +110,10 @@ struct StagingSlot {
 pub struct BatchLoader {
     pipeline: Pipeline,
     device: Device,
-    /// `1 / (255·std)` and `mean / std` per channel, `[1, 3, 1, 1]` on the device: normalized
-    /// = byte · scale − shift.
-    scale: Tensor,
-    shift: Tensor,
+    /// The normalization's mean and standard deviation per channel, `[1, 3, 1, 1]` on the
+    /// device.
+    mean: Tensor,
+    std: Tensor,
     slots: Vec<StagingSlot>,
     next_slot: usize,
     /// Sequence number of the last transfer issued.
@@ -135,15 +138,13 @@ impl BatchLoader {
             options.layout == augment::Layout::U8Nhwc,
             "the loader normalizes on the device: it needs uint8 views"
         );
-        let mean = options.augment.mean.map(f64::from);
-        let std = options.augment.std.map(f64::from);
-        let per_channel = |values: [f64; 3]| {
-            Tensor::from_slice(&values.map(|v| v as f32))
+        let per_channel = |values: [f32; 3]| {
+            Tensor::from_slice(&values)
                 .view([1, 3, 1, 1])
                 .to_device(device)
         };
-        let scale = per_channel([0, 1, 2].map(|c| 1.0 / (255.0 * std[c])));
-        let shift = per_channel([0, 1, 2].map(|c| mean[c] / std[c]));
+        let mean = per_channel(options.augment.mean);
+        let std = per_channel(options.augment.std);
         let pipeline = Pipeline::start(url, options, resume)?;
         let slot_count = if device.is_cuda() {
             staging_buffers.max(2)
@@ -153,8 +154,8 @@ impl BatchLoader {
         Ok(BatchLoader {
             pipeline,
             device,
-            scale,
-            shift,
+            mean,
+            std,
             slots: (0..slot_count)
                 .map(|_| StagingSlot {
                     tensors: Vec::new(),
@@ -197,6 +198,7 @@ impl BatchLoader {
         Ok(DeviceBatch {
             index: batch.index,
             batch_size: batch.len() as i64,
+            keys: batch.keys.clone(),
             crops: batch.sizes.len(),
             groups,
             state: batch.state.clone(),
@@ -276,12 +278,15 @@ impl BatchLoader {
             }
             // On CUDA a non-blocking copy from pinned memory; on CPU the same tensor.
             let on_device = staging.to_device_(device, Kind::Uint8, device.is_cuda(), false);
-            let images = on_device
+            // torchvision's `ToTensor` + `Normalize`, op for op: `x.float().div(255)`, then
+            // `.sub(mean).div(std)`.
+            let images = (on_device
                 .permute([0, 3, 1, 2]) // [n·B, 3, H, W]
                 .to_kind(Kind::Float)
                 .contiguous()
-                * &self.scale
-                - &self.shift;
+                / 255.0
+                - &self.mean)
+                / &self.std;
             out.push((group, images));
         }
         if device.is_cuda() {

@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use augment::{AugmentConfig, Layout, Pipeline, PipelineOptions};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 use trainer::config::TrainConfig;
+use trainer::data::{BatchLoader, ResolutionGroup};
 use trainer::export::load_trunk;
 use trainer::metrics::{metric_series, read_jsonl};
 use trainer::regnet::RegNetY;
@@ -171,6 +173,49 @@ fn checkpoint_folders(root: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+#[test]
+fn the_loader_normalizes_the_bytes_as_the_augmenter_does_in_float() {
+    let mut bytes = PipelineOptions::new(
+        AugmentConfig::parse("2x32@0.14-1+2x16@0.05-0.14").unwrap(),
+        4,
+    );
+    (bytes.threads, bytes.shuffle_buffer, bytes.seed) = (1, 8, 5);
+    let mut floats = bytes.clone();
+    floats.layout = Layout::F32Nchw;
+    let url = dataset().to_str().unwrap();
+    let mut loader = BatchLoader::start(url, bytes, None, Device::Cpu, 2).unwrap();
+    let mut reference = Pipeline::start(url, floats, None).unwrap();
+    for _ in 0..2 {
+        let batch = loader.next_batch().unwrap();
+        let expected = reference.next().unwrap().unwrap();
+        assert_eq!(batch.keys, expected.keys);
+        let groups: Vec<_> = batch.groups.iter().map(|(g, _)| g.clone()).collect();
+        assert_eq!(
+            groups,
+            [
+                ResolutionGroup {
+                    size: 32,
+                    crops: 0..2
+                },
+                ResolutionGroup {
+                    size: 16,
+                    crops: 2..4
+                }
+            ]
+        );
+        for (group, images) in &batch.groups {
+            let side = i64::from(group.size);
+            assert_eq!(images.size(), [group.crops.len() as i64 * 4, 3, side, side]);
+            for (position, crop) in group.crops.clone().enumerate() {
+                let ours = images.narrow(0, position as i64 * 4, 4); // [B, 3, H, W]
+                let theirs = Tensor::from_slice(expected.views[crop].as_f32().unwrap())
+                    .view([4, 3, side, side]);
+                assert!(ours.equal(&theirs), "crop {crop} differs");
+            }
+        }
+    }
 }
 
 #[test]
