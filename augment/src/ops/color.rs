@@ -162,7 +162,9 @@ fn hsv_to_rgb(hue: u8, saturation: u8, value: u8) -> [u8; 3] {
     // wide as double ones; the exhaustive test against the transcription confirms the values.
     let twice_hue = i32::from(hue) * 2;
     let sector = twice_hue / 85;
-    let fraction = (twice_hue - sector * 85) as f32 / 85.0;
+    // Multiplying by the float nearest 1/85 equals dividing by 85 for all 85 numerators
+    // (`fraction_multiplication_equals_division` checks them).
+    let fraction = (twice_hue - sector * 85) as f32 * (1.0 / 85.0);
     let scaled = f32::from(saturation) / 255.0;
     let v = f64::from(value);
     let p = floor_non_negative(v * (1.0 - f64::from(scaled)) + 0.5);
@@ -521,6 +523,14 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn fraction_multiplication_equals_division() {
+        for numerator in 0..85u8 {
+            let numerator = f32::from(numerator);
+            assert_eq!(numerator * (1.0 / 85.0), numerator / 85.0, "{numerator}");
         }
     }
 

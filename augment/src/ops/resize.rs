@@ -328,16 +328,13 @@ fn horizontal_pass_portable(
         let first = block * ROWS;
         let count = out_rows.len() / out_bytes;
         // A short last block repeats its last row; those results are not written out.
-        let inputs: [&[u8]; ROWS] = std::array::from_fn(|l| src.row(first + l.min(count - 1)));
-        for (i, column) in scratch
-            .interleaved
-            .as_chunks_mut::<ROWS>()
-            .0
-            .iter_mut()
-            .enumerate()
-        {
-            for (value, input) in column.iter_mut().zip(&inputs) {
-                *value = input[i];
+        let inputs: [&[u8]; ROWS] =
+            std::array::from_fn(|l| &src.row(first + l.min(count - 1))[..in_bytes]);
+        // Equal, visible lengths let the compiler drop bounds checks and vectorize.
+        let columns = &mut scratch.interleaved.as_chunks_mut::<ROWS>().0[..in_bytes];
+        for i in 0..in_bytes {
+            for l in 0..ROWS {
+                columns[i][l] = inputs[l][i];
             }
         }
         // Per input pixel: R of the eight rows, then G, then B.
@@ -366,10 +363,12 @@ fn horizontal_pass_portable(
         let results = scratch.results.as_chunks::<ROWS>().0;
         if count == ROWS {
             let mut rows = out_rows.chunks_exact_mut(out_bytes);
-            let mut outputs: [&mut [u8]; ROWS] = std::array::from_fn(|_| rows.next().unwrap());
-            for (i, column) in results.iter().enumerate() {
-                for (output, &value) in outputs.iter_mut().zip(column) {
-                    output[i] = value;
+            let mut outputs: [&mut [u8]; ROWS] =
+                std::array::from_fn(|_| &mut rows.next().unwrap()[..out_bytes]);
+            let results = &results[..out_bytes];
+            for i in 0..out_bytes {
+                for l in 0..ROWS {
+                    outputs[l][i] = results[i][l];
                 }
             }
         } else {
