@@ -363,7 +363,7 @@ fn horizontal_pass_portable(
         let results = scratch.results.as_chunks::<ROWS>().0;
         if count == ROWS {
             let mut rows = out_rows.chunks_exact_mut(out_bytes);
-            let mut outputs: [&mut [u8]; ROWS] =
+            let outputs: [&mut [u8]; ROWS] =
                 std::array::from_fn(|_| &mut rows.next().unwrap()[..out_bytes]);
             let results = &results[..out_bytes];
             for i in 0..out_bytes {
