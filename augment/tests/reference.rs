@@ -503,7 +503,8 @@ impl Errors {
 
     fn report(&self, what: &str) {
         eprintln!(
-            "{what:<28} cases {:>4}  values {:>10}  max |err| {:<10.3e} mean |err| {:.3e}  differing {:.4}%",
+            "{what:<28} cases {:>4}  values {:>10}  max |err| {:<10.3e} mean |err| {:.3e}  \
+             differing {:.4}%",
             self.cases,
             self.values,
             self.max,

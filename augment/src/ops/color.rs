@@ -108,7 +108,8 @@ fn hue_block_portable(pixels: &mut [[u8; 3]], shift: u8) {
 
 /// PIL's `rgb2hsv_row` (`libImaging/Convert.c`) in the same `float` and `double` steps, written
 /// without branches so that it vectorizes: every case is computed and the right one selected.
-/// Tested against [`reference::rgb_to_hsv`], the step-by-step transcription, for every color.
+/// Tested against `reference::rgb_to_hsv` (in the tests), the step-by-step transcription, for
+/// every color.
 #[inline(always)]
 fn rgb_to_hsv(red: u8, green: u8, blue: u8) -> [u8; 3] {
     // i32, not u32: x86 converts signed integers to floats in one instruction.
@@ -152,7 +153,7 @@ fn rgb_to_hsv(red: u8, green: u8, blue: u8) -> [u8; 3] {
 /// formulas give `(v, v, v)`, PIL's special case). C's `round` becomes `floor(x + 0.5)`, which
 /// agrees on every value these products take: the products for `p` and `q` are exact
 /// multiples of 2^-38, so adding 0.5 is exact, and for `t` the exhaustive test against
-/// [`reference::hsv_to_rgb`] checks it.
+/// `reference::hsv_to_rgb` (in the tests) checks it.
 #[inline(always)]
 fn hsv_to_rgb(hue: u8, saturation: u8, value: u8) -> [u8; 3] {
     // i = floor(h * 6.0 / 255.0) = floor(2h / 85), and f = (float)(h * 6.0 / 255.0 - i) is

@@ -157,7 +157,9 @@ mod tests {
         fn resized_crop_handles_every_geometry(
             (width, height, left, top, crop_width, crop_height) in (1u32..40, 1u32..40)
                 .prop_flat_map(|(w, h)| (Just(w), Just(h), 0..w, 0..h))
-                .prop_flat_map(|(w, h, l, t)| (Just(w), Just(h), Just(l), Just(t), 1..=w - l, 1..=h - t)),
+                .prop_flat_map(|(w, h, l, t)| {
+                    (Just(w), Just(h), Just(l), Just(t), 1..=w - l, 1..=h - t)
+                }),
             out_width in 1u32..50,
             out_height in 1u32..50,
             seed: u8,
@@ -167,7 +169,8 @@ mod tests {
             let source = RgbRef { width, height, data: &src };
             let mut resizer = resize::CropResizer::new();
             let mut out = vec![0; (out_width * out_height * 3) as usize];
-            resizer.resized_crop(source, crop, RgbMut { width: out_width, height: out_height, data: &mut out });
+            let target = RgbMut { width: out_width, height: out_height, data: &mut out };
+            resizer.resized_crop(source, crop, target);
             let mut same = vec![0; (crop_width * crop_height * 3) as usize];
             let target = RgbMut { width: crop_width, height: crop_height, data: &mut same };
             resizer.resized_crop(source, crop, target);
