@@ -237,7 +237,7 @@ impl AugmentConfig {
                 "blur.radius: [{blo}, {bhi}] must satisfy 0 <= min <= max <= 50"
             ));
         }
-        if self.std.iter().any(|s| !(*s > 0.0)) {
+        if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
             return err(format!("std: {:?} must be positive", self.std));
         }
         Ok(())

@@ -318,7 +318,7 @@ struct BatchJob {
 }
 
 enum WorkerResult {
-    Done(Batch),
+    Done(Box<Batch>),
     Dropped(u64),
 }
 
@@ -477,7 +477,7 @@ impl Iterator for Pipeline {
             };
             match results.recv() {
                 Ok(WorkerResult::Done(batch)) => {
-                    self.pending.insert(batch.index, batch);
+                    self.pending.insert(batch.index, *batch);
                 }
                 Ok(WorkerResult::Dropped(index)) => {
                     self.dropped.insert(index);
@@ -1011,7 +1011,7 @@ fn work(
             refilled: failed.len(),
             recycle: Some(recycle_tx.clone()),
         };
-        if results.send(WorkerResult::Done(batch)).is_err() {
+        if results.send(WorkerResult::Done(Box::new(batch))).is_err() {
             return;
         }
     }

@@ -347,7 +347,7 @@ fn no_readable_shard_is_an_error_not_a_hang() {
         .unwrap()
         .next()
         .expect("an error");
-    let error = outcome.err().expect("no batch can come").to_string();
+    let error = outcome.expect_err("no batch can come").to_string();
     assert!(error.contains("no sample"), "{error}");
 }
 
