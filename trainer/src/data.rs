@@ -118,6 +118,8 @@ pub struct BatchLoader {
     next_slot: usize,
     /// Sequence number of the last transfer issued.
     transfers: u64,
+    /// Deliver images in the channels-last memory layout (CUDA only).
+    channels_last: bool,
     /// Transfers up to this number are known to be complete.
     completed: u64,
     delivered: u64,
@@ -164,9 +166,17 @@ impl BatchLoader {
                 .collect(),
             next_slot: 0,
             transfers: 0,
+            channels_last: false,
             completed: 0,
             delivered: 0,
         })
+    }
+
+    /// On CUDA, delivers images in the channels-last (NHWC) memory layout from now on, for
+    /// convolutions whose weights are channels-last too ([`crate::train::to_channels_last`]);
+    /// the values are the same. On CPU the layout stays NCHW.
+    pub fn set_channels_last(&mut self, channels_last: bool) {
+        self.channels_last = channels_last && self.device.is_cuda();
     }
 
     /// The augmenter, for its counters.
@@ -287,6 +297,16 @@ impl BatchLoader {
                 / 255.0
                 - &self.mean)
                 / &self.std;
+            // Channels-last: the same `[n·B, 3, H, W]` values laid out as NHWC in memory, the
+            // layout PyTorch's `x.contiguous(memory_format=torch.channels_last)` gives.
+            let images = if self.channels_last {
+                images
+                    .permute([0, 2, 3, 1])
+                    .contiguous()
+                    .permute([0, 3, 1, 2])
+            } else {
+                images
+            };
             out.push((group, images));
         }
         if device.is_cuda() {

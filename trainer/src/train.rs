@@ -183,6 +183,9 @@ impl SwavModel {
             config.head_config(trunk.out_channels()),
         );
         head.normalize_prototypes();
+        if config.channels_last && device.is_cuda() {
+            to_channels_last(&vs);
+        }
         Ok(SwavModel { vs, trunk, head })
     }
 
@@ -197,6 +200,25 @@ impl SwavModel {
         let features = Tensor::cat(&features, 0); // [V·B, C]
         self.head.forward_t(&features, train)
     }
+}
+
+/// Lays out every 4-D variable of `vs` (the convolution weights) channels-last in memory, as
+/// PyTorch's `model.to(memory_format=torch.channels_last)` does: same shapes and values, NHWC
+/// strides. With channels-last inputs, cuDNN then runs its NHWC kernels without converting the
+/// weights at every call. Checkpoints and exports write contiguous copies, so files do not
+/// depend on the layout.
+pub fn to_channels_last(vs: &VarStore) {
+    tch::no_grad(|| {
+        for (_, mut variable) in vs.variables() {
+            if variable.dim() == 4 {
+                let nhwc = variable
+                    .permute([0, 2, 3, 1])
+                    .contiguous()
+                    .permute([0, 3, 1, 2]);
+                variable.set_data(&nhwc);
+            }
+        }
+    });
 }
 
 /// The torch seed the model is initialized with: the run's seed, within `i64`.
@@ -426,6 +448,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
         device,
         config.data.staging_buffers,
     )?;
+    loader.set_channels_last(config.channels_last);
 
     let run_name = run_dir
         .file_name()
