@@ -62,6 +62,7 @@ def pytorch():
 # The machine's speed drifts (shared virtual machines): each round runs both, back to back, in
 # alternating order, and the ratio is taken within a round.
 runs = {"ours_step": [], "ours_compute": [], "ours_wait": [], "torch": []}
+loads = [os.getloadavg()[0]]
 for r in range(args.repeats):
     if r % 2 == 0:
         a = ours()
@@ -73,6 +74,7 @@ for r in range(args.repeats):
     runs["ours_compute"].append(a["compute"])
     runs["ours_wait"].append(a["wait_share"])
     runs["torch"].append(t)
+    loads.append(os.getloadavg()[0])
     print(f"round {r + 1}: train step {a['step']:.2f} s (compute {a['compute']:.2f} s, data wait {a['wait_share'] * 100:.1f} %), "
           f"PyTorch step {t:.2f} s", flush=True)
 
@@ -103,6 +105,8 @@ lines = [
     "random uint8 crops of the same shapes normalized in the step, as `train` does.",
     f"- {args.warmup} untimed steps, then the median of {args.steps} steps per run; {args.repeats} rounds, both "
     "back to back in alternating order; medians over rounds with the range in brackets; ratios within a round.",
+    f"- Load average (1 min) at the start and after each round: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores "
+    "(above 2, other work shared the machine and slowed both sides).",
     "",
     "| | seconds per step |",
     "|---|---|",
