@@ -48,7 +48,10 @@ echo "pretraining wall time: $(($(date +%s) - start)) s (a resumed or finished r
 # Every probe sees the 28-px images upsampled to the pretraining's 32-px global crops, center
 # crop 32 (the whole image).
 common=(--train "$out/data/train" --test "$out/data/test" --config configs/fashion-mnist.toml
-  --resize 32 --crop 32 --cache-dir "$out/features")
+  --resize 32 --crop 32 --cache-dir "$out/features" --threads 1)
+# --threads 1: with two torch threads on a busy 2-core machine every small operation of the
+# probe waits for the other thread to be scheduled (30 linear epochs on pixels took 40 min
+# instead of 5).
 for trunk in pretrained random pixels; do
   case $trunk in
     pretrained) checkpoint="$out/run/checkpoints" ;;
