@@ -8,12 +8,13 @@
 //!    as the augmenter does, global average pool. It also keeps the features of the horizontally
 //!    flipped crop, the linear probe's light augmentation. [`features::FeatureCache`] stores them
 //!    on disk so that several probes share one extraction.
-//! 2. [`knn::evaluate`] classifies each test sample by VISSL's weighted kNN (cosine similarity,
+//! 2. [`knn::predict`] classifies each test sample by VISSL's weighted kNN (cosine similarity,
 //!    the top k training samples, class score Σ exp(similarity / T)).
-//! 3. [`linear::evaluate`] trains a linear classifier (optionally after a batch norm) on the
-//!    frozen features with SGD, momentum and a cosine schedule, then classifies the test set.
-//! 4. Both give a [`report::Report`]: top-1, top-5, per-class accuracy and the confusion matrix,
-//!    written as JSON and the matrix also as a PNG.
+//! 3. [`linear::train`] trains a linear classifier (optionally after a batch norm) on the
+//!    frozen features with SGD, momentum and a cosine schedule; its logits rank the test set's
+//!    classes.
+//! 4. [`report::score`] turns either ranking into [`report::Scores`]: top-1, top-5, per-class
+//!    accuracy and the confusion matrix, written as JSON and the matrix also as a PNG.
 //!
 //! The `train eval` command ([`cli`]) drives it all.
 //!
