@@ -1,10 +1,12 @@
 //! RegNetY + SwAV pretraining on libtorch (tch): the model, the loss, the optimizer, and the
-//! training loop fed by the augmenter's batch channel.
+//! training loop fed by the augmenter's batch channel; and the evaluation of pretrained trunks
+//! (kNN and linear probes, [`eval`]).
 
 pub mod checkpoint;
 pub mod collective;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod export;
 pub mod metrics;
 pub mod optim;

@@ -50,6 +50,10 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Measure a trunk's features on labeled shards: weighted kNN or a linear probe
+    /// (`train eval knn --help`). Exit codes: 0 done, 1 failed, 2 bad arguments.
+    #[command(subcommand)]
+    Eval(Box<trainer::eval::cli::EvalCommand>),
 }
 
 #[derive(Args)]
@@ -261,6 +265,16 @@ fn main() -> ExitCode {
         Some(Command::Export { checkpoint, output }) => {
             export(&checkpoint, &output).map_err(Failure::from)
         }
+        Some(Command::Eval(command)) => match trainer::eval::cli::run(*command) {
+            Ok(summary) => {
+                println!("{summary}");
+                Ok(())
+            }
+            Err(e) => Err(Failure {
+                code: e.exit_code(),
+                error: anyhow::Error::new(e).context("evaluating"),
+            }),
+        },
         None => run(cli.run),
     };
     match result {
