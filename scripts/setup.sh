@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing the project needs beyond the Rust toolchain:
-#   system packages  cmake, nasm (turbojpeg builds libjpeg-turbo from source), pkg-config
+#   system packages  cmake, nasm (turbojpeg builds libjpeg-turbo from source), pkg-config,
+#                    libgloo-dev (Gloo's headers: the trainer's c10d bridge, trainer/build.rs)
 #   .venv            project-local Python with webdataset, pillow, numpy (reference checks in
 #                    tests/python/ and the interoperability tests of the shard format), and
 #                    torch + torchvision (libtorch for the trainer; augmentation and model references)
@@ -12,7 +13,7 @@ start=$(date +%s.%N)
 source "$root/scripts/env.sh"
 
 # --- System packages ---------------------------------------------------------------------
-system_packages=(cmake nasm pkg-config)
+system_packages=(cmake nasm pkg-config libgloo-dev)
 missing=()
 for p in "${system_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
