@@ -85,23 +85,32 @@ fn compile_bridge(libtorch: &std::path::Path) {
         .debug(false)
         .opt_level(2);
     if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
-        // The CUDA and NCCL headers of the wheel's nvidia-* packages, beside the torch package.
-        let nvidia = libtorch.join("../nvidia");
-        let mut found = false;
-        if let Ok(entries) = std::fs::read_dir(&nvidia) {
-            for entry in entries.flatten() {
-                let headers = entry.path().join("include");
-                if headers.is_dir() {
-                    build.include(headers);
-                    found = true;
-                }
-            }
+        // The CUDA and NCCL headers of the wheel's nvidia-* packages, beside the torch package
+        // (CUDA's crt/ and CCCL come from nvidia-cuda-crt and nvidia-cuda-cccl: `SEER_NCCL=1
+        // scripts/setup.sh`), and any folders in SEER_CUDA_INCLUDE (colon-separated).
+        println!("cargo:rerun-if-env-changed=SEER_CUDA_INCLUDE");
+        let mut folders: Vec<PathBuf> = std::env::var("SEER_CUDA_INCLUDE")
+            .map(|v| std::env::split_paths(&v).collect())
+            .unwrap_or_default();
+        if let Ok(entries) = std::fs::read_dir(libtorch.join("../nvidia")) {
+            let mut packages: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            packages.sort();
+            folders.extend(packages.into_iter().map(|p| p.join("include")));
         }
-        if !found {
+        let mut found = false;
+        for folder in folders.iter().filter(|f| f.is_dir()) {
+            build.include(folder);
+            let cccl = folder.join("cccl");
+            if cccl.is_dir() {
+                build.include(cccl);
+            }
+            found |= folder.join("cuda_runtime.h").exists();
+        }
+        if !found || !folders.iter().any(|f| f.join("crt/host_config.h").exists()) {
             panic!(
-                "{}: no nvidia-* packages with headers; the nccl feature needs the CUDA wheel's \
-                 nvidia packages (scripts/setup.sh --nccl installs the missing ones)",
-                nvidia.display()
+                "the nccl feature needs CUDA's headers with crt/ (nvidia-cuda-runtime, \
+                 nvidia-cuda-crt, nvidia-cuda-cccl beside torch in .venv): run \
+                 SEER_NCCL=1 scripts/setup.sh, or name header folders in SEER_CUDA_INCLUDE"
             );
         }
         build
