@@ -11,7 +11,9 @@
 //! order, with tensors of the same shape and kind. A rank that skips one deadlocks the others. The
 //! operations are blocking and in place: when a call returns, the tensor holds the reduced value on
 //! every rank, on the tensor's own device and kind. A backend that loses a peer cannot let a rank
-//! continue the step alone, so transport failures panic (the run restarts from its checkpoint).
+//! continue the step alone, so transport failures panic; c10d's process groups
+//! ([`crate::dist::ProcessGroup`]) panic with a [`crate::dist::CollectiveFailure`] that the
+//! trainer turns back into an error (the run restarts from its checkpoint).
 //!
 //! ```
 //! use tch::Tensor;

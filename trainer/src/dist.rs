@@ -17,6 +17,7 @@
 //! hung stops with a message, not a hang.
 //!
 //! ```no_run
+//! use std::sync::Arc;
 //! use std::time::Duration;
 //! use tch::Tensor;
 //! use trainer::collective::Collective;
@@ -25,7 +26,7 @@
 //! # fn main() -> Result<(), trainer::dist::DistError> {
 //! let (rank, world) = (0, 2); // rank 1 runs the same with rank = 1
 //! let timeout = Duration::from_secs(60);
-//! let store = Store::connect("127.0.0.1", 29500, rank == 0, timeout)?;
+//! let store = Arc::new(Store::connect("127.0.0.1", 29500, rank == 0, timeout)?);
 //! let group = ProcessGroup::new(&store, "main", rank, world, Backend::Gloo, timeout)?;
 //! let mut t = Tensor::from_slice(&[rank as f32]);
 //! group.all_reduce_sum(&mut t); // 1.0 on both ranks
