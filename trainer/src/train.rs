@@ -549,6 +549,7 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
     }
     let run_started = Instant::now();
     let communication_before = timed.elapsed();
+    let mut window_communication = communication_before;
     let mut total_wait = Duration::ZERO;
     let mut window = Window::new();
     let mut first_loss = None;
@@ -672,6 +673,14 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
             ];
             if let Some(scaler) = &scaler {
                 scalars.push(("train/loss_scale", scaler.scale));
+            }
+            if world > 1 {
+                let communication = timed.elapsed();
+                scalars.push((
+                    "train/communication",
+                    (communication - window_communication).as_secs_f64() / elapsed,
+                ));
+                window_communication = communication;
             }
             if let Some(metrics) = metrics.as_mut() {
                 metrics.log(done, &scalars).map_err(io(run_dir))?;
