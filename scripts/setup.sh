@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Installs what building and testing the project needs beyond the Rust toolchain:
-#   system packages  cmake, nasm (turbojpeg builds libjpeg-turbo from source), pkg-config
+#   system packages  cmake, nasm (turbojpeg builds libjpeg-turbo from source), pkg-config,
+#                    libgloo-dev (Gloo's headers: the trainer's c10d bridge, trainer/build.rs)
 #   .venv            project-local Python with webdataset, pillow, numpy (reference checks in
 #                    tests/python/ and the interoperability tests of the shard format), and
-#                    torch + torchvision (libtorch for the trainer; augmentation and model references)
+#                    torch + torchvision (libtorch for the trainer; augmentation and model references);
+#                    with SEER_NCCL=1 also nvidia-cuda-crt and nvidia-cuda-cccl (headers for the
+#                    trainer's `nccl` feature)
 # Idempotent: apt runs only when a package is missing, pip only when the pinned requirements
 # changed since the last successful install (a stamp inside .venv records them).
 set -euo pipefail
@@ -12,7 +15,7 @@ start=$(date +%s.%N)
 source "$root/scripts/env.sh"
 
 # --- System packages ---------------------------------------------------------------------
-system_packages=(cmake nasm pkg-config)
+system_packages=(cmake nasm pkg-config libgloo-dev)
 missing=()
 for p in "${system_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -58,6 +61,17 @@ else
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $wanted
   "$venv/bin/python" -c 'import webdataset, PIL, numpy, torch, torchvision, safetensors, tensorboard'
   echo "$wanted" > "$stamp"
+fi
+# SEER_NCCL=1: the CUDA headers that ProcessGroupNCCL's header needs besides the wheel's
+# (`cargo build --features nccl`): CUDA's crt/ and CCCL, at the CUDA runtime's version.
+if [[ "${SEER_NCCL:-0}" == 1 ]]; then
+  cuda=$("$venv/bin/python" -c 'import importlib.metadata as m; print(".".join(m.version("nvidia-cuda-runtime").split(".")[:2]))')
+  if "$venv/bin/python" -c 'import importlib.metadata as m; m.version("nvidia-cuda-crt"); m.version("nvidia-cuda-cccl")' 2>/dev/null; then
+    echo "nccl headers: already installed"
+  else
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+      "nvidia-cuda-crt==$cuda.*" "nvidia-cuda-cccl==$cuda.*"
+  fi
 fi
 # tch finds libtorch here (.cargo/config.toml): the torch package folder, with include/ and lib/.
 torch_dir=$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')

@@ -123,7 +123,7 @@ pub struct TrainState {
     pub step: u64,
     /// The data stream just after the last batch consumed; `None` before the first.
     pub stream: Option<StreamState>,
-    /// Images consumed so far (this process).
+    /// Images consumed so far (all ranks).
     pub images_seen: u64,
     /// Steps skipped in total (non-finite loss or fp16 overflow).
     pub skipped_steps: u64,
@@ -138,6 +138,10 @@ pub struct TrainState {
     pub data_seed: u64,
     /// [`crate::config::TrainConfig::digest`] of the configuration that wrote the checkpoint.
     pub config_digest: String,
+    /// In a data-parallel run, every rank's data stream, in rank order (`stream` is rank 0's);
+    /// empty for a single process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<Option<StreamState>>,
 }
 
 impl TrainState {
@@ -154,6 +158,7 @@ impl TrainState {
             seed,
             data_seed,
             config_digest,
+            streams: Vec::new(),
         }
     }
 }

@@ -11,7 +11,9 @@
 //! order, with tensors of the same shape and kind. A rank that skips one deadlocks the others. The
 //! operations are blocking and in place: when a call returns, the tensor holds the reduced value on
 //! every rank, on the tensor's own device and kind. A backend that loses a peer cannot let a rank
-//! continue the step alone, so transport failures panic (the run restarts from its checkpoint).
+//! continue the step alone, so transport failures panic; c10d's process groups
+//! ([`crate::dist::ProcessGroup`]) panic with a [`crate::dist::CollectiveFailure`] that the
+//! trainer turns back into an error (the run restarts from its checkpoint).
 //!
 //! ```
 //! use tch::Tensor;
@@ -45,6 +47,19 @@ pub trait Collective: Send + Sync {
     /// Replaces `t` on every rank by its value on rank `root` (initial weights, resumed state).
     fn broadcast(&self, t: &mut Tensor, root: usize);
 
+    /// Sums each of `tensors` over all ranks; a backend may do it in one call (Gloo's coalesced
+    /// all-reduce), which is much faster than one call per tensor.
+    fn all_reduce_sum_coalesced(&self, tensors: &mut [Tensor]) {
+        for t in tensors {
+            self.all_reduce_sum(t);
+        }
+    }
+
+    /// Waits until every rank has called it.
+    fn barrier(&self) {
+        self.sum_f64(0.0);
+    }
+
     /// Replaces `t` by its mean over all ranks (data-parallel gradient averaging).
     fn all_reduce_mean(&self, t: &mut Tensor) {
         self.all_reduce_sum(t);
@@ -58,6 +73,67 @@ pub trait Collective: Send + Sync {
         let mut t = Tensor::from_slice(&[value]);
         self.all_reduce_sum(&mut t);
         t.double_value(&[0])
+    }
+}
+
+/// A [`Collective`] that adds up the wall time spent in its operations (communication, and
+/// waiting for the slowest rank): the trainer's communication share.
+pub struct Timed<'a> {
+    inner: &'a dyn Collective,
+    nanos: std::sync::atomic::AtomicU64,
+}
+
+impl<'a> Timed<'a> {
+    /// Times `inner`.
+    pub fn new(inner: &'a dyn Collective) -> Self {
+        Timed {
+            inner,
+            nanos: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Time spent in operations so far.
+    pub fn elapsed(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.nanos.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn time<T>(&self, f: impl FnOnce() -> T) -> T {
+        let started = std::time::Instant::now();
+        let value = f();
+        let spent = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.nanos
+            .fetch_add(spent, std::sync::atomic::Ordering::Relaxed);
+        value
+    }
+}
+
+impl Collective for Timed<'_> {
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    fn all_reduce_sum(&self, t: &mut Tensor) {
+        self.time(|| self.inner.all_reduce_sum(t));
+    }
+
+    fn all_reduce_max(&self, t: &mut Tensor) {
+        self.time(|| self.inner.all_reduce_max(t));
+    }
+
+    fn broadcast(&self, t: &mut Tensor, root: usize) {
+        self.time(|| self.inner.broadcast(t, root));
+    }
+
+    fn all_reduce_sum_coalesced(&self, tensors: &mut [Tensor]) {
+        self.time(|| self.inner.all_reduce_sum_coalesced(tensors));
+    }
+
+    fn barrier(&self) {
+        self.time(|| self.inner.barrier());
     }
 }
 

@@ -175,6 +175,9 @@ pub struct TrainConfig {
     /// Metrics and logs.
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// Data-parallel runs (several processes): see `docs/distributed.md`.
+    #[serde(default)]
+    pub distributed: DistributedConfig,
 }
 
 fn default_max_skipped_steps() -> u32 {
@@ -496,6 +499,66 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// The process group of a data-parallel run (ignored by a single process).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    /// `auto` (default: NCCL on CUDA, Gloo on CPU), `gloo` or `nccl`.
+    pub backend: DistributedBackend,
+    /// Gradients are averaged in all-reduces of about this many MiB each (default 25, as
+    /// PyTorch's DDP).
+    pub bucket_mb: f64,
+    /// A collective operation (and the rendezvous) fails after this many seconds without its
+    /// peers, so a rank that died or hung stops the others with an error (default 600: a rank
+    /// may wait this long while rank 0 writes a checkpoint).
+    pub timeout_s: f64,
+    /// Batch norm statistics are shared by groups of this many consecutive ranks
+    /// (SyncBatchNorm; SEER: 64); 0 or 1 (default 0): each rank's own batch. Must divide the
+    /// world size.
+    pub sync_bn_group_size: usize,
+    /// What resuming a checkpoint written with another number of processes does: `error`
+    /// (default), or `restart-data`: model, optimizer and step resume, each rank's data stream
+    /// starts afresh (with a seed derived from the step, so no batch order repeats) and the
+    /// SwAV queue refills.
+    pub on_world_size_change: WorldSizeChange,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        DistributedConfig {
+            backend: DistributedBackend::Auto,
+            bucket_mb: 25.0,
+            timeout_s: 600.0,
+            sync_bn_group_size: 0,
+            on_world_size_change: WorldSizeChange::Error,
+        }
+    }
+}
+
+/// [`DistributedConfig::backend`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DistributedBackend {
+    /// NCCL on CUDA, Gloo on CPU.
+    #[default]
+    Auto,
+    /// c10d's ProcessGroupGloo.
+    Gloo,
+    /// c10d's ProcessGroupNCCL.
+    Nccl,
+}
+
+/// [`DistributedConfig::on_world_size_change`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorldSizeChange {
+    /// Refuse to resume.
+    #[default]
+    Error,
+    /// Resume the model and optimizer, restart the data streams.
+    RestartData,
+}
+
 /// Metrics and logs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -684,6 +747,8 @@ impl TrainConfig {
                 bad(field, format!("{value} must be positive and finite"))
             }
         };
+        positive("distributed.bucket_mb", self.distributed.bucket_mb)?;
+        positive("distributed.timeout_s", self.distributed.timeout_s)?;
         let non_negative = |field: &str, value: f64| {
             if value >= 0.0 && value.is_finite() {
                 Ok(())

@@ -383,16 +383,17 @@ impl ModuleT for BatchNorm2d {
             let mut counter = self.num_batches_tracked.shallow_clone();
             counter += 1;
         }
-        // In training libtorch updates the running statistics in place.
-        xs.batch_norm(
-            Some(&self.weight),
-            Some(&self.bias),
-            Some(&self.running_mean),
-            Some(&self.running_var),
+        // In training libtorch updates the running statistics in place; with a SyncBatchNorm
+        // group configured (data-parallel runs), over the group's batches.
+        crate::dist::batch_norm(
+            xs,
+            &self.weight,
+            &self.bias,
+            &self.running_mean,
+            &self.running_var,
             train,
             BATCH_NORM_MOMENTUM,
             BATCH_NORM_EPS,
-            true,
         )
     }
 }

@@ -225,7 +225,20 @@ impl SwavHead {
         for layer in &self.layers {
             xs = match layer {
                 Layer::Linear(linear) => linear.forward(&xs),
-                Layer::BatchNorm(bn) => bn.forward_t(&xs, train),
+                Layer::BatchNorm(bn) => match (&bn.ws, &bn.bs) {
+                    // Through the SyncBatchNorm group when a data-parallel run has one.
+                    (Some(weight), Some(bias)) if train => crate::dist::batch_norm(
+                        &xs,
+                        weight,
+                        bias,
+                        &bn.running_mean,
+                        &bn.running_var,
+                        train,
+                        self.config.batch_norm_momentum,
+                        self.config.batch_norm_eps,
+                    ),
+                    _ => bn.forward_t(&xs, train),
+                },
                 Layer::Relu => xs.relu(),
             };
         }

@@ -32,6 +32,16 @@
 //! generator is reseeded from `(seed, step)` before every step. On CPU with a fixed
 //! `threads`, N steps, a resume and N more steps give bit-identical weights to 2N steps straight
 //! (tested in `trainer/tests/train_cli.rs`).
+//!
+//! **Data parallelism.** With [`TrainOptions::distributed`], this process is one rank of a run
+//! (docs/distributed.md): every variable is broadcast from rank 0 before the first step (fresh
+//! or resumed); each rank reads its own shards (the augmenter's rank split) and computes the
+//! loss on its batch, Sinkhorn's sums running over all ranks; the gradients are averaged in
+//! buckets after backward; the ranks agree on the loss (their mean is logged and decides a
+//! skip) and on an interrupt, so they skip, stop and checkpoint together. Rank 0 alone writes
+//! the configuration, the metrics and the checkpoints, which hold every rank's data position
+//! and queue. A collective that fails (a peer died or hung past `distributed.timeout_s`)
+//! stops the run with [`TrainError::Distributed`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,9 +58,10 @@ use crate::checkpoint::{
     CheckpointError, CheckpointStore, LossScaleState, Snapshot, TrainState, load_checkpoint,
     restore_variables, step_seed,
 };
-use crate::collective::{Collective, SingleProcess};
-use crate::config::{ConfigError, Precision, TrainConfig};
+use crate::collective::{Collective, SingleProcess, Timed};
+use crate::config::{ConfigError, Precision, TrainConfig, WorldSizeChange};
 use crate::data::{BatchLoader, DataError, ResolutionGroup};
+use crate::dist::{DistError, Distributed, all_gather_bytes, all_gather_cat};
 use crate::metrics::{MetricsWriter, plot_png};
 use crate::optim::{LarcSgd, OptimError, trainable_parameters};
 use crate::regnet::{InvalidParams, RegNetY};
@@ -95,6 +106,9 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    /// A collective operation failed: a peer process exited or stopped responding.
+    #[error("data-parallel run: {0}")]
+    Distributed(#[from] DistError),
     /// Too many steps in a row were skipped.
     #[error(
         "step {step}: {skipped} steps in a row skipped (last loss {last_loss}): training \
@@ -137,6 +151,8 @@ pub struct TrainOptions {
     /// Once set (by a signal handler, say), the run stops after the step in progress, with a
     /// checkpoint.
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// This process's groups in a data-parallel run; `None`: a single process.
+    pub distributed: Option<Distributed>,
 }
 
 /// What a finished run reports.
@@ -158,6 +174,10 @@ pub struct TrainSummary {
     pub seconds_per_step: f64,
     /// Share of the step time spent waiting for data.
     pub data_wait_share: f64,
+    /// Share of the run's time spent in collective operations (gradient all-reduce, Sinkhorn's
+    /// sums, the loss agreement; SyncBatchNorm's not counted), waiting for slower ranks
+    /// included; 0 for a single process.
+    pub communication_share: f64,
     /// Whether [`TrainOptions::interrupt`] stopped the run early.
     pub interrupted: bool,
 }
@@ -341,6 +361,15 @@ impl Window {
 
 /// Runs (or resumes) training as `config` and `options` say. See the module documentation.
 pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummary, TrainError> {
+    crate::dist::set_sync_batch_norm_group(
+        options.distributed.as_ref().and_then(|d| d.sync_bn.clone()),
+    );
+    let result = crate::dist::catch_collective_failure(|| train_inner(config, options));
+    crate::dist::set_sync_batch_norm_group(None);
+    result?
+}
+
+fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummary, TrainError> {
     let device = options.device;
     if config.precision != Precision::Fp32 && !device.is_cuda() {
         return Err(ConfigError::Invalid {
@@ -361,7 +390,13 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
         // promises.
         tch::Cuda::cudnn_set_benchmark(true);
     }
-    let collective = SingleProcess;
+    let timed = Timed::new(match &options.distributed {
+        Some(distributed) => &*distributed.group,
+        None => &SingleProcess,
+    });
+    let collective: &dyn Collective = &timed;
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let leader = rank == 0;
     let run_dir = &options.run_dir;
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -370,14 +405,16 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
     std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
     let config_text = config.to_toml();
     let config_path = run_dir.join("config.toml");
-    std::fs::write(&config_path, &config_text).map_err(io(&config_path))?;
+    if leader {
+        std::fs::write(&config_path, &config_text).map_err(io(&config_path))?;
+    }
 
     tch::manual_seed(init_seed(config.seed));
     let mut model = SwavModel::new(config, device)?;
     let mut loss_fn = SwavLoss::new(config.loss_config())?;
     let parameters = trainable_parameters(&model.vs);
     let mut optimizer = LarcSgd::new(config.larc_config());
-    let schedule = config.lr_schedule(collective.world_size());
+    let schedule = config.lr_schedule(world);
     let mut scaler = (config.precision == Precision::Fp16).then(LossScaler::new);
     let mut state = TrainState::new(config.seed, config.data_seed(), config.digest());
 
@@ -408,7 +445,34 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
                 url: checkpoint.url.clone(),
                 source,
             })?;
-        loss_fn.set_queue(checkpoint.queue.map(|q| q.to_device(device)))?;
+        let saved_world = checkpoint.state.streams.len().max(1);
+        let world_changed = saved_world != world;
+        if world_changed && config.distributed.on_world_size_change == WorldSizeChange::Error {
+            return Err(ConfigError::Invalid {
+                field: "distributed.on_world_size_change".into(),
+                message: format!(
+                    "{} was written by {saved_world} process(es), this run has {world}: \
+                     resume with {saved_world}, or --set \
+                     distributed.on_world_size_change=\"restart-data\" to keep the model and \
+                     optimizer and restart the data streams",
+                    checkpoint.url
+                ),
+            }
+            .into());
+        }
+        // A data-parallel checkpoint holds every rank's queue along the rows.
+        let queue = checkpoint.queue.and_then(|q| {
+            let rows = q.size().get(1).copied().unwrap_or(0);
+            if world_changed {
+                None
+            } else if world > 1 && rows % world as i64 == 0 {
+                let local = rows / world as i64;
+                Some(q.narrow(1, rank as i64 * local, local))
+            } else {
+                Some(q)
+            }
+        });
+        loss_fn.set_queue(queue.map(|q| q.to_device(device)))?;
         if checkpoint.state.config_digest != state.config_digest {
             warn!(
                 checkpoint = checkpoint.url,
@@ -419,11 +483,39 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
             scaler.scale = saved.scale;
             scaler.good_steps = saved.good_steps;
         }
+        let saved = checkpoint.state;
+        let stream = if world_changed {
+            warn!(
+                saved_world,
+                world, "another number of processes: every rank's data stream starts afresh"
+            );
+            None
+        } else if world > 1 {
+            saved.streams.get(rank).cloned().flatten()
+        } else {
+            saved.stream.clone()
+        };
         state = TrainState {
             config_digest: state.config_digest,
-            ..checkpoint.state
+            stream,
+            data_seed: if world_changed {
+                crate::checkpoint::step_seed(saved.data_seed, saved.step) as u64
+            } else {
+                saved.data_seed
+            },
+            ..saved
         };
         info!(step = state.step, checkpoint = checkpoint.url, "resumed");
+    }
+    if world > 1 {
+        // Every rank starts from rank 0's variables (its initialization, or its checkpoint).
+        tch::no_grad(|| {
+            let mut variables: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+            variables.sort_by(|a, b| a.0.cmp(&b.0));
+            for (_, variable) in &mut variables {
+                collective.broadcast(variable, 0);
+            }
+        });
     }
     let start_step = state.step;
     let end_step = options
@@ -438,8 +530,8 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
     pipeline.prefetch = config.data.prefetch;
     pipeline.shuffle_buffer = config.data.shuffle_buffer;
     pipeline.seed = state.data_seed;
-    pipeline.rank = collective.rank();
-    pipeline.world = collective.world_size();
+    pipeline.rank = rank;
+    pipeline.world = world;
     pipeline.store = options.store.clone();
     let mut loader = BatchLoader::start(
         &config.data.url,
@@ -453,8 +545,14 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
     let run_name = run_dir
         .file_name()
         .map_or_else(|| "run".to_owned(), |n| n.to_string_lossy().into_owned());
-    let mut metrics = MetricsWriter::create(run_dir, &run_name).map_err(io(run_dir))?;
+    let mut metrics = if leader {
+        Some(MetricsWriter::create(run_dir, &run_name).map_err(io(run_dir))?)
+    } else {
+        None
+    };
     info!(
+        rank,
+        world,
         start_step,
         end_step,
         steps = config.schedule.steps,
@@ -473,6 +571,8 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
         set_cuda_autocast_dtype(kind);
     }
     let run_started = Instant::now();
+    let communication_before = timed.elapsed();
+    let mut window_communication = communication_before;
     let mut total_wait = Duration::ZERO;
     let mut window = Window::new();
     let mut first_loss = None;
@@ -494,11 +594,26 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
                 &out.scores,
                 model.head.prototypes(),
                 step,
-                &collective,
+                collective,
             )
         });
-        let loss_value = loss.double_value(&[]);
+        let local_loss = loss.double_value(&[]);
         loader.device_synchronized();
+        let raised = options
+            .interrupt
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::SeqCst));
+        // The ranks agree on the loss (a skip is everyone's) and on stopping.
+        let (loss_value, stop_requested) = if world > 1 {
+            let mut agreed = Tensor::from_slice(&[local_loss, f64::from(u8::from(raised))]);
+            collective.all_reduce_sum(&mut agreed);
+            (
+                agreed.double_value(&[0]) / world as f64,
+                agreed.double_value(&[1]) > 0.0,
+            )
+        } else {
+            (local_loss, raised)
+        };
         let outcome = if !loss_value.is_finite() {
             if let Some(scaler) = scaler.as_mut() {
                 scaler.update(false);
@@ -510,6 +625,9 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
                 Some(scaler) => (&loss * scaler.scale).backward(),
             }
             model.head.cancel_prototype_gradients(step);
+            if let Some(distributed) = &options.distributed {
+                distributed.reducer.average(&parameters, collective);
+            }
             let finite = match scaler.as_mut() {
                 None => true,
                 Some(scaler) => {
@@ -532,9 +650,9 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
 
         state.step = step + 1;
         state.stream = Some((*batch.state).clone());
-        state.images_seen += batch.batch_size as u64;
+        state.images_seen += batch.batch_size as u64 * world as u64;
         window.steps += 1;
-        window.images += batch.batch_size as u64;
+        window.images += batch.batch_size as u64 * world as u64;
         match outcome {
             StepOutcome::Applied => {
                 state.skipped_in_a_row = 0;
@@ -579,8 +697,18 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
             if let Some(scaler) = &scaler {
                 scalars.push(("train/loss_scale", scaler.scale));
             }
-            metrics.log(done, &scalars).map_err(io(run_dir))?;
-            info!(step = done, loss, lr, imgs_per_s, data_wait, "train");
+            if world > 1 {
+                let communication = timed.elapsed();
+                scalars.push((
+                    "train/communication",
+                    (communication - window_communication).as_secs_f64() / elapsed,
+                ));
+                window_communication = communication;
+            }
+            if let Some(metrics) = metrics.as_mut() {
+                metrics.log(done, &scalars).map_err(io(run_dir))?;
+                info!(step = done, loss, lr, imgs_per_s, data_wait, "train");
+            }
             if window.losses > 0 {
                 first_loss.get_or_insert(loss);
                 last_loss = Some(loss);
@@ -596,23 +724,22 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
                 &state,
                 &config_text,
                 config,
+                collective,
             )?;
-            info!(step = done, url, "checkpoint");
-            last_checkpoint = Some(url);
+            if let Some(url) = &url {
+                info!(step = done, url, "checkpoint");
+            }
+            last_checkpoint = url;
             saved_at = Some(done);
         }
-        if options
-            .interrupt
-            .as_ref()
-            .is_some_and(|flag| flag.load(Ordering::SeqCst))
-        {
+        if stop_requested {
             info!(step = done, "interrupted: stopping with a checkpoint");
             interrupted = true;
             break;
         }
     }
     if saved_at != Some(state.step) && state.step > start_step {
-        last_checkpoint = Some(save(
+        last_checkpoint = save(
             &checkpoints,
             &model,
             &optimizer,
@@ -620,13 +747,16 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
             &state,
             &config_text,
             config,
-        )?);
+            collective,
+        )?;
     }
     drop(loader);
 
-    let plot = run_dir.join("loss.png");
-    if let Err(e) = plot_png(metrics.jsonl_path(), "train/loss", &plot) {
-        warn!(error = %e, "no loss plot");
+    if let Some(metrics) = &metrics {
+        let plot = run_dir.join("loss.png");
+        if let Err(e) = plot_png(metrics.jsonl_path(), "train/loss", &plot) {
+            warn!(error = %e, "no loss plot");
+        }
     }
     let steps = (state.step - start_step).max(1) as f64;
     let elapsed = run_started.elapsed().as_secs_f64();
@@ -639,10 +769,15 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummar
         checkpoint: last_checkpoint,
         seconds_per_step: elapsed / steps,
         data_wait_share: total_wait.as_secs_f64() / elapsed.max(f64::MIN_POSITIVE),
+        communication_share: (timed.elapsed() - communication_before).as_secs_f64()
+            / elapsed.max(f64::MIN_POSITIVE),
         interrupted,
     })
 }
 
+/// Writes a checkpoint (rank 0; every rank takes part in gathering the data positions and
+/// queues, and gets `None` back but rank 0, which gets the URL).
+#[allow(clippy::too_many_arguments)]
 fn save(
     checkpoints: &CheckpointStore,
     model: &SwavModel,
@@ -651,16 +786,36 @@ fn save(
     state: &TrainState,
     config_text: &str,
     config: &TrainConfig,
-) -> Result<String, TrainError> {
+    collective: &dyn Collective,
+) -> Result<Option<String>, TrainError> {
+    let world = collective.world_size();
+    let mut state = state.clone();
+    let mut queue = loss_fn.queue().map(Tensor::shallow_clone);
+    if world > 1 {
+        let own = serde_json::to_vec(&state.stream).unwrap_or_default();
+        state.streams = all_gather_bytes(&own, collective)
+            .iter()
+            .map(|bytes| serde_json::from_slice(bytes).ok().flatten())
+            .collect();
+        // Queues exist on every rank or on none (same configuration, same step).
+        queue = queue.map(|q| all_gather_cat(&q, 1, collective));
+    } else {
+        state.streams.clear();
+    }
+    if collective.rank() != 0 {
+        return Ok(None);
+    }
     let optimizer_state = optimizer.state();
     let snapshot = Snapshot {
         vs: &model.vs,
         optimizer: &optimizer_state,
-        queue: loss_fn.queue(),
-        state,
+        queue: queue.as_ref(),
+        state: &state,
         config: config_text,
     };
-    Ok(checkpoints.save(&snapshot, config.checkpoint.keep_last)?)
+    Ok(Some(
+        checkpoints.save(&snapshot, config.checkpoint.keep_last)?,
+    ))
 }
 
 /// Divides every gradient by `scale` in place; returns whether all of them are finite (one

@@ -2,8 +2,12 @@
 //!
 //! Exit codes: 0 done (or stopped by SIGINT/SIGTERM after writing a checkpoint: the summary
 //! says `"interrupted": true`); 1 failed (data, storage, checkpoint); 2 bad command line or
-//! configuration; 3 training diverged (too many skipped steps in a row); 130 a second signal
+//! configuration; 3 training diverged (too many skipped steps in a row); 4 a data-parallel peer
+//! failed (exited, or stopped responding within `distributed.timeout_s`); 130 a second signal
 //! before the checkpoint was written.
+//!
+//! Data parallelism (docs/distributed.md): under torchrun or Slurm each process is one rank;
+//! `--nproc N` spawns N local ranks of the same command.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -17,8 +21,10 @@ use clap::{Args, Parser, Subcommand};
 use shards::StoreOptions;
 use tch::Device;
 use trainer::checkpoint::{load_checkpoint, restore_variables};
-use trainer::config::TrainConfig;
+use trainer::config::{DistributedBackend, TrainConfig};
+use trainer::dist::{Backend, Distributed};
 use trainer::export::export_trunk;
+use trainer::launch::{Launch, spawn_local};
 use trainer::train::{Resume, SwavModel, TRUNK_PREFIX, TrainError, TrainOptions, train};
 
 /// Pretrain a RegNetY with SwAV (SEER) on a shard dataset, on CPU or CUDA.
@@ -80,6 +86,10 @@ struct RunArgs {
     /// schedule still spans schedule.steps. Resume later with --resume.
     #[arg(long, value_name = "STEPS")]
     stop_after: Option<u64>,
+    /// Run N processes on this machine as one data-parallel run (Gloo on CPU; on CUDA one GPU
+    /// each, NCCL). Under torchrun or Slurm, leave it out: their variables say the rank.
+    #[arg(long, value_name = "N")]
+    nproc: Option<usize>,
 }
 
 /// A failure and the exit code it maps to.
@@ -126,7 +136,61 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         )));
     };
     let config = TrainConfig::load(&config_path, &args.overrides).map_err(|e| usage(e.into()))?;
-    let device = parse_device(&args.device).map_err(usage)?;
+    let launch = Launch::from_env().map_err(|e| usage(e.into()))?;
+    if let Some(nproc) = args.nproc {
+        if nproc == 0 {
+            return Err(usage(anyhow::anyhow!("--nproc 0: expected at least 1")));
+        }
+        if launch.is_some() {
+            return Err(usage(anyhow::anyhow!(
+                "--nproc {nproc} under a launcher (RANK/WORLD_SIZE or SLURM_PROCID are set): \
+                 leave --nproc out, the launcher starts the ranks"
+            )));
+        }
+        if nproc > 1 {
+            return spawn_ranks(nproc);
+        }
+    }
+    let launch = launch.filter(|l| l.world_size > 1);
+    let mut device = parse_device(&args.device).map_err(usage)?;
+    if let (Some(launch), Device::Cuda(_)) = (&launch, device) {
+        // One GPU per local rank.
+        device = parse_device(&format!("cuda:{}", launch.local_rank)).map_err(usage)?;
+    }
+    let distributed = match &launch {
+        None => None,
+        Some(launch) => {
+            let backend = match (config.distributed.backend, device) {
+                (DistributedBackend::Gloo, _) => Backend::Gloo,
+                (DistributedBackend::Nccl, _) => Backend::Nccl,
+                (DistributedBackend::Auto, Device::Cuda(_)) => Backend::Nccl,
+                (DistributedBackend::Auto, _) => Backend::Gloo,
+            };
+            let group_size = config.distributed.sync_bn_group_size;
+            if group_size > 1 && launch.world_size % group_size != 0 {
+                return Err(usage(anyhow::anyhow!(
+                    "distributed.sync_bn_group_size = {group_size} does not divide the {} \
+                     processes of this run",
+                    launch.world_size
+                )));
+            }
+            let timeout = Duration::from_secs_f64(config.distributed.timeout_s);
+            let bucket_bytes = (config.distributed.bucket_mb * 1024.0 * 1024.0) as usize;
+            let distributed = Distributed::init(launch, backend, timeout, bucket_bytes, group_size)
+                .map_err(|e| Failure {
+                    code: 4,
+                    error: anyhow::Error::new(e).context(format!(
+                        "joining the run as rank {} of {}",
+                        launch.rank, launch.world_size
+                    )),
+                })?;
+            Some(distributed)
+        }
+    };
+    let rank = launch.as_ref().map_or(0, |l| l.rank);
+    let _span = launch
+        .as_ref()
+        .map(|l| tracing::info_span!("rank", rank = l.rank).entered());
     let run_dir = args
         .run_dir
         .or_else(|| config.logging.dir.as_ref().map(PathBuf::from))
@@ -149,11 +213,13 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         stop_after: args.stop_after,
         store: StoreOptions::default().with_retries(10, Duration::from_secs(180)),
         interrupt: Some(stop_on_signals()),
+        distributed,
     };
     let summary = train(&config, &options).map_err(|e| {
         let code = match e {
             TrainError::Config(_) => 2,
             TrainError::Diverged { .. } => 3,
+            TrainError::Distributed(_) => 4,
             _ => 1,
         };
         Failure {
@@ -171,10 +237,38 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         "checkpoint": summary.checkpoint,
         "seconds_per_step": summary.seconds_per_step,
         "data_wait_share": summary.data_wait_share,
+        "communication_share": summary.communication_share,
         "interrupted": summary.interrupted,
     });
-    println!("{json}");
+    if rank == 0 {
+        println!("{json}");
+    }
     Ok(())
+}
+
+/// `--nproc N`: this command again as N local ranks (without --nproc); the first rank to fail
+/// stops the others, and its exit code is ours.
+fn spawn_ranks(nproc: usize) -> Result<(), Failure> {
+    let program = std::env::current_exe().context("the path of this program")?;
+    let mut args = Vec::new();
+    let mut rest = std::env::args().skip(1);
+    while let Some(arg) = rest.next() {
+        if arg == "--nproc" {
+            rest.next();
+        } else if !arg.starts_with("--nproc=") {
+            args.push(arg);
+        }
+    }
+    let stop = stop_on_signals();
+    let failure = spawn_local(&program, &args, nproc, Duration::from_secs(30), &stop)
+        .context("starting the local ranks")?;
+    match failure {
+        None => Ok(()),
+        Some((rank, status)) => Err(Failure {
+            code: status.code().map_or(1, |c| c.clamp(1, 255) as u8),
+            error: anyhow::anyhow!("rank {rank} of {nproc} failed ({status}): stopped the others"),
+        }),
+    }
 }
 
 /// A flag raised by the first SIGINT or SIGTERM, so the run stops after its current step with a
@@ -261,6 +355,7 @@ fn init_logging(verbose: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    trainer::dist::quiet_collective_failures();
     let result = match cli.command {
         Some(Command::Export { checkpoint, output }) => {
             export(&checkpoint, &output).map_err(Failure::from)

@@ -1,0 +1,737 @@
+//! Data parallelism on c10d's Gloo, on CPU, with real processes: the collectives of the bridge,
+//! SyncBatchNorm and Sinkhorn against their single-process results on the concatenated batch,
+//! 2 ranks with batch B against 1 process with batch 2B, a rank killed or hung (the other stops
+//! with an error, not a hang), and `train --nproc 2` with its checkpoints, resume and world-size
+//! checks.
+//!
+//! Multi-process tests run this test binary again, filtered to the one test, as each rank:
+//! `SEER_DIST_TEST_WORKER` tells the copy that it is a rank, and torchrun's variables which.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tch::nn::ModuleT;
+use tch::{Device, Kind, Tensor};
+use trainer::checkpoint::TrainState;
+use trainer::collective::{Collective, SingleProcess};
+use trainer::config::TrainConfig;
+use trainer::dist::{
+    Backend, Distributed, GradientReducer, ProcessGroup, ReduceOp, Store, all_gather_bytes,
+    all_gather_cat, set_sync_batch_norm_group,
+};
+use trainer::launch::{Launch, free_port};
+use trainer::optim::{LarcSgd, trainable_parameters};
+use trainer::swav::{SwavLoss, sinkhorn};
+use trainer::train::SwavModel;
+
+const WORKER: &str = "SEER_DIST_TEST_WORKER";
+const OUT: &str = "SEER_DIST_TEST_OUT";
+
+/// Whether this process is a rank started by [`run_ranks`].
+fn is_worker() -> bool {
+    std::env::var_os(WORKER).is_some()
+}
+
+/// Runs the test `name` of this binary as `world` processes and returns their outputs.
+fn run_ranks(name: &str, world: usize, out: &Path) -> Vec<Output> {
+    let port = free_port().unwrap();
+    let children: Vec<Child> = (0..world)
+        .map(|rank| {
+            Command::new(std::env::current_exe().unwrap())
+                .args([name, "--exact", "--nocapture", "--test-threads=1"])
+                .env(WORKER, "1")
+                .env(OUT, out)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for (rank, output) in outputs.iter().enumerate() {
+        assert!(
+            output.status.success(),
+            "rank {rank} failed ({}):\n{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    outputs
+}
+
+/// The worker's launch and main Gloo group.
+fn join(timeout: Duration) -> (Launch, Arc<Store>, ProcessGroup) {
+    let launch = Launch::from_env().unwrap().expect("RANK and WORLD_SIZE");
+    let store = Arc::new(
+        Store::connect(
+            &launch.master_addr,
+            launch.master_port,
+            launch.hosts_store(),
+            timeout,
+        )
+        .unwrap(),
+    );
+    let group = ProcessGroup::new(
+        &store,
+        "test",
+        launch.rank,
+        launch.world_size,
+        Backend::Gloo,
+        timeout,
+    )
+    .unwrap();
+    (launch, store, group)
+}
+
+fn floats(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+}
+
+fn max_difference(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+#[test]
+fn gloo_collectives_sync_batch_norm_and_sinkhorn_across_two_processes() {
+    if !is_worker() {
+        let out = tempfile::tempdir().unwrap();
+        run_ranks(
+            "gloo_collectives_sync_batch_norm_and_sinkhorn_across_two_processes",
+            2,
+            out.path(),
+        );
+        return;
+    }
+    let (launch, _store, group) = join(Duration::from_secs(60));
+    let (rank, world) = (launch.rank, launch.world_size);
+    assert_eq!((group.rank(), group.world_size()), (rank, 2));
+    let r = rank as f32 + 1.0;
+
+    let mut sum = Tensor::from_slice(&[r, 10.0 * r]);
+    group.all_reduce_sum(&mut sum);
+    assert_eq!(floats(&sum), [3.0, 30.0]);
+    let mut max = Tensor::from_slice(&[r, -r]);
+    group.all_reduce_max(&mut max);
+    assert_eq!(floats(&max), [2.0, -1.0]);
+    // Not contiguous: reduced through a copy.
+    let mut transposed = Tensor::from_slice(&[r, 2.0 * r, 3.0 * r, 4.0 * r])
+        .view([2, 2])
+        .tr();
+    group.all_reduce_sum(&mut transposed);
+    assert_eq!(floats(&transposed), [3.0, 9.0, 6.0, 12.0]);
+    for kind in [Kind::Double, Kind::Int64, Kind::Int] {
+        let mut t = Tensor::from_slice(&[rank as i64 + 1, 5]).to_kind(kind);
+        group.all_reduce_sum(&mut t);
+        assert_eq!(floats(&t), [3.0, 10.0], "{kind:?}");
+    }
+    let mut many = vec![
+        Tensor::from_slice(&[r]),
+        Tensor::from_slice(&[r, r, r]),
+        Tensor::full([2, 2], f64::from(r), (Kind::Float, Device::Cpu)),
+    ];
+    group.all_reduce_sum_coalesced(&mut many);
+    assert_eq!(floats(&many[1]), [3.0; 3]);
+    assert_eq!(floats(&many[2]), [3.0; 4]);
+    group
+        .all_reduce(&mut [Tensor::from_slice(&[r])], ReduceOp::Max)
+        .unwrap();
+    let mut broadcast = Tensor::from_slice(&[r, r]);
+    Collective::broadcast(&group, &mut broadcast, 1);
+    assert_eq!(floats(&broadcast), [2.0, 2.0]);
+    group.barrier().unwrap();
+    assert_eq!(group.sum_f64(0.5), 1.0);
+
+    let gathered = all_gather_bytes(&vec![b'a' + rank as u8; rank * 3 + 1], &group);
+    assert_eq!(gathered, [b"a".to_vec(), b"bbbb".to_vec()]);
+    let cat = all_gather_cat(&Tensor::from_slice(&[r]).view([1, 1]), 0, &group);
+    assert_eq!(floats(&cat), [1.0, 2.0]);
+
+    // Gradient averaging in buckets of 16 bytes: several buckets, one oversized gradient.
+    let parameters: Vec<(String, Tensor)> = [3i64, 1, 10, 2]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let p = Tensor::ones([n], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            (&p * f64::from(r * (i as f32 + 1.0)))
+                .sum(Kind::Float)
+                .backward();
+            (format!("p{i}"), p)
+        })
+        .collect();
+    GradientReducer { bucket_bytes: 16 }.average(&parameters, &group);
+    for (i, (_, p)) in parameters.iter().enumerate() {
+        let expected = 1.5 * (i as f64 + 1.0);
+        assert!(floats(&p.grad()).iter().all(|&g| g == expected), "p{i}");
+    }
+
+    // SyncBatchNorm over two halves equals batch norm over the whole batch, forward and
+    // backward (2-D and 4-D inputs).
+    for shape in [vec![8i64, 3], vec![4, 3, 5, 5]] {
+        tch::manual_seed(11);
+        let whole = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)) * 3.0 + 1.0;
+        let output_grad = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
+        let weight = Tensor::from_slice(&[1.5f32, 0.5, -1.0]);
+        let bias = Tensor::from_slice(&[0.1f32, 0.2, 0.3]);
+        let half = shape[0] / world as i64;
+
+        let reference = {
+            let x = whole.copy().set_requires_grad(true);
+            let w = weight.copy().set_requires_grad(true);
+            let b = bias.copy().set_requires_grad(true);
+            let (mean, var) = (
+                Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+                Tensor::ones([3], (Kind::Float, Device::Cpu)),
+            );
+            let y = x.batch_norm(
+                Some(&w),
+                Some(&b),
+                Some(&mean),
+                Some(&var),
+                true,
+                0.1,
+                1e-5,
+                false,
+            );
+            (&y * &output_grad).sum(Kind::Float).backward();
+            (
+                y.narrow(0, rank as i64 * half, half),
+                x.grad().narrow(0, rank as i64 * half, half),
+                w.grad(),
+                b.grad(),
+                mean,
+                var,
+            )
+        };
+        let x = whole
+            .narrow(0, rank as i64 * half, half)
+            .copy()
+            .set_requires_grad(true);
+        let w = weight.copy().set_requires_grad(true);
+        let b = bias.copy().set_requires_grad(true);
+        let (mean, var) = (
+            Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+            Tensor::ones([3], (Kind::Float, Device::Cpu)),
+        );
+        let y = group
+            .sync_batch_norm(&x, &w, &b, &mean, &var, 0.1, 1e-5)
+            .unwrap();
+        (&y * output_grad.narrow(0, rank as i64 * half, half))
+            .sum(Kind::Float)
+            .backward();
+        let (mut w_grad, mut b_grad) = (w.grad(), b.grad());
+        group.all_reduce_sum(&mut w_grad); // the weight's gradient is local, as in PyTorch
+        group.all_reduce_sum(&mut b_grad);
+        let tolerance = 1e-5;
+        for (what, ours, theirs) in [
+            ("output", &y, &reference.0),
+            ("input grad", &x.grad(), &reference.1),
+            ("weight grad", &w_grad, &reference.2),
+            ("bias grad", &b_grad, &reference.3),
+            ("running mean", &mean, &reference.4),
+            ("running var", &var, &reference.5),
+        ] {
+            let d = max_difference(ours, theirs);
+            assert!(d < tolerance, "{shape:?} {what}: differs by {d}");
+        }
+    }
+
+    // Distributed Sinkhorn equals Sinkhorn on the concatenated batch.
+    tch::manual_seed(5);
+    let scores = Tensor::randn([12, 20], (Kind::Float, Device::Cpu)) * 0.3;
+    let whole = sinkhorn(&scores, 0.05, 10, &SingleProcess, false);
+    let ours = sinkhorn(
+        &scores.narrow(0, rank as i64 * 6, 6),
+        0.05,
+        10,
+        &group,
+        false,
+    );
+    let d = max_difference(&ours, &whole.narrow(0, rank as i64 * 6, 6));
+    assert!(d < 1e-6, "Sinkhorn differs by {d}");
+}
+
+/// The tiny model of these tests: RegNetY with stages 8, 16, 32 wide, a head with BN and 16
+/// prototypes, no queue, 2×32 + 2×16 crops.
+fn tiny_config() -> TrainConfig {
+    TrainConfig::from_toml_str(
+        r#"
+seed = 3
+threads = 1
+[model]
+depth = 4
+w0 = 8
+wa = 8.0
+wm = 2.0
+group_width = 8
+[head]
+hidden_dims = [32]
+output_dim = 16
+use_bn = true
+num_prototypes = 16
+freeze_prototypes_iters = 1
+[loss]
+sinkhorn_iterations = 3
+[augment]
+crops = [
+    { count = 2, size = 32, scale = [0.14, 1.0] },
+    { count = 2, size = 16, scale = [0.05, 0.14] },
+]
+[data]
+url = "unused"
+batch_size = 4
+[schedule]
+steps = 3
+"#,
+        &[] as &[&str],
+    )
+    .unwrap()
+}
+
+/// `steps` SwAV steps on synthetic batches of `global_batch` images, of which this rank
+/// takes its consecutive share; returns every variable at the end.
+fn train_synthetic(
+    collective: &dyn Collective,
+    global_batch: i64,
+    steps: u64,
+) -> BTreeMap<String, Tensor> {
+    let config = tiny_config();
+    tch::set_num_threads(1);
+    tch::manual_seed(3);
+    let mut model = SwavModel::new(&config, Device::Cpu).unwrap();
+    let mut loss_fn = SwavLoss::new(config.loss_config()).unwrap();
+    let parameters = trainable_parameters(&model.vs);
+    let mut optimizer = LarcSgd::new(config.larc_config());
+    let reducer = GradientReducer { bucket_bytes: 4096 };
+    let (rank, world) = (collective.rank() as i64, collective.world_size() as i64);
+    let local = global_batch / world;
+    for step in 0..steps {
+        tch::manual_seed(100 + step as i64);
+        let mut features = Vec::new();
+        for side in [32i64, 16] {
+            // [crops, global B, 3, H, W]: this rank's rows of each crop, crop-major.
+            let images =
+                Tensor::randn([2, global_batch, 3, side, side], (Kind::Float, Device::Cpu));
+            let mine = images
+                .narrow(1, rank * local, local)
+                .reshape([2 * local, 3, side, side]);
+            features.push(model.trunk.forward_t(&mine, true)); // [2·B_local, C]
+        }
+        let out = model.head.forward_t(&Tensor::cat(&features, 0), true);
+        let loss = loss_fn.loss(
+            &out.embeddings,
+            &out.scores,
+            model.head.prototypes(),
+            step,
+            collective,
+        );
+        loss.backward();
+        model.head.cancel_prototype_gradients(step);
+        reducer.average(&parameters, collective);
+        optimizer.step(&parameters, 2.0);
+        optimizer.zero_grad(&parameters);
+        model.head.normalize_prototypes();
+    }
+    model
+        .vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.copy()))
+        .collect()
+}
+
+/// Largest difference over all variables, and the variable where it is.
+fn largest_difference(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> (f64, String) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .map(|(name, t)| (max_difference(t, &b[name]), name.clone()))
+        .fold(
+            (0.0, String::new()),
+            |best, x| if x.0 > best.0 { x } else { best },
+        )
+}
+
+#[test]
+fn two_ranks_with_batch_b_train_as_one_process_with_batch_2b() {
+    const GLOBAL_BATCH: i64 = 8;
+    const STEPS: u64 = 3;
+    if is_worker() {
+        let (launch, _store, group) = join(Duration::from_secs(60));
+        let group = Arc::new(group);
+        // SyncBatchNorm over both ranks, so batch statistics are the whole batch's.
+        set_sync_batch_norm_group(Some(Arc::clone(&group)));
+        let variables = train_synthetic(&*group, GLOBAL_BATCH, STEPS);
+        set_sync_batch_norm_group(None);
+        let out = PathBuf::from(std::env::var_os(OUT).unwrap());
+        let named: Vec<(String, Tensor)> = variables.into_iter().collect();
+        Tensor::write_safetensors(&named, out.join(format!("rank{}.safetensors", launch.rank)))
+            .unwrap();
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    run_ranks(
+        "two_ranks_with_batch_b_train_as_one_process_with_batch_2b",
+        2,
+        out.path(),
+    );
+    let read = |rank: usize| -> BTreeMap<String, Tensor> {
+        Tensor::read_safetensors(out.path().join(format!("rank{rank}.safetensors")))
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    let (rank0, rank1) = (read(0), read(1));
+    // The ranks hold bit-identical weights (same averaged gradients, same updates).
+    assert_eq!(largest_difference(&rank0, &rank1).0, 0.0);
+    let single = train_synthetic(&SingleProcess, GLOBAL_BATCH, STEPS);
+    let initial = {
+        tch::manual_seed(3);
+        let model = SwavModel::new(&tiny_config(), Device::Cpu).unwrap();
+        model
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect()
+    };
+    let (moved, _) = largest_difference(&single, &initial);
+    let (difference, name) = largest_difference(&rank0, &single);
+    eprintln!(
+        "after {STEPS} steps: weights moved by up to {moved:.3e}; 2 ranks x {} vs 1 x \
+         {GLOBAL_BATCH}: largest difference {difference:.3e} ({name})",
+        GLOBAL_BATCH / 2
+    );
+    assert!(moved > 1e-3, "the weights hardly moved ({moved})");
+    // float32 sums in another order (per-rank partial sums, the all-reduce) differ in the last
+    // bits; LARC and three steps amplify that a little.
+    assert!(
+        difference < 1e-4,
+        "2 ranks differ from 1 process by {difference} at {name}"
+    );
+}
+
+// --- The train binary -------------------------------------------------------------------------
+
+/// The 58 small-set photos ingested into shards of 8 samples (as train_cli.rs).
+fn dataset() -> &'static Path {
+    static DATASET: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, path) = DATASET.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("dataset");
+        let input = ingest::input::InputSpec {
+            url: seer_tests::photos_small_dir().to_str().unwrap().to_string(),
+            list: false,
+            list_format: ingest::input::ListFormat::Auto,
+            url_column: "url".into(),
+            labels: ingest::input::LabelSource::None,
+            extensions: ingest::input::DEFAULT_EXTENSIONS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        };
+        let mut config = ingest::job::JobConfig::new(input, out.to_str().unwrap());
+        config.samples_per_shard = 8;
+        config.work_dir = dir.path().to_path_buf();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let summary = runtime
+            .block_on(ingest::job::run(&config, &ingest::job::Silent))
+            .expect("ingest the small photo set");
+        assert!(summary.written >= 50, "{summary:?}");
+        (dir, out)
+    });
+    path
+}
+
+/// train_cli.rs's tiny run with a queue, batches of 4 per rank, SyncBatchNorm over 2 ranks,
+/// a checkpoint every 2 steps.
+fn workspace() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+seed = 3
+threads = 1
+[model]
+depth = 4
+w0 = 8
+wa = 8.0
+wm = 2.0
+group_width = 8
+[head]
+hidden_dims = [32]
+output_dim = 16
+use_bn = true
+num_prototypes = 16
+freeze_prototypes_iters = 2
+[loss]
+sinkhorn_iterations = 3
+queue = {{ length = 32, start_iter = 1 }}
+[augment]
+crops = [
+    {{ count = 2, size = 32, scale = [0.14, 1.0] }},
+    {{ count = 2, size = 16, scale = [0.05, 0.14] }},
+]
+jitter = {{ p = 0.0 }}
+grayscale_p = 0.0
+blur = {{ p = 0.0 }}
+[data]
+url = "{url}"
+batch_size = 4
+threads = 1
+shuffle_buffer = 8
+[optim]
+lr_per_256 = 32.0
+warmup_steps = 2
+[schedule]
+steps = 6
+[checkpoint]
+every_steps = 2
+keep_last = 2
+[logging]
+every_steps = 1
+[distributed]
+sync_bn_group_size = 2
+timeout_s = 60
+"#,
+        url = dataset().display()
+    );
+    std::fs::write(dir.path().join("tiny.toml"), config).unwrap();
+    dir
+}
+
+fn train_command(dir: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_train"));
+    command
+        .args(["--config", "tiny.toml"])
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("SLURM_PROCID");
+    command
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn train_ok(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let output = train_command(dir, args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "train {args:?} failed ({}):\n{}",
+        output.status,
+        text(&output.stderr)
+    );
+    let stdout = text(&output.stdout);
+    // One summary: rank 0's.
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("summary {stdout:?}: {e}"))
+}
+
+fn state_of(checkpoints: &Path) -> TrainState {
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(checkpoints.join("latest.json")).unwrap()).unwrap();
+    let folder = checkpoints.join(latest["checkpoint"].as_str().unwrap());
+    serde_json::from_slice(&std::fs::read(folder.join("state.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn nproc_2_checkpoints_every_rank_and_resumes_bit_exact() {
+    if is_worker() {
+        return;
+    }
+    let dir = workspace();
+    let straight = train_ok(dir.path(), &["--nproc", "2", "--run-dir", "straight"]);
+    assert_eq!(straight["end_step"], 6);
+    let first = train_ok(
+        dir.path(),
+        &["--nproc", "2", "--run-dir", "resumed", "--stop-after", "4"],
+    );
+    assert_eq!(first["end_step"], 4);
+    let state = state_of(&dir.path().join("resumed/checkpoints"));
+    assert_eq!(state.step, 4);
+    assert_eq!(state.images_seen, 4 * 2 * 4);
+    assert_eq!(state.streams.len(), 2);
+    for (rank, stream) in state.streams.iter().enumerate() {
+        let stream = stream.as_ref().expect("a data position per rank");
+        assert_eq!((stream.rank, stream.world, stream.batches), (rank, 2, 4));
+    }
+    let second = train_ok(
+        dir.path(),
+        &["--nproc", "2", "--run-dir", "resumed", "--resume"],
+    );
+    assert_eq!(
+        (second["start_step"].as_u64(), second["end_step"].as_u64()),
+        (Some(4), Some(6))
+    );
+    let model = |run: &str| {
+        let folder = dir.path().join(run).join("checkpoints/ckpt-00000006");
+        let tensors: BTreeMap<String, Tensor> =
+            Tensor::read_safetensors(folder.join("model.safetensors"))
+                .unwrap()
+                .into_iter()
+                .collect();
+        tensors
+    };
+    let (a, b) = (model("straight"), model("resumed"));
+    let differing: Vec<&String> = a.keys().filter(|k| !a[*k].equal(&b[*k])).collect();
+    assert!(
+        differing.is_empty(),
+        "resumed weights differ: {differing:?}"
+    );
+    // Only rank 0 writes metrics: one record per step.
+    let metrics = std::fs::read_to_string(dir.path().join("straight/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 6);
+
+    // Another number of processes: refused, naming the option; accepted with restart-data.
+    let output = train_command(
+        dir.path(),
+        &[
+            "--run-dir",
+            "resumed",
+            "--resume",
+            "--set",
+            "schedule.steps=8",
+        ],
+    )
+    .output()
+    .unwrap();
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("distributed.on_world_size_change") && stderr.contains("2 process"),
+        "{stderr}"
+    );
+    let summary = train_ok(
+        dir.path(),
+        &[
+            "--run-dir",
+            "resumed",
+            "--resume",
+            "--set",
+            "schedule.steps=8",
+            "--set",
+            "distributed.on_world_size_change=\"restart-data\"",
+        ],
+    );
+    assert_eq!(summary["end_step"], 8);
+}
+
+/// Starts ranks 0 and 1 of a long run by hand (as torchrun would), waits until rank 0 has
+/// logged a step, does `harm` to rank 1, and returns rank 0's exit status, stderr and how long
+/// it took to exit after the harm.
+fn harm_rank_1(harm: &str, timeout_s: u32) -> (Option<i32>, String, Duration) {
+    let dir = workspace();
+    let port = free_port().unwrap().to_string();
+    let start = |rank: &str| {
+        train_command(
+            dir.path(),
+            &[
+                "--run-dir",
+                "run",
+                "--set",
+                "schedule.steps=100000",
+                "--set",
+                "checkpoint.every_steps=100000",
+                "--set",
+                &format!("distributed.timeout_s={timeout_s}"),
+            ],
+        )
+        .env("RANK", rank)
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", &port)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let rank0 = start("0");
+    let mut rank1 = start("1");
+    let metrics = dir.path().join("run/metrics.jsonl");
+    let waiting = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 2 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(300),
+            "the run never logged a step"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let signal = match harm {
+        "kill" => "-KILL",
+        "stop" => "-STOP",
+        other => panic!("{other}"),
+    };
+    let harmed = Instant::now();
+    let status = Command::new("kill")
+        .args([signal, &rank1.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = rank0.wait_with_output().unwrap();
+    let took = harmed.elapsed();
+    let _ = rank1.kill();
+    let _ = rank1.wait();
+    (output.status.code(), text(&output.stderr), took)
+}
+
+#[test]
+fn a_killed_rank_stops_the_other_with_an_error() {
+    if is_worker() {
+        return;
+    }
+    let (code, stderr, took) = harm_rank_1("kill", 60);
+    eprintln!("rank 0 exited {took:?} after rank 1 was killed");
+    assert_eq!(code, Some(4), "{stderr}");
+    assert!(stderr.contains("data-parallel run: rank 0"), "{stderr}");
+    assert!(took < Duration::from_secs(60), "{took:?}");
+}
+
+#[test]
+fn a_hung_rank_stops_the_other_within_the_timeout() {
+    if is_worker() {
+        return;
+    }
+    let (code, stderr, took) = harm_rank_1("stop", 5);
+    eprintln!("rank 0 exited {took:?} after rank 1 was stopped (timeout 5 s)");
+    assert_eq!(code, Some(4), "{stderr}");
+    assert!(stderr.contains("within 5 s"), "{stderr}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+}
+
+#[test]
+fn distributed_init_checks_the_launch() {
+    if is_worker() {
+        return;
+    }
+    // Nobody hosts the store: the rendezvous times out with the address in the message.
+    let port = free_port().unwrap();
+    let launch = Launch::from_vars(|k| match k {
+        "RANK" => Some("1".into()),
+        "WORLD_SIZE" => Some("2".into()),
+        "MASTER_PORT" => Some(port.to_string()),
+        _ => None,
+    })
+    .unwrap()
+    .unwrap();
+    let started = Instant::now();
+    let error = Distributed::init(&launch, Backend::Gloo, Duration::from_secs(2), 1 << 20, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains(&format!("127.0.0.1:{port}")), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
