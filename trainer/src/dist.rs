@@ -391,6 +391,15 @@ impl ProcessGroup {
         self.timeout
     }
 
+    /// Panics with a [`CollectiveFailure`] for `operation`, which libtorch reported as an error
+    /// outside this group's own calls: SyncBatchNorm's all-reduces inside autograd's backward
+    /// pass fail there when a peer died or hung.
+    pub fn fail(&self, operation: &'static str, message: &str) -> ! {
+        // c10d's message carries a C++ backtrace after its first line.
+        let message = message.lines().next().unwrap_or_default().to_owned();
+        std::panic::panic_any(CollectiveFailure(self.operation_error(operation, message)))
+    }
+
     fn operation_error(&self, operation: &'static str, message: String) -> DistError {
         DistError::Operation {
             operation,

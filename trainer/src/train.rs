@@ -620,9 +620,19 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
             }
             StepOutcome::NonFiniteLoss
         } else {
-            match scaler.as_mut() {
-                None => loss.backward(),
-                Some(scaler) => (&loss * scaler.scale).backward(),
+            let backward = match scaler.as_mut() {
+                None => loss.f_backward(),
+                Some(scaler) => (&loss * scaler.scale).f_backward(),
+            };
+            if let Err(error) = backward {
+                match &options.distributed {
+                    // SyncBatchNorm all-reduces inside autograd: a peer that died or hung
+                    // surfaces here, as a collective failure (exit code 4), not a crash.
+                    Some(distributed) => distributed
+                        .group
+                        .fail("backward (SyncBatchNorm all-reduce)", &error.to_string()),
+                    None => panic!("backward failed: {error}"),
+                }
             }
             model.head.cancel_prototype_gradients(step);
             if let Some(distributed) = &options.distributed {
