@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tch::nn::ModuleT;
@@ -26,6 +26,9 @@ use trainer::launch::{Launch, free_port};
 use trainer::optim::{LarcSgd, trainable_parameters};
 use trainer::swav::{SwavLoss, sinkhorn};
 use trainer::train::SwavModel;
+
+mod common;
+use common::{dataset, text};
 
 const WORKER: &str = "SEER_DIST_TEST_WORKER";
 const OUT: &str = "SEER_DIST_TEST_OUT";
@@ -426,36 +429,6 @@ fn two_ranks_with_batch_b_train_as_one_process_with_batch_2b() {
 
 // --- The train binary -------------------------------------------------------------------------
 
-/// The 58 small-set photos ingested into shards of 8 samples (as train_cli.rs).
-fn dataset() -> &'static Path {
-    static DATASET: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    let (_, path) = DATASET.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("dataset");
-        let input = ingest::input::InputSpec {
-            url: seer_tests::photos_small_dir().to_str().unwrap().to_string(),
-            list: false,
-            list_format: ingest::input::ListFormat::Auto,
-            url_column: "url".into(),
-            labels: ingest::input::LabelSource::None,
-            extensions: ingest::input::DEFAULT_EXTENSIONS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        };
-        let mut config = ingest::job::JobConfig::new(input, out.to_str().unwrap());
-        config.samples_per_shard = 8;
-        config.work_dir = dir.path().to_path_buf();
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let summary = runtime
-            .block_on(ingest::job::run(&config, &ingest::job::Silent))
-            .expect("ingest the small photo set");
-        assert!(summary.written >= 50, "{summary:?}");
-        (dir, out)
-    });
-    path
-}
-
 /// train_cli.rs's tiny run with a queue, batches of 4 per rank, SyncBatchNorm over 2 ranks,
 /// a checkpoint every 2 steps.
 fn workspace() -> tempfile::TempDir {
@@ -513,33 +486,15 @@ timeout_s = 60
 }
 
 fn train_command(dir: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_train"));
-    command
-        .args(["--config", "tiny.toml"])
-        .args(args)
-        .current_dir(dir)
-        .env("RUST_LOG", "info")
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env_remove("SLURM_PROCID");
-    command
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    let mut all = vec!["--config", "tiny.toml"];
+    all.extend_from_slice(args);
+    common::train_command(dir, &all)
 }
 
 fn train_ok(dir: &Path, args: &[&str]) -> serde_json::Value {
-    let output = train_command(dir, args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "train {args:?} failed ({}):\n{}",
-        output.status,
-        text(&output.stderr)
-    );
-    let stdout = text(&output.stdout);
-    // One summary: rank 0's.
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("summary {stdout:?}: {e}"))
+    let mut all = vec!["--config", "tiny.toml"];
+    all.extend_from_slice(args);
+    common::train_ok(dir, &all)
 }
 
 fn state_of(checkpoints: &Path) -> TrainState {

@@ -7,8 +7,10 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
+
+mod common;
+use common::{text, train, train_ok};
 
 /// Fashion-MNIST's class names, in label order.
 const CLASSES: [&str; 10] = [
@@ -153,31 +155,6 @@ fn data() -> &'static Data {
 
 fn config_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/fashion-mnist.toml")
-}
-
-fn train(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_train"))
-        .args(args)
-        .current_dir(dir)
-        .env("RUST_LOG", "info")
-        .output()
-        .expect("run the train binary")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn train_ok(dir: &Path, args: &[&str]) -> serde_json::Value {
-    let output = train(dir, args);
-    assert!(
-        output.status.success(),
-        "train {args:?} failed ({}):\n{}",
-        output.status,
-        text(&output.stderr)
-    );
-    let stdout = text(&output.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("summary {stdout:?}: {e}"))
 }
 
 /// `train eval PROTOCOL` of `trunk` on the subset at the pretraining's 32-px crops; returns

@@ -3,9 +3,8 @@
 //! checkpoint retention, the guard against non-finite losses, and `train export`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::path::Path;
+use std::process::Command;
 
 use augment::{AugmentConfig, Layout, Pipeline, PipelineOptions};
 use tch::nn::VarStore;
@@ -16,36 +15,8 @@ use trainer::export::load_trunk;
 use trainer::metrics::{metric_series, read_jsonl};
 use trainer::regnet::RegNetY;
 
-/// The 58 small-set photos ingested at the default 512-px short side into shards of 8
-/// samples; built once per test process (as `augment/tests/pipeline.rs` builds it).
-fn dataset() -> &'static Path {
-    static DATASET: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    let (_, path) = DATASET.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("dataset");
-        let input = ingest::input::InputSpec {
-            url: seer_tests::photos_small_dir().to_str().unwrap().to_string(),
-            list: false,
-            list_format: ingest::input::ListFormat::Auto,
-            url_column: "url".into(),
-            labels: ingest::input::LabelSource::None,
-            extensions: ingest::input::DEFAULT_EXTENSIONS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        };
-        let mut config = ingest::job::JobConfig::new(input, out.to_str().unwrap());
-        config.samples_per_shard = 8;
-        config.work_dir = dir.path().to_path_buf();
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let summary = runtime
-            .block_on(ingest::job::run(&config, &ingest::job::Silent))
-            .expect("ingest the small photo set");
-        assert!(summary.written >= 50, "{summary:?}");
-        (dir, out)
-    });
-    path
-}
+mod common;
+use common::{dataset, text, train, train_ok};
 
 /// A tiny RegNetY (stages 8, 16, 32 wide), a small head with 16 prototypes and a queue of 4
 /// batches (full from step 5), 2×32 + 2×16 crops without color distortion (as
@@ -114,33 +85,6 @@ fn workspace() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("tiny.toml"), tiny_config()).unwrap();
     dir
-}
-
-/// Runs `train` with `args` in `dir`.
-fn train(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_train"))
-        .args(args)
-        .current_dir(dir)
-        .env("RUST_LOG", "info")
-        .output()
-        .expect("run the train binary")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Runs `train` and expects success; returns the summary it prints.
-fn train_ok(dir: &Path, args: &[&str]) -> serde_json::Value {
-    let output = train(dir, args);
-    assert!(
-        output.status.success(),
-        "train {args:?} failed ({}):\n{}",
-        output.status,
-        text(&output.stderr)
-    );
-    let stdout = text(&output.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("summary {stdout:?}: {e}"))
 }
 
 /// Every tensor of a safetensors file, by name.
