@@ -4,7 +4,7 @@
 # set carried along, and prints images/s, data-wait share and GPU memory.
 #
 # Prepare the kit on the build machine (writes ./gpu-kit: the stripped binary and ~20 MB of
-# shards; add /gpu-kit/ to .git/info/exclude so it travels only when carried):
+# shards; ignored by git, so it travels to a device only when carried):
 #
 #   scripts/gpu-check.sh --prepare
 #
