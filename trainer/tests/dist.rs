@@ -28,7 +28,7 @@ use trainer::swav::{SwavLoss, sinkhorn};
 use trainer::train::SwavModel;
 
 mod common;
-use common::{dataset, text};
+use common::text;
 
 const WORKER: &str = "SEER_DIST_TEST_WORKER";
 const OUT: &str = "SEER_DIST_TEST_OUT";
@@ -429,57 +429,16 @@ fn two_ranks_with_batch_b_train_as_one_process_with_batch_2b() {
 
 // --- The train binary -------------------------------------------------------------------------
 
-/// train_cli.rs's tiny run with a queue, batches of 4 per rank, SyncBatchNorm over 2 ranks,
-/// a checkpoint every 2 steps.
+/// The tiny run of [`common::tiny_config`] with batches of 4 per rank and SyncBatchNorm over
+/// 2 ranks.
 fn workspace() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        r#"
-seed = 3
-threads = 1
-[model]
-depth = 4
-w0 = 8
-wa = 8.0
-wm = 2.0
-group_width = 8
-[head]
-hidden_dims = [32]
-output_dim = 16
-use_bn = true
-num_prototypes = 16
-freeze_prototypes_iters = 2
-[loss]
-sinkhorn_iterations = 3
-queue = {{ length = 32, start_iter = 1 }}
-[augment]
-crops = [
-    {{ count = 2, size = 32, scale = [0.14, 1.0] }},
-    {{ count = 2, size = 16, scale = [0.05, 0.14] }},
-]
-jitter = {{ p = 0.0 }}
-grayscale_p = 0.0
-blur = {{ p = 0.0 }}
-[data]
-url = "{url}"
-batch_size = 4
-threads = 1
-shuffle_buffer = 8
-[optim]
-lr_per_256 = 32.0
-warmup_steps = 2
-[schedule]
-steps = 6
-[checkpoint]
-every_steps = 2
-keep_last = 2
-[logging]
-every_steps = 1
-[distributed]
-sync_bn_group_size = 2
-timeout_s = 60
-"#,
-        url = dataset().display()
+    let config = common::tiny_config(
+        4,
+        8,
+        6,
+        "",
+        "[distributed]\nsync_bn_group_size = 2\ntimeout_s = 60\n",
     );
     std::fs::write(dir.path().join("tiny.toml"), config).unwrap();
     dir

@@ -18,66 +18,10 @@ use trainer::regnet::RegNetY;
 mod common;
 use common::{dataset, text, train, train_ok};
 
-/// A tiny RegNetY (stages 8, 16, 32 wide), a small head with 16 prototypes and a queue of 4
-/// batches (full from step 5), 2×32 + 2×16 crops without color distortion (as
-/// `configs/cpu-small.toml`), batches of 8, one torch thread (bit-exact results), a
-/// checkpoint every 2 steps of which 2 are kept.
+/// The tiny run of [`common::tiny_config`] with batches of 8 and 8 steps; two skipped steps in
+/// a row stop it.
 fn tiny_config() -> String {
-    format!(
-        r#"
-seed = 3
-threads = 1
-max_skipped_steps = 2
-
-[model]
-depth = 4
-w0 = 8
-wa = 8.0
-wm = 2.0
-group_width = 8
-
-[head]
-hidden_dims = [32]
-output_dim = 16
-use_bn = true
-num_prototypes = 16
-freeze_prototypes_iters = 2
-
-[loss]
-sinkhorn_iterations = 3
-queue = {{ length = 32, start_iter = 1 }}
-
-[augment]
-crops = [
-    {{ count = 2, size = 32, scale = [0.14, 1.0] }},
-    {{ count = 2, size = 16, scale = [0.05, 0.14] }},
-]
-jitter = {{ p = 0.0 }}
-grayscale_p = 0.0
-blur = {{ p = 0.0 }}
-
-[data]
-url = "{url}"
-batch_size = 8
-threads = 1
-shuffle_buffer = 16
-
-[optim]
-lr_per_256 = 32.0
-warmup_steps = 2
-
-[schedule]
-steps = 8
-
-[checkpoint]
-every_steps = 2
-keep_last = 2
-
-[logging]
-every_steps = 1
-"#,
-        url = dataset().display()
-    )
+    common::tiny_config(8, 16, 8, "max_skipped_steps = 2", "")
 }
 
 /// A folder with the tiny configuration as `tiny.toml`.

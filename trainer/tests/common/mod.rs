@@ -37,6 +37,75 @@ pub fn dataset() -> &'static Path {
     path
 }
 
+/// A tiny run on [`dataset`]: a RegNetY with stages 8, 16 and 32 wide, a small head with 16
+/// prototypes and a queue of 32 embeddings (from step 1), 2×32 + 2×16 crops without color
+/// distortion (as `configs/cpu-small.toml`), one torch thread (bit-exact results), a checkpoint
+/// every 2 steps of which 2 are kept, every step logged. `top` adds top-level keys, `tail`
+/// sections at the end.
+pub fn tiny_config(
+    batch_size: usize,
+    shuffle_buffer: usize,
+    steps: u64,
+    top: &str,
+    tail: &str,
+) -> String {
+    format!(
+        r#"
+seed = 3
+threads = 1
+{top}
+
+[model]
+depth = 4
+w0 = 8
+wa = 8.0
+wm = 2.0
+group_width = 8
+
+[head]
+hidden_dims = [32]
+output_dim = 16
+use_bn = true
+num_prototypes = 16
+freeze_prototypes_iters = 2
+
+[loss]
+sinkhorn_iterations = 3
+queue = {{ length = 32, start_iter = 1 }}
+
+[augment]
+crops = [
+    {{ count = 2, size = 32, scale = [0.14, 1.0] }},
+    {{ count = 2, size = 16, scale = [0.05, 0.14] }},
+]
+jitter = {{ p = 0.0 }}
+grayscale_p = 0.0
+blur = {{ p = 0.0 }}
+
+[data]
+url = "{url}"
+batch_size = {batch_size}
+threads = 1
+shuffle_buffer = {shuffle_buffer}
+
+[optim]
+lr_per_256 = 32.0
+warmup_steps = 2
+
+[schedule]
+steps = {steps}
+
+[checkpoint]
+every_steps = 2
+keep_last = 2
+
+[logging]
+every_steps = 1
+{tail}"#,
+        url = dataset().display()
+    )
+}
+
 /// The `train` binary with `args`, run in `dir`, with info logging and without the launch
 /// variables of torchrun or Slurm that the test process may have inherited.
 pub fn train_command(dir: &Path, args: &[&str]) -> Command {
