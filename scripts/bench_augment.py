@@ -1,5 +1,8 @@
 """Runs the augment benchmark; see scripts/bench-augment.sh."""
-import argparse, json, os, platform, re, statistics, subprocess, sys
+import argparse, json, os, platform, statistics, subprocess, sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import cpu_model, print_section, spread, write_section  # noqa: E402
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cache = os.environ["SEER_CACHE"]
@@ -64,25 +67,16 @@ for r in range(args.repeats):
     print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()), flush=True)
 
 
-def spread(values, digits=1):
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 def ratios(a, b):
     return [x / y for x, y in zip(runs[a], runs[b])]
 
 
-cpu = "unknown"
-for line in open("/proc/cpuinfo"):
-    if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
+cpu = cpu_model()
 stage_names = ["decode", "crop_resize", "color", "blur", "pack"]
 stage_ms = {s: statistics.median(r["stage_ms_per_image"][s] for r in reports) for s in stage_names}
 stage_total = sum(stage_ms.values())
 rss = [r["peak_rss_mib"] for r in reports]
 lines = [
-    "<!-- augment benchmark: start -->",
     "## Augment: SwAV multi-crop views from stored shards",
     "",
     f"- Machine: {os.cpu_count()} cores ({cpu}), {platform.platform()}.",
@@ -106,15 +100,7 @@ lines = [
     "- Time per source image by stage (1 thread, swav, median): "
     + ", ".join(f"{s.replace('_', ' ')} {stage_ms[s]:.2f} ms ({stage_ms[s] / stage_total * 100:.0f} %)" for s in stage_names)
     + "; reading runs on its own thread and overlaps.",
-    "<!-- augment benchmark: end -->",
 ]
-section = "\n".join(lines) + "\n"
-print(section)
+print_section("augment benchmark", lines)
 if not args.no_write:
-    path = os.path.join(root, "docs/benchmarks.md")
-    text = open(path).read()
-    if "augment benchmark: start" in text:
-        text = re.sub(r"<!-- augment benchmark: start -->.*?<!-- augment benchmark: end -->\n", lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    open(path, "w").write(text)
+    write_section(root, "augment benchmark", lines)

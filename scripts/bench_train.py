@@ -1,5 +1,8 @@
 """Runs the trainer benchmark; see scripts/bench-train.sh."""
-import argparse, json, os, platform, re, shutil, statistics, subprocess, sys, tempfile
+import argparse, json, os, platform, shutil, statistics, subprocess, sys, tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import cpu_model, print_section, spread, write_section  # noqa: E402
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cache = os.environ["SEER_CACHE"]
@@ -79,20 +82,10 @@ for r in range(args.repeats):
           f"PyTorch step {t:.2f} s", flush=True)
 
 
-def spread(values, digits=2, scale=1.0):
-    values = [v * scale for v in values]
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 ratio = [a / t for a, t in zip(runs["ours_compute"], runs["torch"])]
 ratio_total = [a / t for a, t in zip(runs["ours_step"], runs["torch"])]
-cpu = "unknown"
-for line in open("/proc/cpuinfo"):
-    if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
+cpu = cpu_model()
 lines = [
-    "<!-- train benchmark: start -->",
     "## Train: SwAV steps on CPU against the same step in PyTorch",
     "",
     f"- Machine: {os.cpu_count()} cores ({cpu}), {platform.platform()}, torch 2.11.0 (the venv's, which `train` links).",
@@ -110,21 +103,13 @@ lines = [
     "",
     "| | seconds per step |",
     "|---|---|",
-    f"| `train`, whole step (data wait included) | {spread(runs['ours_step'])} |",
-    f"| `train`, step without the data wait | {spread(runs['ours_compute'])} |",
-    f"| PyTorch | {spread(runs['torch'])} |",
+    f"| `train`, whole step (data wait included) | {spread(runs['ours_step'], 2)} |",
+    f"| `train`, step without the data wait | {spread(runs['ours_compute'], 2)} |",
+    f"| PyTorch | {spread(runs['torch'], 2)} |",
     "",
     f"- `train` / PyTorch, without the data wait: **{spread(ratio, 3)}**; whole step: {spread(ratio_total, 3)}.",
     f"- Data-wait share of `train`'s step time, the augmenter on the spare core: {spread(runs['ours_wait'], 2, 100)} %.",
-    "<!-- train benchmark: end -->",
 ]
-section = "\n".join(lines) + "\n"
-print(section)
+print_section("train benchmark", lines)
 if not args.no_write:
-    path = os.path.join(root, "docs/benchmarks.md")
-    text = open(path).read()
-    if "train benchmark: start" in text:
-        text = re.sub(r"<!-- train benchmark: start -->.*?<!-- train benchmark: end -->\n", lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    open(path, "w").write(text)
+    write_section(root, "train benchmark", lines)
