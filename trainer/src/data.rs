@@ -290,15 +290,20 @@ impl BatchLoader {
             let on_device = staging.to_device_(device, Kind::Uint8, device.is_cuda(), false);
             // torchvision's `ToTensor` + `Normalize`, op for op: `x.float().div(255)`, then
             // `.sub(mean).div(std)`.
-            let images = (on_device
-                .permute([0, 3, 1, 2]) // [n·B, 3, H, W]
-                .to_kind(Kind::Float)
-                .contiguous()
-                / 255.0
-                - &self.mean)
-                / &self.std;
+            let pixels = on_device
+                .permute([0, 3, 1, 2]) // [n·B, 3, H, W], a view of the NHWC bytes
+                .to_kind(Kind::Float);
+            // NCHW in memory; with channels-last the view's NHWC layout is kept instead (the
+            // conversion keeps strides, and so do the element-wise operations below).
+            let pixels = if self.channels_last {
+                pixels
+            } else {
+                pixels.contiguous()
+            };
+            let images = (pixels / 255.0 - &self.mean) / &self.std;
             // Channels-last: the same `[n·B, 3, H, W]` values laid out as NHWC in memory, the
-            // layout PyTorch's `x.contiguous(memory_format=torch.channels_last)` gives.
+            // layout PyTorch's `x.contiguous(memory_format=torch.channels_last)` gives (no copy
+            // when the layout was kept above).
             let images = if self.channels_last {
                 images
                     .permute([0, 2, 3, 1])
