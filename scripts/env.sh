@@ -17,3 +17,18 @@ seer_elapsed() {
   local start=$1 name=$2
   awk -v s="$start" -v e="$(date +%s.%N)" -v n="$name" 'BEGIN { printf "%s: %.1f s\n", n, e - s }'
 }
+
+# Fails with a clear message when the file system holding $1 has less than $2 GiB free;
+# $3 says what the space is for. Better than a build or pip install dying half way with
+# "No space left on device".
+seer_require_disk() {
+  local dir=$1 need_gib=$2 what=$3 avail_kib
+  mkdir -p "$dir"
+  avail_kib=$(df -Pk "$dir" | awk 'NR == 2 { print $4 }')
+  if ((avail_kib < need_gib * 1024 * 1024)); then
+    echo "error: $what needs about $need_gib GiB free on the file system of $dir;" \
+      "it has $((avail_kib / 1024 / 1024)) GiB. Free some space (old target/ folders," \
+      "stale clones in /tmp) and run again." >&2
+    return 1
+  fi
+}

@@ -55,10 +55,16 @@ wanted=$(printf '%s\n' "${requirements[@]}" | grep -v '^ *#' | sort)
 if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
   echo "python venv: up to date at $venv"
 else
+  # torch with its CUDA libraries is about 5 GB installed, and pip holds the downloaded
+  # wheels (about 4 GB) in a temporary folder while it installs them.
+  seer_require_disk "$root" 12 "installing the Python venv (torch with its CUDA libraries)"
+  seer_require_disk "${TMPDIR:-/tmp}" 5 "pip's temporary copies of the downloaded wheels"
   [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
   echo "python venv: installing into $venv"
+  # --no-cache-dir: a cached copy of the wheels would take another 4 GB of disk for a venv
+  # that is installed once per clone.
   # shellcheck disable=SC2086 # one requirement per word on purpose
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $wanted
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir $wanted
   "$venv/bin/python" -c 'import webdataset, PIL, numpy, torch, torchvision, safetensors, tensorboard'
   echo "$wanted" > "$stamp"
 fi
@@ -69,7 +75,7 @@ if [[ "${SEER_NCCL:-0}" == 1 ]]; then
   if "$venv/bin/python" -c 'import importlib.metadata as m; m.version("nvidia-cuda-crt"); m.version("nvidia-cuda-cccl")' 2>/dev/null; then
     echo "nccl headers: already installed"
   else
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir \
       "nvidia-cuda-crt==$cuda.*" "nvidia-cuda-cccl==$cuda.*"
   fi
 fi

@@ -21,6 +21,11 @@ echo "test data cache: $SEER_CACHE"
 # dominates a CI run, so the profile that compiles less is the faster one end to end. If a hot
 # loop in our own code makes tests slow, raise that crate's opt-level in [profile.dev.package]
 # rather than switching the whole run to release.
+# A clean debug build of the workspace with its test binaries takes about 3.5 GB under target/
+# (measured: 3.2 GB), and the linker needs room beside it.
+if [[ ! -d "$root/target/debug/deps" ]]; then
+  seer_require_disk "$root" 6 "a clean test build of the workspace (target/)"
+fi
 start=$(date +%s.%N)
 cargo test --workspace "$@"
 seer_elapsed "$start" "cargo test"
