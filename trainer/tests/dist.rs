@@ -545,6 +545,68 @@ fn nproc_2_checkpoints_every_rank_and_resumes_bit_exact() {
     assert_eq!(summary["end_step"], 8);
 }
 
+/// torchrun itself (from the venv that `scripts/setup.sh` installs with torch) starts the ranks:
+/// its c10d rendezvous, its agent's store (`TORCHELASTIC_USE_AGENT_STORE`) and its variables,
+/// not a copy of them. The run's result is the same as `--nproc 2`'s.
+#[test]
+fn torchrun_starts_the_ranks_and_they_train_as_nproc_does() {
+    if is_worker() {
+        return;
+    }
+    let torchrun = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/torchrun");
+    assert!(
+        torchrun.exists(),
+        "{} is missing: run scripts/setup.sh (it installs torch into .venv)",
+        torchrun.display()
+    );
+    let dir = workspace();
+    let output = Command::new(&torchrun)
+        .args(["--standalone", "--nproc-per-node", "2", "--no-python"])
+        .arg(env!("CARGO_BIN_EXE_train"))
+        .args(["--config", "tiny.toml", "--run-dir", "torchrun"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("SLURM_PROCID")
+        .output()
+        .unwrap();
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "torchrun: {stderr}");
+    // torchrun passes the ranks' stdout through: rank 0's summary is the one JSON object.
+    let stdout = text(&output.stdout);
+    let summary: serde_json::Value = stdout
+        .lines()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| panic!("no summary in {stdout:?}"));
+    assert_eq!(summary["end_step"], 6);
+    for rank in 0..2 {
+        assert!(
+            stderr.contains(&format!(r#""rank":{rank},"world":2"#)),
+            "rank {rank} did not report world 2: {stderr}"
+        );
+    }
+    let state = state_of(&dir.path().join("torchrun/checkpoints"));
+    assert_eq!(state.streams.len(), 2);
+    assert_eq!(state.images_seen, 6 * 2 * 4);
+
+    let nproc = train_ok(dir.path(), &["--nproc", "2", "--run-dir", "nproc"]);
+    assert_eq!(nproc["end_step"], 6);
+    let model = |run: &str| -> BTreeMap<String, Tensor> {
+        let folder = dir.path().join(run).join("checkpoints/ckpt-00000006");
+        Tensor::read_safetensors(folder.join("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    let (a, b) = (model("torchrun"), model("nproc"));
+    let differing: Vec<&String> = a.keys().filter(|k| !a[*k].equal(&b[*k])).collect();
+    assert!(
+        differing.is_empty(),
+        "torchrun's weights differ from --nproc 2's: {differing:?}"
+    );
+}
+
 /// Starts ranks 0 and 1 of a long run by hand (as torchrun would), waits until rank 0 has
 /// logged a step, does `harm` to rank 1, and returns rank 0's exit status, stderr and how long
 /// it took to exit after the harm.
