@@ -592,17 +592,27 @@ impl RegNetY {
     }
 }
 
-impl ModuleT for RegNetY {
-    /// Pooled trunk features `[B, C]` of images `[B, 3, H, W]` (any H, W; multiples of 32 keep
-    /// every stride exact). `train` selects batch statistics (and updates the running ones).
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+impl RegNetY {
+    /// The last stage's feature map `[B, C, H/2^(S+1), W/2^(S+1)]` of images `[B, 3, H, W]`
+    /// (S stages), before the global pool. `train` selects batch statistics (and updates the
+    /// running ones).
+    pub fn feature_map(&self, xs: &Tensor, train: bool) -> Tensor {
         let mut x = self.stem.forward_t(xs, train).relu_(); // [B, 32, H/2, W/2]
         for stage in &self.stages {
             for block in stage {
                 x = block.forward_t(&x, train); // stage k of 4: [B, C_k, H/2^(k+1), W/2^(k+1)]
             }
         }
-        x.adaptive_avg_pool2d([1, 1]) // [B, C, 1, 1]
+        x
+    }
+}
+
+impl ModuleT for RegNetY {
+    /// Pooled trunk features `[B, C]` of images `[B, 3, H, W]` (any H, W; multiples of 32 keep
+    /// every stride exact). `train` selects batch statistics (and updates the running ones).
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.feature_map(xs, train)
+            .adaptive_avg_pool2d([1, 1]) // [B, C, 1, 1]
             .flatten(1, -1) // [B, C]
     }
 }

@@ -103,6 +103,10 @@ pub struct CommonArgs {
     /// cpu, cuda (the first GPU) or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Average-pool the trunk's last stage to N x N and flatten it (C x N² features): 1 is
+    /// the global average pool; 2 is SwAV's `--global_pooling false` probe. Trunks only.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pool: u32,
     /// Images per trunk pass.
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
@@ -314,6 +318,15 @@ pub fn run(command: EvalCommand) -> Result<serde_json::Value, EvalError> {
             knn_config = None;
         }
     }
+    if common.pool < 1 {
+        return Err(EvalError::usage("--pool", "at least 1"));
+    }
+    if common.pool > 1 && common.checkpoint == "pixels" {
+        return Err(EvalError::usage(
+            "--pool",
+            "pools a trunk's last feature map; pixels are the crop itself (leave --pool at 1)",
+        ));
+    }
     let device = parse_device(&common.device)?;
     if let Some(threads) = common.threads {
         if threads < 1 {
@@ -347,6 +360,7 @@ pub fn run(command: EvalCommand) -> Result<serde_json::Value, EvalError> {
     let options = ExtractOptions {
         batch_size: common.batch_size,
         preprocess,
+        pool: common.pool,
         store,
     };
     let cache = common.cache_dir.as_ref().map(FeatureCache::new);
@@ -472,6 +486,7 @@ fn write_report(
         "feature_dim": train.dim(),
         "device": common.device,
         "preprocess": preprocess,
+        "pool": common.pool,
         "settings": settings,
         "top1": scores.top1,
         "top5": scores.top5,

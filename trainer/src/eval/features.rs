@@ -5,7 +5,9 @@
 //! cropped to [`Preprocess::crop`] (torchvision's `CenterCrop`, same rounding), scaled to
 //! `[0, 1]` and normalized with the training run's mean and standard deviation. The trunk runs in
 //! eval mode (batch norm with its running statistics) without gradients; its output is the
-//! global average pool of the last stage. The crop flipped left to right goes through the trunk
+//! global average pool of the last stage, or with [`ExtractOptions::pool`] `N > 1` the last
+//! stage average-pooled to `N × N` and flattened (`C·N²` values: SwAV's `--global_pooling
+//! false`, VISSL's pooled-layer probes). The crop flipped left to right goes through the trunk
 //! too: the linear probe draws one of the two per sample and epoch (its light augmentation).
 
 use std::path::{Path, PathBuf};
@@ -14,7 +16,6 @@ use augment::decode::Decoder;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shards::{Dataset, SampleMeta, StoreOptions};
-use tch::nn::ModuleT;
 use tch::{Device, Kind, Tensor};
 use tracing::info;
 
@@ -222,13 +223,23 @@ impl LoadedTrunk {
         }
     }
 
-    /// Features `[B, D]` (on the CPU) of normalized crops `[B, 3, crop, crop]`.
-    pub fn embed(&self, images: &Tensor) -> Tensor {
+    /// Whether this is the raw-pixel baseline (no trunk).
+    pub fn is_pixels(&self) -> bool {
+        self.model.is_none()
+    }
+
+    /// Features `[B, D]` (on the CPU) of normalized crops `[B, 3, crop, crop]`: the last stage
+    /// average-pooled to `pool × pool` and flattened (`D = C·pool²`; 1 is the global pool).
+    /// Pixels are the crop itself, whatever `pool`.
+    pub fn embed(&self, images: &Tensor, pool: u32) -> Tensor {
         match &self.model {
             Some(model) => tch::no_grad(|| {
+                let pool = i64::from(pool.max(1));
                 model
                     .trunk
-                    .forward_t(&images.to_device(self.device), false) // [B, C]
+                    .feature_map(&images.to_device(self.device), false) // [B, C, h, w]
+                    .adaptive_avg_pool2d([pool, pool]) // [B, C, pool, pool]
+                    .flatten(1, -1) // [B, C·pool²]
                     .to_device(Device::Cpu)
             }),
             None => images.flatten(1, -1), // [B, 3·crop·crop]
@@ -273,6 +284,8 @@ pub struct ExtractOptions {
     pub batch_size: usize,
     /// Resize, crop and normalization.
     pub preprocess: Preprocess,
+    /// The last stage is average-pooled to `pool × pool` (1: the global average pool).
+    pub pool: u32,
     /// Object-store options for the dataset.
     pub store: StoreOptions,
 }
@@ -321,8 +334,8 @@ pub fn extract(
             return;
         }
         let images = pending.take(&preprocess); // [B, 3, crop, crop]
-        features.push(trunk.embed(&images));
-        flipped.push(trunk.embed(&images.flip([3])));
+        features.push(trunk.embed(&images, options.pool));
+        flipped.push(trunk.embed(&images.flip([3]), options.pool));
     };
     let dataset_error = |e: shards::ShardError| EvalError::Dataset {
         url: url.to_owned(),
@@ -418,6 +431,7 @@ impl FeatureCache {
         url: &str,
         dataset: &Dataset,
         preprocess: &Preprocess,
+        pool: u32,
     ) -> PathBuf {
         let mut hash = Sha256::new();
         hash.update(trunk.description.as_bytes());
@@ -426,6 +440,10 @@ impl FeatureCache {
         hash.update([0]);
         hash.update(serde_json::to_vec(&dataset.manifest).unwrap_or_default());
         hash.update(serde_json::to_vec(preprocess).unwrap_or_default());
+        // The global pool hashes as before pooling was a choice, so older entries stay valid.
+        if pool > 1 && !trunk.is_pixels() {
+            hash.update(format!("pool {pool}").as_bytes());
+        }
         let digest = hex::encode(&hash.finalize()[..12]);
         self.dir.join(format!("features-{digest}"))
     }
@@ -533,7 +551,7 @@ pub fn features_of(
     cache: Option<&FeatureCache>,
 ) -> Result<Features, EvalError> {
     let dataset = open_dataset(url, &options.store)?;
-    let entry = cache.map(|c| c.entry(trunk, url, &dataset, &options.preprocess));
+    let entry = cache.map(|c| c.entry(trunk, url, &dataset, &options.preprocess, options.pool));
     if let (Some(cache), Some(entry)) = (cache, &entry)
         && let Some(features) = cache.load(entry)?
     {
