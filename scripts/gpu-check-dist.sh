@@ -1,33 +1,104 @@
 #!/usr/bin/env bash
-# GPU check of data-parallel training on NCCL, one rank per GPU (run on a GPU machine):
-# builds the release trainer with the `nccl` feature (installing the CUDA headers it needs,
-# SEER_NCCL=1 scripts/setup.sh), ingests the small photo set, then runs `train --nproc G
-# --device cuda` for a few steps of configs/cpu-small.toml in fp32 and bf16 with
-# SyncBatchNorm over all GPUs, resumes it, and prints each summary (seconds per step,
-# communication share). Also checks that Gloo still runs on the same machine (CPU ranks).
-# Usage: scripts/gpu-check-dist.sh [GPUS] (default: every GPU nvidia-smi lists; at least 1).
-set -euo pipefail
+# The data-parallel GPU check: NCCL training with the kit's release `train` (built with the
+# `nccl` feature by `scripts/gpu-check.sh --prepare` on the build machine) on a CUDA machine
+# that has torch 2.11.0 in its python3 but no Rust and no network. `scripts/gpu-check.sh` runs
+# it as its last step; it also runs alone:
+#
+#   scripts/gpu-check-dist.sh [--out DIR] [--gpus G] [--device cuda|cpu]
+#
+# With G >= 2 GPUs (default: every GPU nvidia-smi lists): `train --nproc G --device cuda`, one
+# rank per GPU, SyncBatchNorm over all of them. With one GPU: one rank under torchrun's
+# variables (RANK=0, WORLD_SIZE=1) with `distributed.process_group_for_one_rank`, so the
+# store, ProcessGroupNCCL, the bucketed gradient all-reduce and the distributed Sinkhorn all
+# run on the GPU. Each in fp32 and bf16: stop at step 10 with a checkpoint, resume to 20.
+# Then 2 CPU ranks on Gloo. Logs and summaries go to DIR (default $OUT, else
+# runs/gpu-check-dist): dist-logs.txt and one line per run in dist-summary.txt.
+# --device cpu is a dry run of the script's own logic (Gloo instead of NCCL).
+set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$root/scripts/env.sh"
 cd "$root"
-gpus=${1:-$(nvidia-smi -L | wc -l)}
-SEER_NCCL=1 bash scripts/setup.sh
-bash scripts/fetch-testdata.sh
-cargo build --release -p trainer --features nccl --bin train -p ingest --bin ingest
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-target/release/ingest run "$SEER_CACHE/photos-small" -o "$work/data" --samples-per-shard 4 \
-  --no-progress 2>/dev/null
-common=(--config configs/cpu-small.toml --set "data.url=\"$work/data\"" --set data.batch_size=8
-        --set schedule.steps=20 --set checkpoint.every_steps=10 --set logging.every_steps=5
-        --set distributed.sync_bn_group_size="$gpus")
-for precision in fp32 bf16; do
-  echo "== NCCL, $gpus GPU(s), $precision"
-  target/release/train "${common[@]}" --device cuda --nproc "$gpus" --set precision=$precision \
-    --run-dir "$work/nccl-$precision" --stop-after 10
-  target/release/train "${common[@]}" --device cuda --nproc "$gpus" --set precision=$precision \
-    --run-dir "$work/nccl-$precision" --resume
+kit="$root/gpu-kit"
+out="${OUT:-$root/runs/gpu-check-dist}"
+gpus=""
+device=cuda
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --out) out="$2"; shift 2 ;;
+    --gpus) gpus="$2"; shift 2 ;;
+    --device) device="$2"; shift 2 ;;
+    *) echo "gpu-check-dist.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
 done
-echo "== Gloo, 2 CPU ranks"
-target/release/train "${common[@]}" --set distributed.sync_bn_group_size=2 --nproc 2 \
-  --run-dir "$work/gloo" --set schedule.steps=6
+train="$kit/train"
+data="$kit/shards"
+[[ -x "$train" && -d "$data" ]] || { echo "gpu-check-dist.sh: $kit/train or $kit/shards missing: run scripts/gpu-check.sh --prepare on the build machine and carry gpu-kit" >&2; exit 2; }
+torch_lib="$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')" || exit 1
+export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [[ -z "$gpus" ]]; then
+  if [[ "$device" == cuda ]]; then gpus=$(nvidia-smi -L | wc -l); else gpus=1; fi
+fi
+mkdir -p "$out"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+summary="$out/dist-summary.txt"
+: > "$summary"
+backend=nccl
+[[ "$device" == cuda ]] || backend=gloo
+
+common=(--config configs/swav-regnety-400mf.toml --device "$device" --set "data.url=$data"
+  --set data.threads=2 --set data.batch_size=16 --set schedule.steps=20 --set optim.warmup_steps=4
+  --set checkpoint.every_steps=10 --set logging.every_steps=5
+  --set "distributed.backend=\"$backend\"" --set distributed.timeout_s=300)
+if [[ "$device" == cpu ]]; then
+  common+=(--set data.batch_size=2 --set schedule.steps=4 --set optim.warmup_steps=1
+    --set checkpoint.every_steps=2 --set logging.every_steps=1)
+fi
+stop=10
+[[ "$device" == cpu ]] && stop=2
+
+# Runs `train` with $launch (an array of VAR=VALUE set for it); $1 names the run.
+status=0
+run() {
+  local name=$1
+  shift
+  local start code
+  start=$(date +%s.%N)
+  env "${launch[@]}" "$train" "$@" > "$work/$name.json" 2> "$work/$name.log"
+  code=$?
+  local line
+  line="$name: exit $code after $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }') s; $(tail -n 1 "$work/$name.json")"
+  echo "$line" | tee -a "$summary"
+  if [[ $code -ne 0 ]]; then
+    tail -n 20 "$work/$name.log"
+    status=1
+  fi
+}
+
+for precision in fp32 bf16; do
+  [[ "$device" == cpu && "$precision" == bf16 ]] && continue
+  if ((gpus >= 2)); then
+    echo "== $backend, $gpus GPUs (one rank each, --nproc), $precision, SyncBatchNorm over all"
+    launch=()
+    ranks=(--nproc "$gpus" --set "distributed.sync_bn_group_size=$gpus")
+  else
+    echo "== $backend, one rank through a process group of one (RANK=0 WORLD_SIZE=1), $precision"
+    launch=(RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1
+      "MASTER_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')")
+    ranks=(--set distributed.process_group_for_one_rank=true)
+  fi
+  run "$backend-$precision-a" "${common[@]}" "${ranks[@]}" --set "precision=$precision" \
+    --run-dir "$work/$backend-$precision" --stop-after "$stop"
+  run "$backend-$precision-b" "${common[@]}" "${ranks[@]}" --set "precision=$precision" \
+    --run-dir "$work/$backend-$precision" --resume
+done
+
+echo "== gloo, 2 CPU ranks (--nproc 2), fp32"
+launch=()
+cpu=("${common[@]}")
+cpu[3]=cpu # the value of --device (common's fourth word): train takes each option once
+run gloo-cpu "${cpu[@]}" --set 'distributed.backend="gloo"' --set precision=fp32 --set data.batch_size=2 \
+  --set schedule.steps=4 --set optim.warmup_steps=1 --set checkpoint.every_steps=4 \
+  --nproc 2 --run-dir "$work/gloo-cpu"
+
+for f in "$work"/*.log; do echo "==== $f"; cat "$f"; done > "$out/dist-logs.txt"
+exit $status

@@ -20,6 +20,9 @@
 #              cuDNN, checkpoint and resume on the device;
 #   2. main:   RegNetY-8GF (--model) in bf16, SwAV's 2x224 + 6x96 crops, batch 64 (--batch),
 #              N steps (--steps, default 300), the augmenter on all but one core;
+#   3. dist:   scripts/gpu-check-dist.sh: NCCL training, one rank per GPU (one GPU: a process
+#              group of one), stop and resume, fp32 and bf16; then Gloo on 2 CPU ranks
+#              (dist-summary.txt, dist-logs.txt);
 # and writes summary.json: images/s (median over logging windows after the first two, which
 # hold cuDNN's algorithm search), data-wait share, step time, and the GPU memory nvidia-smi
 # reports at its peak (what the process holds: PyTorch's caching allocator included).
@@ -31,7 +34,10 @@ kit="$root/gpu-kit"
 if [[ "${1:-}" == "--prepare" ]]; then
   set -e
   source scripts/env.sh
-  cargo build --release -p trainer -p ingest -p augment
+  # The `nccl` feature compiles ProcessGroupNCCL into the bridge (scripts/gpu-check-dist.sh);
+  # its CUDA headers come from PyPI packages that SEER_NCCL=1 adds to the venv.
+  SEER_NCCL=1 bash scripts/setup.sh
+  cargo build --release -p trainer --features trainer/nccl -p ingest -p augment
   rm -rf "$kit"
   mkdir -p "$kit"
   strip -o "$kit/train" target/release/train
@@ -187,3 +193,6 @@ if [[ "$work" != "$out" ]]; then
   cp "$work/main/loss.png" "$out/main-loss.png" 2>/dev/null
   for f in "$work"/*.log; do echo "==== $f"; cat "$f"; done > "$out/logs.txt"
 fi
+
+echo "== 3. dist: NCCL (scripts/gpu-check-dist.sh)"
+bash scripts/gpu-check-dist.sh --out "$out" --device "$device"

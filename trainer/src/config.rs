@@ -521,6 +521,11 @@ pub struct DistributedConfig {
     /// starts afresh (with a seed derived from the step, so no batch order repeats) and the
     /// SwAV queue refills.
     pub on_world_size_change: WorldSizeChange,
+    /// Under a launcher that starts one process (torchrun or Slurm with a world size of 1),
+    /// train through the process group anyway, as PyTorch's DDP does at world size 1: a store,
+    /// a Gloo or NCCL group of one, bucketed all-reduces. Default false: such a run takes the
+    /// single-process path and opens no port. The GPU check sets it to run NCCL on one GPU.
+    pub process_group_for_one_rank: bool,
 }
 
 impl Default for DistributedConfig {
@@ -531,6 +536,7 @@ impl Default for DistributedConfig {
             timeout_s: 600.0,
             sync_bn_group_size: 0,
             on_world_size_change: WorldSizeChange::Error,
+            process_group_for_one_rank: false,
         }
     }
 }

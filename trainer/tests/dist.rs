@@ -607,6 +607,59 @@ fn torchrun_starts_the_ranks_and_they_train_as_nproc_does() {
     );
 }
 
+/// A launcher's world of one process takes the single-process path unless
+/// `distributed.process_group_for_one_rank` is set; then it trains through a process group of
+/// one (what the GPU check does to run NCCL on one GPU), to the same weights.
+#[test]
+fn one_rank_through_a_process_group_trains_as_a_single_process() {
+    if is_worker() {
+        return;
+    }
+    let dir = workspace();
+    let single = train_ok(dir.path(), &["--run-dir", "single"]);
+    assert_eq!(single["end_step"], 6);
+    let as_rank = |run: &str, extra: &[&str]| {
+        let mut args = vec!["--run-dir", run];
+        args.extend_from_slice(extra);
+        let output = train_command(dir.path(), &args)
+            .env("RANK", "0")
+            .env("WORLD_SIZE", "1")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", free_port().unwrap().to_string())
+            .output()
+            .unwrap();
+        let stderr = text(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        stderr
+    };
+    // The rank's span appears only when a process group was joined.
+    let plain = as_rank("plain", &[]);
+    assert!(!plain.contains(r#""name":"rank""#), "{plain}");
+    let grouped = as_rank(
+        "grouped",
+        &[
+            "--set",
+            "distributed.process_group_for_one_rank=true",
+            "--set",
+            "distributed.sync_bn_group_size=1",
+        ],
+    );
+    assert!(grouped.contains(r#""name":"rank""#), "{grouped}");
+    let model = |run: &str| -> BTreeMap<String, Tensor> {
+        let folder = dir.path().join(run).join("checkpoints/ckpt-00000006");
+        Tensor::read_safetensors(folder.join("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    let reference = model("single");
+    for run in ["plain", "grouped"] {
+        let other = model(run);
+        let (largest, name) = largest_difference(&reference, &other);
+        assert!(largest == 0.0, "{run}: {name} differs by {largest}");
+    }
+}
+
 /// Starts ranks 0 and 1 of a long run by hand (as torchrun would), waits until rank 0 has
 /// logged a step, does `harm` to rank 1, and returns rank 0's exit status, stderr and how long
 /// it took to exit after the harm.

@@ -151,7 +151,8 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             return spawn_ranks(nproc);
         }
     }
-    let launch = launch.filter(|l| l.world_size > 1);
+    let launch =
+        launch.filter(|l| l.world_size > 1 || config.distributed.process_group_for_one_rank);
     let mut device = parse_device(&args.device).map_err(usage)?;
     if let (Some(launch), Device::Cuda(_)) = (&launch, device) {
         // One GPU per local rank.
