@@ -32,3 +32,17 @@ seer_require_disk() {
     return 1
   fi
 }
+
+# For the GPU checks on a machine without Rust: fails unless the kit $1 (gpu-kit/, made by
+# `scripts/gpu-check.sh --prepare`) has its train binary and shards, then puts torch's lib
+# folder (found through python3) on LD_LIBRARY_PATH; $2 names the calling script.
+seer_use_gpu_kit() {
+  local kit=$1 caller=$2 torch_lib
+  if [[ ! -x "$kit/train" || ! -d "$kit/shards" ]]; then
+    echo "$caller: $kit/train or $kit/shards missing: run scripts/gpu-check.sh --prepare" \
+      "on the build machine and carry gpu-kit" >&2
+    return 2
+  fi
+  torch_lib="$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')" || return 1
+  export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}

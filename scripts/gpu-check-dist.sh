@@ -31,9 +31,8 @@ while [[ $# -gt 0 ]]; do
 done
 train="$kit/train"
 data="$kit/shards"
-[[ -x "$train" && -d "$data" ]] || { echo "gpu-check-dist.sh: $kit/train or $kit/shards missing: run scripts/gpu-check.sh --prepare on the build machine and carry gpu-kit" >&2; exit 2; }
-torch_lib="$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')" || exit 1
-export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+source scripts/env.sh
+seer_use_gpu_kit "$kit" gpu-check-dist.sh || exit $?
 if [[ -z "$gpus" ]]; then
   if [[ "$device" == cuda ]]; then gpus=$(nvidia-smi -L | wc -l); else gpus=1; fi
 fi

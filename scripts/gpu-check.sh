@@ -78,10 +78,8 @@ work="${work:-$out}"
 mkdir -p "$out" "$work"
 train="$kit/train"
 data="$kit/shards"
-[[ -x "$train" && -d "$data" ]] || { echo "gpu-check.sh: $kit/train or $kit/shards missing: run scripts/gpu-check.sh --prepare on the build machine and carry gpu-kit" >&2; exit 2; }
-
-torch_lib="$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')" || exit 1
-export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+source scripts/env.sh
+seer_use_gpu_kit "$kit" gpu-check.sh || exit $?
 echo "== machine"
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

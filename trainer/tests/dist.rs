@@ -456,6 +456,15 @@ fn train_ok(dir: &Path, args: &[&str]) -> serde_json::Value {
     common::train_ok(dir, &all)
 }
 
+/// The model weights of `dir/run`'s checkpoint at step 6 (the end of the workspace's run).
+fn weights_at_step_6(dir: &Path, run: &str) -> BTreeMap<String, Tensor> {
+    let folder = dir.join(run).join("checkpoints/ckpt-00000006");
+    Tensor::read_safetensors(folder.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
 fn state_of(checkpoints: &Path) -> TrainState {
     let latest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(checkpoints.join("latest.json")).unwrap()).unwrap();
@@ -492,15 +501,7 @@ fn nproc_2_checkpoints_every_rank_and_resumes_bit_exact() {
         (second["start_step"].as_u64(), second["end_step"].as_u64()),
         (Some(4), Some(6))
     );
-    let model = |run: &str| {
-        let folder = dir.path().join(run).join("checkpoints/ckpt-00000006");
-        let tensors: BTreeMap<String, Tensor> =
-            Tensor::read_safetensors(folder.join("model.safetensors"))
-                .unwrap()
-                .into_iter()
-                .collect();
-        tensors
-    };
+    let model = |run: &str| weights_at_step_6(dir.path(), run);
     let (a, b) = (model("straight"), model("resumed"));
     let differing: Vec<&String> = a.keys().filter(|k| !a[*k].equal(&b[*k])).collect();
     assert!(
@@ -592,13 +593,7 @@ fn torchrun_starts_the_ranks_and_they_train_as_nproc_does() {
 
     let nproc = train_ok(dir.path(), &["--nproc", "2", "--run-dir", "nproc"]);
     assert_eq!(nproc["end_step"], 6);
-    let model = |run: &str| -> BTreeMap<String, Tensor> {
-        let folder = dir.path().join(run).join("checkpoints/ckpt-00000006");
-        Tensor::read_safetensors(folder.join("model.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect()
-    };
+    let model = |run: &str| weights_at_step_6(dir.path(), run);
     let (a, b) = (model("torchrun"), model("nproc"));
     let differing: Vec<&String> = a.keys().filter(|k| !a[*k].equal(&b[*k])).collect();
     assert!(
@@ -645,13 +640,7 @@ fn one_rank_through_a_process_group_trains_as_a_single_process() {
         ],
     );
     assert!(grouped.contains(r#""name":"rank""#), "{grouped}");
-    let model = |run: &str| -> BTreeMap<String, Tensor> {
-        let folder = dir.path().join(run).join("checkpoints/ckpt-00000006");
-        Tensor::read_safetensors(folder.join("model.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect()
-    };
+    let model = |run: &str| weights_at_step_6(dir.path(), run);
     let reference = model("single");
     for run in ["plain", "grouped"] {
         let other = model(run);
