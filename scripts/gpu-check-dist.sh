@@ -44,7 +44,7 @@ summary="$out/dist-summary.txt"
 backend=nccl
 [[ "$device" == cuda ]] || backend=gloo
 
-common=(--config configs/swav-regnety-400mf.toml --device "$device" --set "data.url=$data"
+common=(--config configs/swav-regnety-400mf.toml --set "data.url=$data"
   --set data.threads=2 --set data.batch_size=16 --set schedule.steps=20 --set optim.warmup_steps=4
   --set checkpoint.every_steps=10 --set logging.every_steps=5
   --set "distributed.backend=\"$backend\"" --set distributed.timeout_s=300)
@@ -85,18 +85,16 @@ for precision in fp32 bf16; do
       "MASTER_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')")
     ranks=(--set distributed.process_group_for_one_rank=true)
   fi
-  run "$backend-$precision-a" "${common[@]}" "${ranks[@]}" --set "precision=$precision" \
-    --run-dir "$work/$backend-$precision" --stop-after "$stop"
-  run "$backend-$precision-b" "${common[@]}" "${ranks[@]}" --set "precision=$precision" \
-    --run-dir "$work/$backend-$precision" --resume
+  run "$backend-$precision-a" "${common[@]}" --device "$device" "${ranks[@]}" \
+    --set "precision=$precision" --run-dir "$work/$backend-$precision" --stop-after "$stop"
+  run "$backend-$precision-b" "${common[@]}" --device "$device" "${ranks[@]}" \
+    --set "precision=$precision" --run-dir "$work/$backend-$precision" --resume
 done
 
 echo "== gloo, 2 CPU ranks (--nproc 2), fp32"
 launch=()
-cpu=("${common[@]}")
-cpu[3]=cpu # the value of --device (common's fourth word): train takes each option once
-run gloo-cpu "${cpu[@]}" --set 'distributed.backend="gloo"' --set precision=fp32 --set data.batch_size=2 \
-  --set schedule.steps=4 --set optim.warmup_steps=1 --set checkpoint.every_steps=4 \
+run gloo-cpu "${common[@]}" --device cpu --set 'distributed.backend="gloo"' --set precision=fp32 \
+  --set data.batch_size=2 --set schedule.steps=4 --set optim.warmup_steps=1 --set checkpoint.every_steps=4 \
   --nproc 2 --run-dir "$work/gloo-cpu"
 
 for f in "$work"/*.log; do echo "==== $f"; cat "$f"; done > "$out/dist-logs.txt"

@@ -321,12 +321,6 @@ pub fn run(command: EvalCommand) -> Result<serde_json::Value, EvalError> {
     if common.pool < 1 {
         return Err(EvalError::usage("--pool", "at least 1"));
     }
-    if common.pool > 1 && common.checkpoint == "pixels" {
-        return Err(EvalError::usage(
-            "--pool",
-            "pools a trunk's last feature map; pixels are the crop itself (leave --pool at 1)",
-        ));
-    }
     let device = parse_device(&common.device)?;
     if let Some(threads) = common.threads {
         if threads < 1 {
@@ -339,6 +333,12 @@ pub fn run(command: EvalCommand) -> Result<serde_json::Value, EvalError> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("eval-{protocol}.json")));
     let trunk_spec = trunk_of(common)?;
+    if common.pool > 1 && matches!(trunk_spec, Trunk::Pixels) {
+        return Err(EvalError::usage(
+            "--pool",
+            "pools a trunk's last feature map; pixels are the crop itself (leave --pool at 1)",
+        ));
+    }
     let given_config = match &trunk_spec {
         Trunk::Random { config, .. } => Some((**config).clone()),
         _ => common
