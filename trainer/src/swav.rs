@@ -709,6 +709,8 @@ impl SwavLoss {
 mod tests {
     use super::*;
     use crate::collective::{SingleProcess, ThreadGroup};
+    use rand_core::{RngCore, SeedableRng};
+    use rand_xoshiro::Xoshiro256PlusPlus;
 
     fn cpu(kind: Kind) -> (Kind, Device) {
         (kind, Device::Cpu)
@@ -718,9 +720,34 @@ mod tests {
         t.abs().max().double_value(&[])
     }
 
-    /// Unit rows, as the head produces them.
-    fn random_unit_rows(rows: i64, dim: i64) -> Tensor {
-        l2_normalize_rows(&Tensor::randn([rows, dim], cpu(Kind::Float)))
+    /// Random test data from a generator of the test's own. Libtorch's generator is one per
+    /// process, and the tests of this binary run on parallel threads: a test that seeded it and
+    /// then drew could get numbers another test's draws had moved on (CI once saw Sinkhorn's
+    /// marginals converge on different data than the bounds below were measured on).
+    struct Draws(Xoshiro256PlusPlus);
+
+    impl Draws {
+        fn new(seed: u64) -> Self {
+            Self(Xoshiro256PlusPlus::seed_from_u64(seed))
+        }
+
+        /// Standard normal f32 values (Box-Muller).
+        fn normal(&mut self, shape: &[i64]) -> Tensor {
+            let n: i64 = shape.iter().product();
+            let mut uniform = || (self.0.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    let (u, v) = (1.0 - uniform(), uniform()); // u in (0, 1]
+                    ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+                })
+                .collect();
+            Tensor::from_slice(&values).view(shape)
+        }
+
+        /// Unit rows, uniform on the sphere, as the head produces them.
+        fn unit_rows(&mut self, rows: i64, dim: i64) -> Tensor {
+            l2_normalize_rows(&self.normal(&[rows, dim]))
+        }
     }
 
     /// Largest relative deviation of the prototypes' masses from their target B/K.
@@ -732,9 +759,9 @@ mod tests {
 
     #[test]
     fn sinkhorn_marginals() {
-        tch::manual_seed(1);
+        let mut draw = Draws::new(1);
         let (b, k) = (64, 16);
-        let scores = random_unit_rows(b, 8).matmul(&random_unit_rows(k, 8).tr()); // cosines
+        let scores = draw.unit_rows(b, 8).matmul(&draw.unit_rows(k, 8).tr()); // cosines
         let mut previous = f64::INFINITY;
         for iterations in [1, 3, 10, 30, 100] {
             let q = sinkhorn(&scores, 0.05, iterations, &SingleProcess, false);
@@ -751,10 +778,10 @@ mod tests {
                 error <= previous,
                 "{iterations} iterations: {error} > {previous}"
             );
-            // Geometric convergence (this data: 1.24, 0.36, 0.035, 5.2e-4, 1.0e-7), down to f32
+            // Geometric convergence (this data: 0.74, 0.39, 0.040, 4.8e-4, 1.3e-7), down to f32
             // rounding; the bounds leave a factor of 3 or more.
             let bound = match iterations {
-                10 => 0.1,
+                10 => 0.15,
                 30 => 2e-3,
                 100 => 1e-5,
                 _ => f64::INFINITY,
@@ -773,9 +800,9 @@ mod tests {
 
     #[test]
     fn sinkhorn_over_ranks_equals_the_whole_batch() {
-        tch::manual_seed(2);
+        let mut draw = Draws::new(2);
         let k = 12;
-        let scores = random_unit_rows(8, 6).matmul(&random_unit_rows(k, 6).tr()); // [8, K]
+        let scores = draw.unit_rows(8, 6).matmul(&draw.unit_rows(k, 6).tr()); // [8, K]
         let whole = sinkhorn(&scores, 0.05, 5, &SingleProcess, true);
         // Unequal shares (3 + 5) also check that B_global is counted, not assumed.
         let parts: Vec<Tensor> = std::thread::scope(|scope| {
@@ -795,8 +822,8 @@ mod tests {
 
     #[test]
     fn sinkhorn_of_half_precision_scores_runs_in_f32() {
-        tch::manual_seed(3);
-        let scores = random_unit_rows(16, 8).matmul(&random_unit_rows(10, 8).tr());
+        let mut draw = Draws::new(3);
+        let scores = draw.unit_rows(16, 8).matmul(&draw.unit_rows(10, 8).tr());
         let reference = sinkhorn(&scores, 0.03, 3, &SingleProcess, false);
         for kind in [Kind::Half, Kind::BFloat16] {
             let low = scores.to_kind(kind);
@@ -822,14 +849,14 @@ mod tests {
 
     #[test]
     fn initial_loss_is_ln_k() {
-        tch::manual_seed(4);
+        let mut draw = Draws::new(4);
         let (crops, b, k, d) = (4, 16, 300, 32);
         let config = SwavLossConfig {
             n_crops: crops,
             ..SwavLossConfig::default()
         };
-        let embeddings = random_unit_rows(crops as i64 * b, d);
-        let prototypes = random_unit_rows(k, d);
+        let embeddings = draw.unit_rows(crops as i64 * b, d);
+        let prototypes = draw.unit_rows(k, d);
         // Equal scores everywhere: uniform codes and predictions, loss exactly ln K.
         let flat = Tensor::zeros([crops as i64 * b, k], cpu(Kind::Float));
         let loss = SwavLoss::new(config.clone()).unwrap().loss(
@@ -841,7 +868,7 @@ mod tests {
         );
         assert!((loss.double_value(&[]) - (k as f64).ln()).abs() < 1e-5);
         // Small random scores, as from a freshly initialized network: close to ln K.
-        let small = Tensor::randn([crops as i64 * b, k], cpu(Kind::Float)) * 0.01;
+        let small = draw.normal(&[crops as i64 * b, k]) * 0.01;
         let loss = SwavLoss::new(config).unwrap().loss(
             &embeddings,
             &small,
@@ -857,10 +884,10 @@ mod tests {
 
     #[test]
     fn loss_is_differentiable_in_scores_only() {
-        tch::manual_seed(5);
+        let mut draw = Draws::new(5);
         let (b, k, d) = (4, 10, 6);
-        let embeddings = random_unit_rows(2 * b, d);
-        let prototypes = random_unit_rows(k, d);
+        let embeddings = draw.unit_rows(2 * b, d);
+        let prototypes = draw.unit_rows(k, d);
         let scores = embeddings.matmul(&prototypes.tr()).set_requires_grad(true);
         let config = SwavLossConfig {
             n_crops: 2,
@@ -882,10 +909,10 @@ mod tests {
 
     #[test]
     fn hard_assignment_gives_one_hot_codes() {
-        tch::manual_seed(6);
+        let mut draw = Draws::new(6);
         let (b, k, d) = (8, 5, 4);
-        let embeddings = random_unit_rows(2 * b, d);
-        let prototypes = random_unit_rows(k, d);
+        let embeddings = draw.unit_rows(2 * b, d);
+        let prototypes = draw.unit_rows(k, d);
         let scores = embeddings.matmul(&prototypes.tr());
         let mut loss = SwavLoss::new(SwavLossConfig {
             n_crops: 2,
@@ -929,7 +956,7 @@ mod tests {
 
     #[test]
     fn queue_starts_fills_and_restores() {
-        tch::manual_seed(7);
+        let mut draw = Draws::new(7);
         let (b, k, d) = (4, 6, 3);
         let config = SwavLossConfig {
             n_crops: 3,
@@ -940,10 +967,10 @@ mod tests {
             ..SwavLossConfig::default()
         };
         let mut loss = SwavLoss::new(config.clone()).unwrap();
-        let prototypes = random_unit_rows(k, d);
+        let prototypes = draw.unit_rows(k, d);
         let mut batches = Vec::new();
         for iteration in 0..4 {
-            let embeddings = random_unit_rows(3 * b, d);
+            let embeddings = draw.unit_rows(3 * b, d);
             let scores = embeddings.matmul(&prototypes.tr());
             let _ = loss.loss(&embeddings, &scores, &prototypes, iteration, &SingleProcess);
             assert_eq!(loss.queue().is_some(), iteration >= 1);
@@ -1062,7 +1089,7 @@ mod tests {
 
     #[test]
     fn head_normalizes_and_freezes() {
-        tch::manual_seed(8);
+        let mut draw = Draws::new(8);
         let vs = nn::VarStore::new(Device::Cpu);
         let config = SwavHeadConfig {
             input_dim: 12,
@@ -1076,7 +1103,7 @@ mod tests {
         head.normalize_prototypes();
         let unit = |t: &Tensor| max_abs(&(t.norm_scalaropt_dim(2, [1], false) - 1.0)) < 1e-6;
         assert!(unit(head.prototypes()));
-        let out = head.forward_t(&Tensor::randn([6, 12], cpu(Kind::Float)), true);
+        let out = head.forward_t(&draw.normal(&[6, 12]), true);
         assert_eq!(out.embeddings.size(), [6, 4]);
         assert_eq!(out.scores.size(), [6, 5]);
         assert!(unit(&out.embeddings));
