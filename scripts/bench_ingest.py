@@ -53,8 +53,8 @@ def spread(values):
 
 # The machine's speed drifts (shared virtual machines): every round runs each configuration
 # once, back to back, and the ratios are taken within a round, then their median reported.
-def floor_rate():
-    out = subprocess.run([floor, bench, "--passes", "1"], capture_output=True, text=True, check=True).stdout
+def floor_rate(threads=1):
+    out = subprocess.run([floor, bench, "--passes", "1", "--threads", str(threads)], capture_output=True, text=True, check=True).stdout
     return float(re.search(r"([\d.]+) images/s", out).group(1))
 
 def floor_pair():
@@ -62,13 +62,21 @@ def floor_pair():
     procs = [subprocess.Popen([floor, bench, "--passes", "1"], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     return sum(float(re.search(r"([\d.]+) images/s", p.communicate()[0]).group(1)) for p in procs)
 
+def cpu_times():
+    """The machine's CPU time counters (user, nice, system, idle, ...) from /proc/stat."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
 def job(source, workers, env=None, output_base=None):
     out_dir = tempfile.mkdtemp(prefix="bench-ingest-")
     target = out_dir if output_base is None else f"{output_base}/{os.path.basename(out_dir)}"
+    before = cpu_times()
     wall, peak, _ = timed([ingest, "run", source, "-o", target, "--workers", str(workers), "--samples-per-shard", "100", "--no-progress"], env=env)
+    spent = [b - a for a, b in zip(before, cpu_times())]
+    idle_share = 100 * spent[3] / max(1, sum(spent))
     stage_totals = stages(out_dir) if output_base is None else None
     shutil.rmtree(out_dir)
-    return n_images / wall, peak, stage_totals
+    return n_images / wall, peak, stage_totals, idle_share
 
 # s3s-fs serves a folder whose subfolders are buckets: stage the set as bucket/raw/.
 s3_data = tempfile.mkdtemp(prefix="bench-s3-")
@@ -76,20 +84,22 @@ shutil.copytree(bench, os.path.join(s3_data, "bench", "raw"))
 sock = socket.socket(); sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]; sock.close()
 server = subprocess.Popen([os.path.join(os.environ["SEER_TOOLS"], "bin/s3s-fs"), "--host", "127.0.0.1", "--port", str(port), "--access-key", "bench", "--secret-key", "benchsecret", s3_data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 s3_env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="benchsecret", AWS_ENDPOINT=f"http://127.0.0.1:{port}", AWS_ALLOW_HTTP="true", AWS_REGION="us-east-1", AWS_VIRTUAL_HOSTED_STYLE_REQUEST="false")
-labels = ["floor", "floor pair", "local, 1 worker", "local, 2 workers", "s3s-fs to s3s-fs, 2 workers"]
-results = {label: {"rates": [], "rss": [], "stages": None} for label in labels}
+labels = ["floor", "floor pair", "floor threads", "local, 1 worker", "local, 2 workers", "s3s-fs to s3s-fs, 2 workers"]
+results = {label: {"rates": [], "rss": [], "stages": None, "idle": []} for label in labels}
 try:
     time.sleep(0.5)
     for round_number in range(args.repeats):
         results["floor"]["rates"].append(floor_rate())
         results["floor pair"]["rates"].append(floor_pair())
+        results["floor threads"]["rates"].append(floor_rate(threads=2))
         for label, source, workers, env, base in [
             ("local, 1 worker", bench, 1, None, None),
             ("local, 2 workers", bench, 2, None, None),
             ("s3s-fs to s3s-fs, 2 workers", "s3://bench/raw", 2, s3_env, "s3://bench/out"),
         ]:
-            rate, peak, stage_totals = job(source, workers, env, base)
+            rate, peak, stage_totals, idle_share = job(source, workers, env, base)
             results[label]["rates"].append(rate)
+            results[label]["idle"].append(idle_share)
             results[label]["rss"].append(peak)
             results[label]["stages"] = stage_totals or results[label]["stages"]
         print(f"round {round_number + 1}:", {k: round(v["rates"][-1], 1) for k, v in results.items()}, flush=True)
@@ -137,6 +147,7 @@ lines = [
     "|---|---|---|---|---|",
     f"| floor: `process_image` in a tight loop, 1 thread, images in memory | {spread(floor_rates)} | {floor_median:.1f} | {floor_median * bytes_in / n_images / 1e6:.1f} | - |",
     f"| two floor processes side by side (what the hardware gives 2 threads) | {spread(results['floor pair']['rates'])} | {statistics.median(results['floor pair']['rates']) / 2:.1f} | - | - |",
+    f"| floor, 2 threads in one process (`floor --threads 2`) | {spread(results['floor threads']['rates'])} | {statistics.median(results['floor threads']['rates']) / 2:.1f} | - | - |",
 ]
 for label, cores in [("local, 1 worker", 1), ("local, 2 workers", 2), ("s3s-fs to s3s-fs, 2 workers", 2)]:
     r = results[label]
@@ -145,8 +156,10 @@ for label, cores in [("local, 1 worker", 1), ("local, 2 workers", 2), ("s3s-fs t
 lines += [
     "",
     f"- Whole job per core / floor: {ratio('local, 1 worker', 'floor')} with 1 worker, {ratio('local, 2 workers', 'floor', 0.5)} with 2; target: at least 1/1.5 = 0.67.",
-    f"- Scaling, 2 workers / 1 worker: {ratio('local, 2 workers', 'local, 1 worker')}; target 1.8. Two independent floor processes: {ratio('floor pair', 'floor')}.",
+    f"- Scaling, 2 workers / 1 worker: {ratio('local, 2 workers', 'local, 1 worker')}; target 1.8. Two independent floor processes: {ratio('floor pair', 'floor')}; two floor threads in one process: {ratio('floor threads', 'floor')}.",
     f"- Target of 200 images/s per core: {'met' if two / 2 >= 200 else 'NOT met'} ({two / 2:.0f} per core with 2 workers; the floor itself is {floor_median:.0f}).",
+    f"- Machine idle during the job (`/proc/stat`; 1 worker leaves one of {os.cpu_count()} cores to I/O): "
+    + ", ".join(f"{label} {spread(results[label]['idle'])} %" for label in ["local, 1 worker", "local, 2 workers", "s3s-fs to s3s-fs, 2 workers"]) + ".",
     tj_line,
     "- Time split (2 workers, summed over samples, share of the total): "
     + ", ".join(f"{k} {v / st_total * 100:.0f} %" for k, v in st.items()) + ".",

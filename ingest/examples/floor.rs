@@ -1,16 +1,19 @@
 //! The single-thread floor of ingest's per-image work, for the ingest benchmark to compare the
 //! whole job against: every image of a folder is loaded into memory first, then
 //! `process_image` (decode, resize, encode, hash: the same libraries and settings as the job)
-//! runs over all of them in a tight loop on one thread, three passes.
+//! runs over all of them in a tight loop on one thread, three passes. `--threads N` runs N
+//! such loops in one process, taking the images in turn: what the work scales to in one
+//! address space, without the job's I/O and scheduling.
 //!
 //! ```text
-//! cargo run --release -p ingest --example floor -- ~/.cache/seer-rs/photos [--passes 3]
+//! cargo run --release -p ingest --example floor -- ~/.cache/seer-rs/photos [--passes 3] [--threads 1]
 //! ```
 //!
 //! Prints images/s and input megapixels/s of the median pass, and the median per-image time
 //! of each stage over all passes.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ingest::image::{ImageConfig, StageTimings, process_image};
@@ -38,13 +41,18 @@ fn median(values: &mut [Duration]) -> Duration {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    const USAGE: &str = "usage: floor FOLDER [--passes N] [--threads N]";
     let mut arguments = std::env::args().skip(1);
-    let folder = arguments.next().ok_or("usage: floor FOLDER [--passes N]")?;
-    let passes: usize = match (arguments.next().as_deref(), arguments.next()) {
-        (Some("--passes"), Some(count)) => count.parse()?,
-        (None, _) => 3,
-        _ => return Err("usage: floor FOLDER [--passes N]".into()),
-    };
+    let folder = arguments.next().ok_or(USAGE)?;
+    let (mut passes, mut threads) = (3usize, 1usize);
+    while let Some(flag) = arguments.next() {
+        let value: usize = arguments.next().ok_or(USAGE)?.parse()?;
+        match flag.as_str() {
+            "--passes" => passes = value,
+            "--threads" => threads = value.max(1),
+            _ => return Err(USAGE.into()),
+        }
+    }
     let config = ImageConfig::default();
 
     let mut images = Vec::new();
@@ -64,22 +72,52 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rejected = std::collections::BTreeMap::<&str, usize>::new();
     for pass in 0..passes {
         let started = Instant::now();
-        for bytes in &images {
-            let result = process_image(bytes, &config);
-            if pass == 0 {
-                match &result {
-                    Ok(processed) => {
+        // Each thread takes the next image in turn; results come back in image order.
+        let next = AtomicUsize::new(0);
+        // What the tally needs of each image; the image itself is dropped at once, as in a job.
+        type Summary = Result<(StageTimings, bool, f64), &'static str>;
+        let mut results: Vec<(usize, Summary)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(bytes) = images.get(i) else {
+                                return done;
+                            };
+                            let summary = match process_image(bytes, &config) {
+                                Ok(p) => Ok((
+                                    p.timings,
+                                    p.kept_original,
+                                    f64::from(p.original_width) * f64::from(p.original_height)
+                                        / 1e6,
+                                )),
+                                Err(rejection) => Err(rejection.reason()),
+                            };
+                            done.push((i, summary));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("a floor thread panicked"))
+                .collect()
+        });
+        results.sort_by_key(|(i, _)| *i);
+        for (_, summary) in results {
+            match summary {
+                Ok((timings, kept_original, mp)) => {
+                    if pass == 0 {
                         accepted += 1;
-                        kept += usize::from(processed.kept_original);
-                        megapixels += f64::from(processed.original_width)
-                            * f64::from(processed.original_height)
-                            / 1e6;
+                        kept += usize::from(kept_original);
+                        megapixels += mp;
                     }
-                    Err(rejection) => *rejected.entry(rejection.reason()).or_default() += 1,
+                    stages.push(timings);
                 }
-            }
-            if let Ok(processed) = result {
-                stages.push(processed.timings);
+                Err(reason) if pass == 0 => *rejected.entry(reason).or_default() += 1,
+                Err(_) => {}
             }
         }
         pass_times.push(started.elapsed());

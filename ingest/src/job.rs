@@ -28,10 +28,10 @@ use shards::{
     Failure, Location, Manifest, ManifestShard, SampleMeta, ShardNames, ShardStats, ShardWriter,
     StageSeconds, StoreOptions,
 };
-use tokio::sync::Semaphore;
 
 use crate::image::{ImageConfig, ProcessedImage, process_image};
 use crate::input::{InputSpec, Resolver, SourceItem};
+use crate::pool::CpuPool;
 use crate::{IngestError, plan};
 
 /// Which share of the shards this worker makes: shards `id` with `id % count == index`.
@@ -338,7 +338,9 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         config,
         output: &output,
         resolver: Arc::new(Resolver::new(config.store.clone())),
-        cpu: Arc::new(Semaphore::new(config.workers)),
+        cpu: CpuPool::new("ingest-cpu", config.workers).map_err(|e| {
+            IngestError::Local(format!("starting {} CPU threads: {e}", config.workers))
+        })?,
         counters: Arc::new(Counters::default()),
         reporter,
     };
@@ -421,7 +423,7 @@ struct JobState<'a> {
     config: &'a JobConfig,
     output: &'a Location,
     resolver: Arc<Resolver>,
-    cpu: Arc<Semaphore>,
+    cpu: CpuPool,
     counters: Arc<Counters>,
     reporter: &'a dyn Reporter,
 }
@@ -768,20 +770,15 @@ impl JobState<'_> {
             attempt += 1;
         };
         let fetch = fetch_started.elapsed();
-        let permit = self
-            .cpu
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the CPU semaphore is never closed");
         let config = self.config.image.clone();
         let size = bytes.len() as u64;
-        let processed = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let sha256: [u8; 32] = Sha256::digest(&bytes).into();
-            (sha256, process_image(&bytes, &config))
-        })
-        .await;
+        let processed = self
+            .cpu
+            .run(move || {
+                let sha256: [u8; 32] = Sha256::digest(&bytes).into();
+                (sha256, process_image(&bytes, &config))
+            })
+            .await;
         match processed {
             Ok((sha256, Ok(image))) => Outcome::Accepted {
                 plan_index,
@@ -800,11 +797,11 @@ impl JobState<'_> {
                 bytes_in: size,
                 fetch,
             },
-            Err(join) => Outcome::Failed {
+            Err(panic) => Outcome::Failed {
                 failure: Failure {
                     url: item.url,
                     reason: "decoder_panic".into(),
-                    message: join.to_string(),
+                    message: panic,
                 },
                 bytes_in: size,
                 fetch,

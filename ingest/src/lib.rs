@@ -5,6 +5,7 @@
 //! - [`plan`] cuts the input into shard-sized chunks, stored with the output,
 //!   so that reruns, resumes and partitions agree on what goes where.
 //! - [`image`] validates, decodes, orients, resizes and re-encodes one image.
+//! - [`pool`] is the fixed set of threads the image work runs on.
 //! - [`job`] runs it all with bounded concurrency and publishes each shard
 //!   atomically; [`job::merge`] combines partitions' manifests.
 
@@ -12,6 +13,7 @@ pub mod image;
 pub mod input;
 pub mod job;
 pub mod plan;
+pub mod pool;
 
 /// Errors that stop an ingest job. Per-image problems are not errors: they
 /// are counted and listed in each shard's stats.
