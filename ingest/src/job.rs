@@ -228,6 +228,18 @@ struct Spooled {
     json_len: usize,
 }
 
+/// A shard written to a local temporary file, not yet published.
+struct Assembled {
+    names: ShardNames,
+    tar_file: tempfile::NamedTempFile,
+    index: shards::ShardIndex,
+    sha256: String,
+    stats: ShardStats,
+    /// The shard's earlier stats, when `--retry-failed` remade it.
+    previous: Option<ShardStats>,
+    started: Instant,
+}
+
 /// The outcome of one source.
 enum Outcome {
     Accepted {
@@ -344,6 +356,7 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         counters: Arc::new(Counters::default()),
         reporter,
     };
+    let mut publishing = None;
     for &id in &my_shards {
         let names = ShardNames::new(&plan.shard_prefix, id);
         let done = manifest.shards.iter().any(|s| s.name == names.tar);
@@ -370,32 +383,37 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         } else {
             None
         };
-        let (stats, sha256) = job
-            .make_shard(&names, items, kept, &mut seen_hashes, &mut progress)
-            .await?;
-        manifest.upsert(ManifestShard {
-            name: names.tar.clone(),
-            samples: stats.successes,
-            bytes: stats.bytes_out,
-            sha256,
-        });
-        output
-            .put_json(&manifest_name, &manifest)
-            .await
-            .map_err(IngestError::Output)?;
-        reporter.shard_done(&stats);
-        summary.shards_written += 1;
-        summary.written += stats.successes;
-        summary.failed += stats.failed;
-        summary.duplicates += stats.duplicates;
-        summary.bytes_in += stats.bytes_in;
-        summary.bytes_out += stats.bytes_out;
-        for (reason, n) in &stats.failed_by_reason {
-            *summary.failed_by_reason.entry(reason.clone()).or_default() += n;
-        }
-        add_stage_seconds(&mut summary.stage_seconds, &stats.stage_seconds);
-        progress.shards_done += 1;
-        reporter.progress(&progress);
+        // A shard is published (uploaded, then listed in the manifest) while the next one is
+        // made, so the CPU threads do not wait for uploads. Shards are still assembled,
+        // deduplicated and listed one after the other, in order.
+        let making = job.make_shard(&names, items, kept, &mut seen_hashes, &mut progress);
+        let assembled = match publishing.take() {
+            Some(previous) => {
+                let (assembled, published) = futures::join!(making, previous);
+                // A published shard is listed even when making the next one failed.
+                job.list_published(
+                    published?,
+                    &mut manifest,
+                    &manifest_name,
+                    &mut summary,
+                    &mut progress,
+                )
+                .await?;
+                assembled?
+            }
+            None => making.await?,
+        };
+        publishing = Some(job.publish(assembled));
+    }
+    if let Some(last) = publishing {
+        job.list_published(
+            last.await?,
+            &mut manifest,
+            &manifest_name,
+            &mut summary,
+            &mut progress,
+        )
+        .await?;
     }
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
@@ -429,7 +447,7 @@ struct JobState<'a> {
 }
 
 impl JobState<'_> {
-    /// Makes one shard from its plan chunk and publishes it. With `previous`
+    /// Makes one shard from its plan chunk, in a local file, for [`JobState::publish`]. With `previous`
     /// (a completed shard's stats, for `--retry-failed`) the samples already
     /// in the shard are kept and only the listed failures are fetched again.
     async fn make_shard(
@@ -439,7 +457,7 @@ impl JobState<'_> {
         previous: Option<ShardStats>,
         seen_hashes: &mut HashSet<[u8; 32]>,
         progress: &mut Progress,
-    ) -> Result<(ShardStats, String), IngestError> {
+    ) -> Result<Assembled, IngestError> {
         let started = Instant::now();
         let start_time = chrono::Utc::now().to_rfc3339();
         let spool_file = tempfile::tempfile_in(&self.config.work_dir).map_err(|e| {
@@ -655,8 +673,12 @@ impl JobState<'_> {
                 self.config.work_dir.display()
             ))
         })?;
+        let tar_handle = tar_file
+            .as_file()
+            .try_clone()
+            .map_err(|e| IngestError::Local(format!("shard file: {e}")))?;
         let mut writer = ShardWriter::new(
-            BufWriter::with_capacity(1 << 20, tar_file.as_file()),
+            BufWriter::with_capacity(1 << 20, tar_handle),
             names.tar.clone(),
         );
         let mut buf = Vec::new();
@@ -681,19 +703,84 @@ impl JobState<'_> {
         }
         progress.duplicates += stats.duplicates;
         let finished = writer.finish().map_err(|e| IngestError::Output(e.into()))?;
-        drop(finished.out);
-        stats.successes = finished.index.samples.len() as u64;
+        let (index, sha256) = (finished.index, finished.sha256);
+        finished
+            .out
+            .into_inner()
+            .map_err(|e| IngestError::Local(format!("shard file: {}", e.error())))?;
+        stats.successes = index.samples.len() as u64;
         progress.written += stats.successes;
-        stats.bytes_out = finished.index.bytes;
+        stats.bytes_out = index.bytes;
+        stats.stage_seconds.write += write_started.elapsed().as_secs_f64();
+        Ok(Assembled {
+            names: names.clone(),
+            tar_file,
+            index,
+            sha256,
+            stats,
+            previous,
+            started,
+        })
+    }
+
+    /// Lists a published shard in this partition's manifest, and counts it.
+    async fn list_published(
+        &self,
+        (stats, sha256): (ShardStats, String),
+        manifest: &mut Manifest,
+        manifest_name: &str,
+        summary: &mut JobSummary,
+        progress: &mut Progress,
+    ) -> Result<(), IngestError> {
+        manifest.upsert(ManifestShard {
+            name: stats.shard.clone(),
+            samples: stats.successes,
+            bytes: stats.bytes_out,
+            sha256,
+        });
+        self.output
+            .put_json(manifest_name, manifest)
+            .await
+            .map_err(IngestError::Output)?;
+        self.reporter.shard_done(&stats);
+        summary.shards_written += 1;
+        summary.written += stats.successes;
+        summary.failed += stats.failed;
+        summary.duplicates += stats.duplicates;
+        summary.bytes_in += stats.bytes_in;
+        summary.bytes_out += stats.bytes_out;
+        for (reason, n) in &stats.failed_by_reason {
+            *summary.failed_by_reason.entry(reason.clone()).or_default() += n;
+        }
+        add_stage_seconds(&mut summary.stage_seconds, &stats.stage_seconds);
+        progress.shards_done += 1;
+        self.reporter.progress(progress);
+        Ok(())
+    }
+
+    /// Uploads an assembled shard, its index and its stats; the caller then lists it in the
+    /// manifest. Runs while the next shard is being made.
+    async fn publish(&self, shard: Assembled) -> Result<(ShardStats, String), IngestError> {
+        let Assembled {
+            names,
+            tar_file,
+            index,
+            sha256,
+            mut stats,
+            previous,
+            started,
+        } = shard;
+        let upload_started = Instant::now();
         self.output
             .put_file(&names.tar, tar_file.path())
             .await
             .map_err(IngestError::Output)?;
+        drop(tar_file);
         self.output
-            .put_json(&names.index, &finished.index)
+            .put_json(&names.index, &index)
             .await
             .map_err(IngestError::Output)?;
-        stats.stage_seconds.write += write_started.elapsed().as_secs_f64();
+        stats.stage_seconds.write += upload_started.elapsed().as_secs_f64();
         stats.duration_s = started.elapsed().as_secs_f64();
         stats.end_time = chrono::Utc::now().to_rfc3339();
         if let Some(previous) = previous {
@@ -707,7 +794,7 @@ impl JobState<'_> {
             .await
             .map_err(IngestError::Output)?;
         tracing::info!(shard = %names.tar, written = stats.successes, failed = stats.failed, duplicates = stats.duplicates, bytes = stats.bytes_out, seconds = stats.duration_s, "shard published");
-        Ok((stats, finished.sha256))
+        Ok((stats, sha256))
     }
 
     /// Fetches one source and processes it on the CPU pool.

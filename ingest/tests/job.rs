@@ -538,6 +538,22 @@ fn too_many_failures_stop_the_job_with_a_clear_message_and_keep_completed_shards
         "{stderr}"
     );
     assert!(read_dataset(out.path()).len() <= 4);
+    // Every shard before the one that stopped the job is published and listed, including the
+    // one whose upload ran while the stopping shard was being made.
+    let stopped_in: u64 = stderr
+        .split("in shard data-")
+        .nth(1)
+        .and_then(|rest| rest.get(..6))
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or_else(|| panic!("no shard named in: {stderr}"));
+    assert!(stopped_in > 0, "{stderr}");
+    let manifest: Manifest =
+        serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).unwrap()).unwrap();
+    let listed: Vec<&str> = manifest.shards.iter().map(|s| s.name.as_str()).collect();
+    let expected: Vec<String> = (0..stopped_in)
+        .map(|id| format!("data-{id:06}.tar"))
+        .collect();
+    assert_eq!(listed, expected);
 }
 
 #[test]
