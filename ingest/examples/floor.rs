@@ -6,7 +6,8 @@
 //! address space, without the job's I/O and scheduling.
 //!
 //! ```text
-//! cargo run --release -p ingest --example floor -- ~/.cache/seer-rs/photos [--passes 3] [--threads 1]
+//! cargo run --release -p ingest --example floor -- ~/.cache/seer-rs/photos \
+//!     [--passes 3] [--threads 1]
 //! ```
 //!
 //! Prints images/s and input megapixels/s of the median pass, and the median per-image time

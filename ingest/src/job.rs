@@ -447,9 +447,9 @@ struct JobState<'a> {
 }
 
 impl JobState<'_> {
-    /// Makes one shard from its plan chunk, in a local file, for [`JobState::publish`]. With `previous`
-    /// (a completed shard's stats, for `--retry-failed`) the samples already
-    /// in the shard are kept and only the listed failures are fetched again.
+    /// Makes one shard from its plan chunk, in a local file, for [`JobState::publish`].
+    /// With `previous` (a completed shard's stats, for `--retry-failed`) the samples
+    /// already in the shard are kept and only the listed failures are fetched again.
     async fn make_shard(
         &self,
         names: &ShardNames,

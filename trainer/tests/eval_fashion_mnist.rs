@@ -106,9 +106,10 @@ fn write_subset(prefix: &str, per_class: usize, dir: &Path, final_dir: &Path) {
     .unwrap();
 }
 
-/// The subset's PNGs and lists, `ROOT/{train,test}/CLASS/INDEX.png` and `ROOT/{train,test}/list.csv`,
-/// at a fixed place beside the Fashion-MNIST download (see [`KNN_MARGIN`] for why). Made once,
-/// in a temporary folder renamed into place, so a run that stops halfway leaves nothing behind.
+/// The subset's PNGs and lists, `ROOT/{train,test}/CLASS/INDEX.png` and
+/// `ROOT/{train,test}/list.csv`, at a fixed place beside the Fashion-MNIST download (see
+/// [`KNN_MARGIN`] for why). Made once, in a temporary folder renamed into place, so a run that
+/// stops halfway leaves nothing behind.
 fn subset_pngs() -> PathBuf {
     let parent = seer_tests::fashion_mnist_dir();
     let root = parent.join(format!(
