@@ -73,11 +73,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rejected = std::collections::BTreeMap::<&str, usize>::new();
     for pass in 0..passes {
         let started = Instant::now();
-        // Each thread takes the next image in turn; results come back in image order.
+        // Each thread takes the next image in turn; the tally below does not depend on order.
         let next = AtomicUsize::new(0);
         // What the tally needs of each image; the image itself is dropped at once, as in a job.
         type Summary = Result<(StageTimings, bool, f64), &'static str>;
-        let mut results: Vec<(usize, Summary)> = std::thread::scope(|scope| {
+        let results: Vec<Summary> = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     scope.spawn(|| {
@@ -96,7 +96,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 )),
                                 Err(rejection) => Err(rejection.reason()),
                             };
-                            done.push((i, summary));
+                            done.push(summary);
                         }
                     })
                 })
@@ -106,8 +106,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .flat_map(|w| w.join().expect("a floor thread panicked"))
                 .collect()
         });
-        results.sort_by_key(|(i, _)| *i);
-        for (_, summary) in results {
+        for summary in results {
             match summary {
                 Ok((timings, kept_original, mp)) => {
                     if pass == 0 {
