@@ -133,7 +133,7 @@ impl BoxKernel {
     }
 }
 
-dispatch_avx2! {
+dispatch_simd! {
     /// One horizontal pass over every row of `src` into `dst`.
     fn horizontal_pass(
         src: &[u8],
@@ -233,7 +233,7 @@ fn initial_window(radius: usize, len: usize) -> (u32, usize, u32) {
     ((radius + 1) as u32, inside, (radius - inside) as u32)
 }
 
-dispatch_avx2! {
+dispatch_simd! {
     /// One vertical pass of `src` into `dst`: the same arithmetic along columns, with one
     /// running sum per byte of a row, moving down a row at a time.
     fn vertical_pass(
@@ -386,30 +386,34 @@ mod tests {
         assert_eq!(pixel, [10, 20, 30]);
     }
 
-    /// The AVX2 copies (what the reference test exercises on an AVX2 machine) against the
-    /// portable code they are compiled from.
+    /// The compiled copies at every SIMD level this CPU has (the reference test exercises the
+    /// widest) against the portable code they are compiled from.
     #[test]
     fn dispatched_passes_match_portable_ones() {
-        for (width, height, radius) in [(37, 23, 0.4), (64, 9, 2.0), (5, 40, 30.0), (1, 1, 1.0)] {
-            let src = noise(width * height * 3);
-            let kernel = BoxKernel::new(extended_box_radius(radius, PASSES));
-            let row_bytes = width * 3;
-            let (mut extended, mut sums) = (Vec::new(), Vec::new());
-            let (mut fast, mut portable) = (vec![0; src.len()], vec![0; src.len()]);
-            horizontal_pass(&src, &mut fast, row_bytes, kernel, &mut extended, &mut sums);
-            horizontal_pass_portable(
-                &src,
-                &mut portable,
-                row_bytes,
-                kernel,
-                &mut extended,
-                &mut sums,
-            );
-            assert_eq!(fast, portable);
-            vertical_pass(&src, &mut fast, row_bytes, kernel, &mut sums);
-            vertical_pass_portable(&src, &mut portable, row_bytes, kernel, &mut sums);
-            assert_eq!(fast, portable);
-        }
+        let levels = crate::ops::at_every_simd_level(|level| {
+            for (width, height, radius) in [(37, 23, 0.4), (64, 9, 2.0), (5, 40, 30.0), (1, 1, 1.0)]
+            {
+                let src = noise(width * height * 3);
+                let kernel = BoxKernel::new(extended_box_radius(radius, PASSES));
+                let row_bytes = width * 3;
+                let (mut extended, mut sums) = (Vec::new(), Vec::new());
+                let (mut fast, mut portable) = (vec![0; src.len()], vec![0; src.len()]);
+                horizontal_pass(&src, &mut fast, row_bytes, kernel, &mut extended, &mut sums);
+                horizontal_pass_portable(
+                    &src,
+                    &mut portable,
+                    row_bytes,
+                    kernel,
+                    &mut extended,
+                    &mut sums,
+                );
+                assert_eq!(fast, portable, "{level:?}");
+                vertical_pass(&src, &mut fast, row_bytes, kernel, &mut sums);
+                vertical_pass_portable(&src, &mut portable, row_bytes, kernel, &mut sums);
+                assert_eq!(fast, portable, "{level:?}");
+            }
+        });
+        assert!(!levels.is_empty());
     }
 
     #[test]

@@ -18,10 +18,10 @@
 //!
 //! Speed: brightness and contrast map bytes through a 256-entry table; saturation, grayscale
 //! and hue work on blocks of 64 pixels split into channel arrays, with branch-free arithmetic
-//! that vectorizes (compiled for AVX2 when the CPU has it). The HSV conversions keep PIL's
-//! `float`/`double` steps wherever a cheaper form could round differently; the cheaper forms
-//! used are checked against a statement-by-statement transcription of PIL's C code for every
-//! one of the 2^24 inputs.
+//! that vectorizes (compiled for AVX2 and AVX-512 when the CPU has them). The HSV conversions
+//! compute PIL's results in integers and exact `f32` divisions instead of its `float`/`double`
+//! steps; they are checked against a statement-by-statement transcription of PIL's C code for
+//! every one of the 2^24 inputs, and the whole hue shift at every SIMD level for every color.
 
 use super::RgbMut;
 
@@ -30,8 +30,7 @@ pub fn adjust_brightness(image: RgbMut<'_>, factor: f32) {
     if factor == 1.0 {
         return;
     }
-    let table: [u8; 256] = std::array::from_fn(|value| blend(0, value as u8, factor));
-    apply_table(image.data, &table);
+    blend_bytes(image.data, 0, factor);
 }
 
 /// `ImageEnhance.Contrast(img).enhance(factor)`: blends with a uniform gray at the mean gray
@@ -41,8 +40,7 @@ pub fn adjust_contrast(image: RgbMut<'_>, factor: f32) {
         return;
     }
     let mean = mean_gray_level(image.data);
-    let table: [u8; 256] = std::array::from_fn(|value| blend(mean, value as u8, factor));
-    apply_table(image.data, &table);
+    blend_bytes(image.data, mean, factor);
 }
 
 /// `ImageEnhance.Color(img).enhance(factor)` (torchvision's `adjust_saturation`): blends each
@@ -56,7 +54,7 @@ pub fn adjust_saturation(image: RgbMut<'_>, factor: f32) {
     }
 }
 
-dispatch_avx2! {
+dispatch_simd! {
     /// Saturation of up to [`BLOCK`] pixels.
     fn saturation_block(pixels: &mut [[u8; 3]], factor: f32) => saturation_block_portable
 }
@@ -86,7 +84,7 @@ pub fn adjust_hue(image: RgbMut<'_>, hue_factor: f32) {
     }
 }
 
-dispatch_avx2! {
+dispatch_simd! {
     /// Hue shift of up to [`BLOCK`] pixels.
     fn hue_block(pixels: &mut [[u8; 3]], shift: u8) => hue_block_portable
 }
@@ -106,72 +104,99 @@ fn hue_block_portable(pixels: &mut [[u8; 3]], shift: u8) {
     merge(&shifted, pixels);
 }
 
-/// PIL's `rgb2hsv_row` (`libImaging/Convert.c`) in the same `float` and `double` steps, written
-/// without branches so that it vectorizes: every case is computed and the right one selected.
-/// Tested against `reference::rgb_to_hsv` (in the tests), the step-by-step transcription, for
-/// every color.
+/// PIL's `rgb2hsv_row` (`libImaging/Convert.c`), in integers and exact `f32` divisions, written
+/// without branches so that it vectorizes. Tested against `reference::rgb_to_hsv` (in the
+/// tests), the step-by-step transcription of PIL's `float`/`double` code, for every color.
+///
+/// PIL's hue is `255 * fmod(h / 6 + 1, 1)` truncated, where `h` is the hue in sixths of a turn;
+/// its exact value is `255 * sixths / (6 * chroma)` with `sixths` the integer below. The `f32`
+/// quotient of those two integers (both below 2^19) is within half an ulp of the rational, and
+/// a rational that is not an integer is at least `1 / (6 * chroma)` away from one, so the
+/// truncated quotient is the truncated rational. PIL's `float` steps compute that rational
+/// exactly except when it is an integer: then they land just below it for the hue bytes in
+/// [`ROUNDED_DOWN`], and PIL's byte is one less. The saturation byte is
+/// `floor(255 * chroma / max)` by the same argument, with no exception.
 #[inline(always)]
 fn rgb_to_hsv(red: u8, green: u8, blue: u8) -> [u8; 3] {
-    // i32, not u32: x86 converts signed integers to floats in one instruction.
     let (r, g, b) = (i32::from(red), i32::from(green), i32::from(blue));
     let max = r.max(g).max(b);
     let min = r.min(g).min(b);
-    // Gray pixels divide by zero here; their results are discarded below.
-    let chroma = (max - min) as f32;
-    let saturation = chroma / max as f32;
-    let red_distance = (max - r) as f32 / chroma;
-    let green_distance = (max - g) as f32 / chroma;
-    let blue_distance = (max - b) as f32 / chroma;
-    let hue_if_red = blue_distance - green_distance;
-    let hue_if_green = (2.0 + f64::from(red_distance) - f64::from(blue_distance)) as f32;
-    let hue_if_blue = (4.0 + f64::from(green_distance) - f64::from(red_distance)) as f32;
-    let hue = if r == max {
-        hue_if_red
+    let chroma = max - min;
+    // The hue in sixths of a turn, times the chroma, in [0, 6 * chroma); 0 for gray pixels.
+    let sixths = if r == max {
+        let difference = g - b;
+        if difference < 0 {
+            difference + 6 * chroma
+        } else {
+            difference
+        }
     } else if g == max {
-        hue_if_green
+        2 * chroma + b - r
     } else {
-        hue_if_blue
+        4 * chroma + r - g
     };
-    // fmod(h / 6.0 + 1.0, 1.0), for h / 6 + 1 in [5/6, 11/6]. Multiplying by the double
-    // nearest 1/6 instead of dividing by 6 gives the same bytes for every color (the
-    // exhaustive test checks all 2^24), and multiplications are far cheaper.
-    let turns = f64::from(hue) * (1.0 / 6.0) + 1.0;
-    let hue = (if turns >= 1.0 { turns - 1.0 } else { turns }) as f32;
-    // (int)(h * 255.0) and (int)(s * 255.0) in double; the float products floor to the same
-    // bytes for every color (the exhaustive test checks it) and vectorize twice as wide.
-    let hue_byte = floor_byte(hue * 255.0);
-    let saturation_byte = floor_byte(saturation * 255.0);
-    let gray = max == min;
-    [
-        if gray { 0 } else { hue_byte },
-        if gray { 0 } else { saturation_byte },
-        max as u8,
-    ]
+    // Gray pixels divide 0 by 1: hue and saturation 0, as PIL sets them.
+    let turns = (255 * sixths) as f32 / (6 * chroma.max(1)) as f32;
+    let hue = floor_byte(turns);
+    let exact = f32::from(hue) == turns;
+    let hue = hue - (u8::from(exact) & ROUNDED_DOWN[usize::from(hue)]);
+    let saturation = floor_byte((255 * chroma) as f32 / max.max(1) as f32);
+    [hue, saturation, max as u8]
 }
 
-/// PIL's `hsv2rgb` in the same `float` and `double` steps, branch-free (with saturation 0 the
-/// formulas give `(v, v, v)`, PIL's special case). C's `round` becomes `floor(x + 0.5)`, which
-/// agrees on every value these products take: the products for `p` and `q` are exact
-/// multiples of 2^-38, so adding 0.5 is exact, and for `t` the exhaustive test against
-/// `reference::hsv_to_rgb` (in the tests) checks it.
+/// 1 for the hue bytes that PIL's `rgb2hsv_row` computes one too low when the exact hue is that
+/// integer (its `float` division, subtraction and `fmod` end just below it), 0 for the others.
+/// Found by comparing every color with the transcription of PIL's code; the exhaustive test
+/// `rgb_to_hsv_matches_pil_for_every_color` checks the table.
+const ROUNDED_DOWN: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut hue = 1;
+    while hue <= 31 {
+        table[hue] = 1;
+        hue += 1;
+    }
+    let mut hue = 88;
+    while hue <= 104 {
+        table[hue] = 1;
+        hue += 4;
+    }
+    let mut hue = 129;
+    while hue <= 149 {
+        table[hue] = 1;
+        hue += 2;
+    }
+    let mut hue = 153;
+    while hue <= 209 {
+        table[hue] = 1;
+        hue += 4;
+    }
+    table[176] = 1;
+    table[184] = 1;
+    table
+};
+
+/// PIL's `hsv2rgb`, branch-free, in integers and `f32` divisions (with saturation 0 the
+/// formulas give `(v, v, v)`, PIL's special case). Tested against `reference::hsv_to_rgb` (in
+/// the tests), the transcription of PIL's `float`/`double` code, for every HSV triple.
+///
+/// PIL computes `i = floor(6 h / 255)`, `f = 6 h / 255 - i` (so `f = m / 85` with
+/// `m = 2 h mod 85`), `fs = s / 255`, and rounds `v (1 - fs)`, `v (1 - fs f)` and
+/// `v (1 - fs (1 - f))`. Their exact values are `v (255 - s) / 255`,
+/// `v (21675 - s m) / 21675` and `v (21675 - s (85 - m)) / 21675`: never a half (twice the
+/// numerator is even, the denominator odd), and at least `1 / 43350` away from one, further
+/// than PIL's `float` roundings or the `f32` division and addition here move them, so both
+/// round to the same integer.
 #[inline(always)]
 fn hsv_to_rgb(hue: u8, saturation: u8, value: u8) -> [u8; 3] {
-    // i = floor(h * 6.0 / 255.0) = floor(2h / 85), and f = (float)(h * 6.0 / 255.0 - i) is
-    // the float nearest (2h mod 85) / 85: these rationals are never close enough to the
-    // midpoint between two floats for the double step to change the rounding. Likewise
-    // fs = (float)(s / 255.0) is the float nearest s / 255. Float divisions vectorize twice as
-    // wide as double ones; the exhaustive test against the transcription confirms the values.
     let twice_hue = i32::from(hue) * 2;
-    let sector = twice_hue / 85;
-    // Multiplying by the float nearest 1/85 equals dividing by 85 for all 85 numerators
-    // (`fraction_multiplication_equals_division` checks them).
-    let fraction = (twice_hue - sector * 85) as f32 * (1.0 / 85.0);
-    let scaled = f32::from(saturation) / 255.0;
-    let v = f64::from(value);
-    let p = floor_non_negative(v * (1.0 - f64::from(scaled)) + 0.5);
-    let q = floor_non_negative(v * (1.0 - f64::from(scaled * fraction)) + 0.5);
-    let t = floor_non_negative(v * (1.0 - f64::from(scaled) * (1.0 - f64::from(fraction))) + 0.5);
-    let v = i32::from(value);
+    // floor(twice_hue / 85) for twice_hue in 0..=510 (the exhaustive test covers them).
+    let sector = (twice_hue * 772) >> 16;
+    let m = twice_hue - sector * 85;
+    let (s, v) = (i32::from(saturation), i32::from(value));
+    let round = |numerator: i32, denominator: f32| floor_byte(numerator as f32 / denominator + 0.5);
+    let p = i32::from(round(v * (255 - s), 255.0));
+    let q = i32::from(round(v * (21675 - s * m), 21675.0));
+    let t = i32::from(round(v * (21675 - s * (85 - m)), 21675.0));
     // switch (i % 6): 0 (v, t, p), 1 (q, v, p), 2 (p, v, t), 3 (p, q, v), 4 (t, p, v),
     // 5 (v, p, q); i is 6 only for hue 255, where it acts as 0.
     let red = match sector {
@@ -195,17 +220,6 @@ fn hsv_to_rgb(hue: u8, saturation: u8, value: u8) -> [u8; 3] {
     [red as u8, green as u8, blue as u8]
 }
 
-/// `floor(x)` for `x` in `[0, 2^51)` (C's `(int)` of a non-negative value), without a
-/// float-to-int conversion, which does not vectorize: adding 2^52 rounds to the nearest integer
-/// and leaves it in the low mantissa bits, and one comparison turns nearest into floor.
-#[inline(always)]
-fn floor_non_negative(x: f64) -> i32 {
-    const TWO_POW_52: f64 = 4_503_599_627_370_496.0;
-    let shifted = x + TWO_POW_52;
-    let nearest = shifted - TWO_POW_52;
-    (shifted.to_bits() as i32).wrapping_sub(i32::from(nearest > x))
-}
-
 /// `F.rgb_to_grayscale(img, num_output_channels=3)`: PIL's `convert("L")` copied to all three
 /// channels.
 pub fn to_grayscale(image: RgbMut<'_>) {
@@ -214,7 +228,7 @@ pub fn to_grayscale(image: RgbMut<'_>) {
     }
 }
 
-dispatch_avx2! {
+dispatch_simd! {
     /// Grayscale of up to [`BLOCK`] pixels.
     fn grayscale_block(pixels: &mut [[u8; 3]]) => grayscale_block_portable
 }
@@ -233,6 +247,15 @@ const BLOCK: usize = 64;
 #[inline(always)]
 fn split(pixels: &[[u8; 3]]) -> [[u8; BLOCK]; 3] {
     let mut channels = [[0u8; BLOCK]; 3];
+    if let Ok(full) = <&[[u8; 3]; BLOCK]>::try_from(pixels) {
+        // A whole block: a loop of constant length, which the compiler turns into shuffles.
+        for i in 0..BLOCK {
+            for c in 0..3 {
+                channels[c][i] = full[i][c];
+            }
+        }
+        return channels;
+    }
     for (i, pixel) in pixels.iter().take(BLOCK).enumerate() {
         for c in 0..3 {
             channels[c][i] = pixel[c];
@@ -244,6 +267,14 @@ fn split(pixels: &[[u8; 3]]) -> [[u8; BLOCK]; 3] {
 /// The inverse of [`split`], for as many pixels as `pixels` holds.
 #[inline(always)]
 fn merge(channels: &[[u8; BLOCK]; 3], pixels: &mut [[u8; 3]]) {
+    if let Ok(full) = <&mut [[u8; 3]; BLOCK]>::try_from(&mut *pixels) {
+        for i in 0..BLOCK {
+            for c in 0..3 {
+                full[i][c] = channels[c][i];
+            }
+        }
+        return;
+    }
     for (i, pixel) in pixels.iter_mut().take(BLOCK).enumerate() {
         for c in 0..3 {
             pixel[c] = channels[c][i];
@@ -276,8 +307,9 @@ fn blend(degenerate: u8, value: u8, factor: f32) -> u8 {
     floor_byte(blended.clamp(0.0, 255.0))
 }
 
-/// `floor(x)` for `x` in `[0, 255]` without a float-to-int conversion (see
-/// [`floor_non_negative`]).
+/// `floor(x)` for `x` in `[0, 255]` without a float-to-int conversion, which vectorizes
+/// poorly: adding 2^23 rounds to the nearest integer and leaves it in the low mantissa bits, and
+/// one comparison turns nearest into floor.
 #[inline(always)]
 fn floor_byte(x: f32) -> u8 {
     const TWO_POW_23: f32 = 8_388_608.0;
@@ -286,10 +318,29 @@ fn floor_byte(x: f32) -> u8 {
     (shifted.to_bits() as u8).wrapping_sub(u8::from(nearest > x))
 }
 
-/// Replaces every byte by its entry in `table`.
-fn apply_table(data: &mut [u8], table: &[u8; 256]) {
+/// [`blend`] of every byte with one degenerate value.
+fn blend_bytes(data: &mut [u8], degenerate: u8, factor: f32) {
+    for chunk in data.chunks_mut(BLOCK) {
+        blend_chunk(chunk, degenerate, factor);
+    }
+}
+
+dispatch_simd! {
+    /// [`blend`] of up to [`BLOCK`] bytes.
+    fn blend_chunk(data: &mut [u8], degenerate: u8, factor: f32) => blend_chunk_portable
+}
+
+#[inline(always)]
+fn blend_chunk_portable(data: &mut [u8], degenerate: u8, factor: f32) {
+    if let Ok(full) = <&mut [u8; BLOCK]>::try_from(&mut *data) {
+        // Constant length: vectorized.
+        for value in full {
+            *value = blend(degenerate, *value, factor);
+        }
+        return;
+    }
     for value in data {
-        *value = table[usize::from(*value)];
+        *value = blend(degenerate, *value, factor);
     }
 }
 
@@ -302,7 +353,7 @@ fn mean_gray_level(data: &[u8]) -> u8 {
     (sum as f64 / pixels.len() as f64 + 0.5) as u8
 }
 
-dispatch_avx2! {
+dispatch_simd! {
     /// The sum of the gray levels of up to [`BLOCK`] pixels.
     fn gray_sum(pixels: &[[u8; 3]]) -> u64 => gray_sum_portable
 }
@@ -527,11 +578,30 @@ mod tests {
         }
     }
 
+    /// `adjust_hue` at every SIMD level this CPU has, on an image of all 2^24 colors, against
+    /// the transcription of PIL's round trip.
     #[test]
-    fn fraction_multiplication_equals_division() {
-        for numerator in 0..85u8 {
-            let numerator = f32::from(numerator);
-            assert_eq!(numerator * (1.0 / 85.0), numerator / 85.0, "{numerator}");
+    fn hue_shift_matches_pil_for_every_color_at_every_level() {
+        let colors: Vec<u8> = (0..1u32 << 24)
+            .flat_map(|c| [(c >> 16) as u8, (c >> 8) as u8, c as u8])
+            .collect();
+        for hue_factor in [0.37f32, -0.5] {
+            let shift = (f64::from(hue_factor) * 255.0) as i32 as u8;
+            let expected: Vec<u8> = colors
+                .as_chunks::<3>()
+                .0
+                .iter()
+                .flat_map(|&[r, g, b]| {
+                    let [h, s, v] = reference::rgb_to_hsv(r, g, b);
+                    reference::hsv_to_rgb(h.wrapping_add(shift), s, v)
+                })
+                .collect();
+            crate::ops::at_every_simd_level(|level| {
+                let mut data = colors.clone();
+                adjust_hue(image(&mut data), hue_factor);
+                let first_wrong = data.iter().zip(&expected).position(|(a, b)| a != b);
+                assert_eq!(first_wrong, None, "{level:?}, hue factor {hue_factor}");
+            });
         }
     }
 

@@ -6,12 +6,15 @@
 //! Operations work in place on the small crop after the resize, so they never allocate in the
 //! steady state: buffers they need are kept in the structs that own them.
 
-/// Defines a function that runs `$portable` compiled a second time with AVX2 enabled when the
-/// CPU has it (decided at run time, so the binary still runs on any x86-64), and the portable
-/// build otherwise. `$portable` must be `#[inline(always)]` so that its body is compiled into
-/// the AVX2 copy. The hot loops of these operations are written to autovectorize; with AVX2
-/// they run on eight 32-bit lanes with a native 32-bit multiply, which SSE2 lacks.
-macro_rules! dispatch_avx2 {
+/// Defines a function that runs `$portable` compiled for the widest instruction set [`simd`]
+/// allows: a copy with AVX-512 enabled, one with AVX2, or the portable build. The CPU is checked
+/// at run time, so the binary still runs on any x86-64. `$portable` must be `#[inline(always)]`
+/// so that its body is compiled into each copy. The hot loops of these operations are written
+/// to autovectorize: with AVX2 they run on eight 32-bit lanes with a native 32-bit multiply,
+/// which SSE2 lacks; with AVX-512 on sixteen. Without fast-math flags the compiler keeps every
+/// floating-point operation as written (no fused multiply-add), so all copies compute the same
+/// bytes; the tests compare them.
+macro_rules! dispatch_simd {
     (
         $(#[$meta:meta])*
         fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $portable:path
@@ -20,19 +23,105 @@ macro_rules! dispatch_avx2 {
         fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $portable($($arg),*)
+                }
                 #[target_feature(enable = "avx2")]
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     $portable($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx2") {
+                match $crate::ops::simd() {
                     // SAFETY: the only precondition of a `#[target_feature]` function is that
-                    // the CPU supports the feature, which the line above checked.
-                    return unsafe { avx2($($arg),*) };
+                    // the CPU supports the features, and `simd` returns a level only when it
+                    // does.
+                    $crate::ops::Simd::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    $crate::ops::Simd::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::ops::Simd::Portable => {}
                 }
             }
             $portable($($arg),*)
         }
     };
+}
+
+/// The instruction sets the vectorized kernels are compiled for, narrowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Simd {
+    /// The baseline of the target (SSE2 on x86-64).
+    Portable,
+    /// AVX2.
+    Avx2,
+    /// AVX-512 F, BW, VL and DQ.
+    Avx512,
+}
+
+impl Simd {
+    /// The widest level this CPU supports.
+    pub fn detected() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
+                return Simd::Avx512;
+            }
+            if has!("avx2") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Portable
+    }
+
+    /// The level named by `SEER_SIMD` (`portable`, `avx2` or `avx512`), when it is set.
+    fn from_env() -> Option<Simd> {
+        let value = std::env::var("SEER_SIMD").ok()?;
+        match value.to_ascii_lowercase().as_str() {
+            "portable" => Some(Simd::Portable),
+            "avx2" => Some(Simd::Avx2),
+            "avx512" => Some(Simd::Avx512),
+            _ => {
+                eprintln!("augment: SEER_SIMD={value:?} is not portable, avx2 or avx512; ignored");
+                None
+            }
+        }
+    }
+}
+
+/// The level the kernels run at: the widest the CPU supports, lowered by `SEER_SIMD` when that
+/// names a narrower one (to compare them, or to avoid a wide unit's clock penalty). Decided on
+/// first use.
+pub fn simd() -> Simd {
+    #[cfg(test)]
+    if let Some(forced) = FORCED_SIMD.with(std::cell::Cell::get) {
+        return forced;
+    }
+    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let detected = Simd::detected();
+        Simd::from_env().map_or(detected, |wanted| wanted.min(detected))
+    })
+}
+
+#[cfg(test)]
+thread_local! {
+    /// A level the unit tests force on their thread, to compare the compiled copies.
+    static FORCED_SIMD: std::cell::Cell<Option<Simd>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` once at every level this CPU supports, on this thread; returns the levels run.
+#[cfg(test)]
+pub(crate) fn at_every_simd_level(mut f: impl FnMut(Simd)) -> Vec<Simd> {
+    let levels: Vec<Simd> = [Simd::Portable, Simd::Avx2, Simd::Avx512]
+        .into_iter()
+        .filter(|&level| level <= Simd::detected())
+        .collect();
+    for &level in &levels {
+        FORCED_SIMD.with(|forced| forced.set(Some(level)));
+        f(level);
+    }
+    FORCED_SIMD.with(|forced| forced.set(None));
+    levels
 }
 
 pub mod blur;
@@ -197,6 +286,84 @@ mod tests {
             color::adjust_hue(view(&mut data, width, height), hue);
             color::to_grayscale(view(&mut data, width, height));
             blur::GaussianBlur::new().apply(view(&mut data, width, height), radius);
+        }
+    }
+
+    /// Every compiled copy of the kernels (portable, AVX2, AVX-512, as far as this CPU goes)
+    /// gives the same bytes for the whole chain of operations: resized crops up and down in
+    /// size, every color operation and blurs of small and large radius, on sizes that leave
+    /// partial vectors and blocks.
+    #[test]
+    fn every_simd_level_gives_the_same_bytes() {
+        let (width, height) = (203, 157);
+        let src = image(width, height, 7);
+        let mut results: Vec<(Simd, Vec<Vec<u8>>)> = Vec::new();
+        let levels = at_every_simd_level(|level| {
+            let mut resizer = resize::CropResizer::new();
+            let mut blur = blur::GaussianBlur::new();
+            let mut outputs = Vec::new();
+            let crops = [
+                (
+                    CropBox {
+                        top: 3,
+                        left: 5,
+                        height: 150,
+                        width: 190,
+                    },
+                    96,
+                ),
+                (
+                    CropBox {
+                        top: 40,
+                        left: 17,
+                        height: 33,
+                        width: 41,
+                    },
+                    67,
+                ),
+                (
+                    CropBox {
+                        top: 0,
+                        left: 0,
+                        height: 157,
+                        width: 203,
+                    },
+                    224,
+                ),
+            ];
+            for (crop, size) in crops {
+                let mut out = vec![0; size * size * 3];
+                let (side, src) = (
+                    size as u32,
+                    RgbRef {
+                        width,
+                        height,
+                        data: &src,
+                    },
+                );
+                resizer.resized_crop(src, crop, view(&mut out, side, side));
+                outputs.push(out.clone());
+                color::adjust_brightness(view(&mut out, side, side), 1.37);
+                color::adjust_contrast(view(&mut out, side, side), 0.61);
+                color::adjust_saturation(view(&mut out, side, side), 1.73);
+                color::adjust_hue(view(&mut out, side, side), -0.29);
+                outputs.push(out.clone());
+                color::to_grayscale(view(&mut out, side, side));
+                outputs.push(out.clone());
+                for radius in [0.3, 1.9, 14.0] {
+                    let mut blurred = outputs[outputs.len() - 2].clone();
+                    blur.apply(view(&mut blurred, side, side), radius);
+                    outputs.push(blurred);
+                }
+            }
+            results.push((level, outputs));
+        });
+        assert_eq!(levels[0], Simd::Portable);
+        eprintln!("compared levels: {levels:?}");
+        for (level, outputs) in &results[1..] {
+            for (i, (got, want)) in outputs.iter().zip(&results[0].1).enumerate() {
+                assert!(got == want, "{level:?} differs from portable at output {i}");
+            }
         }
     }
 }

@@ -298,7 +298,7 @@ fn clip8(sum: i32) -> u8 {
 /// multiply-add per weight covers the same pixel of all of them (a 256-bit vector with AVX2).
 const ROWS: usize = 8;
 
-dispatch_avx2! {
+dispatch_simd! {
     /// Resamples every row of `src` horizontally into `out` (rows of `out_width` pixels).
     fn horizontal_pass(
         src: &CropView<'_>,
@@ -381,7 +381,7 @@ fn horizontal_pass_portable(
     }
 }
 
-dispatch_avx2! {
+dispatch_simd! {
     /// Resamples `src` vertically into `out`; the weights' row numbers are `row_offset` ahead
     /// of `src`'s (the horizontal pass produced only the rows from `row_offset` on).
     fn vertical_pass(
