@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use crate::config::Layout;
-use crate::ops::{self, RgbMut, RgbRef, blur::GaussianBlur, color, pack, resize::CropResizer};
+use crate::ops::color::{self, ColorOp};
+use crate::ops::{self, RgbMut, RgbRef, blur::GaussianBlur, pack, resize::CropResizer};
 use crate::params::{JitterOp, ViewParams};
 
 /// Time spent per stage, summed over views.
@@ -118,25 +119,24 @@ impl ViewRenderer {
         if params.flip {
             ops::flip_horizontal(square(&mut self.crop, size));
         }
+        let mut color_ops = [ColorOp::Grayscale; 5];
+        let mut count = 0;
         if let Some(jitter) = &params.jitter {
             for op in jitter.order {
-                match op {
-                    JitterOp::Brightness => {
-                        color::adjust_brightness(square(&mut self.crop, size), jitter.brightness)
-                    }
-                    JitterOp::Contrast => {
-                        color::adjust_contrast(square(&mut self.crop, size), jitter.contrast)
-                    }
-                    JitterOp::Saturation => {
-                        color::adjust_saturation(square(&mut self.crop, size), jitter.saturation)
-                    }
-                    JitterOp::Hue => color::adjust_hue(square(&mut self.crop, size), jitter.hue),
-                }
+                color_ops[count] = match op {
+                    JitterOp::Brightness => ColorOp::Brightness(jitter.brightness),
+                    JitterOp::Contrast => ColorOp::Contrast(jitter.contrast),
+                    JitterOp::Saturation => ColorOp::Saturation(jitter.saturation),
+                    JitterOp::Hue => ColorOp::Hue(jitter.hue),
+                };
+                count += 1;
             }
         }
         if params.grayscale {
-            color::to_grayscale(square(&mut self.crop, size));
+            color_ops[count] = ColorOp::Grayscale;
+            count += 1;
         }
+        color::apply(square(&mut self.crop, size), &color_ops[..count]);
         lap(&mut times.color);
         if let Some(radius) = params.blur_radius {
             self.blur.apply(square(&mut self.crop, size), radius);
