@@ -195,9 +195,50 @@ pub fn first_node(list: &str) -> Option<String> {
 }
 
 /// A free TCP port on the loopback interface (for `--nproc`'s store).
+///
+/// The port is checked free by binding it, then released for the store to bind, so something
+/// else may take it in between. The kernel's own choice (port 0) comes from the ephemeral range,
+/// where every outgoing connection (Gloo opens one per peer) and every Gloo listener also takes
+/// its port; so this picks, where it can, a random free port below that range (from 10000 on),
+/// which only an explicit bind takes. It falls back to the kernel's choice when the range cannot
+/// be read or no such port is free.
 pub fn free_port() -> std::io::Result<u16> {
+    let bindable = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).ok();
+    if let Some(low) = ephemeral_low() {
+        const FIRST: u32 = 10_000;
+        if low > FIRST + 100 {
+            let mut state = random_seed();
+            for _ in 0..64 {
+                // xorshift64
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let port = (FIRST + (state % u64::from(low - FIRST)) as u32) as u16;
+                if bindable(port).is_some() {
+                    return Ok(port);
+                }
+            }
+        }
+    }
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     Ok(listener.local_addr()?.port())
+}
+
+/// The first port of the kernel's ephemeral range (Linux), when it can be read.
+fn ephemeral_low() -> Option<u32> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
+}
+
+/// A seed that differs between processes, calls and instants (never 0).
+fn random_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    (nanos ^ (u64::from(std::process::id()) << 32) ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1
 }
 
 /// Runs `nproc` copies of `program` with `args`, as ranks 0..nproc of one run on this machine
@@ -312,6 +353,24 @@ mod tests {
                 .find(|(n, _)| *n == k)
                 .map(|(_, v)| v.to_string())
         })
+    }
+
+    #[test]
+    fn free_ports_are_bindable_distinct_and_outside_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..20).map(|_| free_port().unwrap()).collect();
+        for &port in &ports {
+            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+            if let Some(low) = ephemeral_low() {
+                assert!(
+                    (10_000..low).contains(&u32::from(port)),
+                    "{port} (range from {low})"
+                );
+            }
+        }
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert!(distinct.len() >= 18, "{ports:?}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! `SEER_DIST_TEST_WORKER` tells the copy that it is a rank, and torchrun's variables which.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -676,17 +677,32 @@ fn harm_rank_1(harm: &str, timeout_s: u32) -> (Option<i32>, String, Duration) {
         .spawn()
         .unwrap()
     };
-    let rank0 = start("0");
-    let mut rank1 = start("1");
+    let mut ranks = [start("0"), start("1")];
     let metrics = dir.path().join("run/metrics.jsonl");
     let waiting = Instant::now();
     while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 2 {
-        assert!(
-            waiting.elapsed() < Duration::from_secs(300),
-            "the run never logged a step"
-        );
+        // A rank that fails to start (say, its store port taken) fails the test at once, with
+        // what it printed.
+        let exited = (0..2).find(|&r| ranks[r].try_wait().unwrap().is_some());
+        if exited.is_some() || waiting.elapsed() > Duration::from_secs(300) {
+            let mut said = String::new();
+            for (rank, child) in ranks.iter_mut().enumerate() {
+                let _ = child.kill();
+                let output = child.wait().unwrap();
+                let mut stderr = String::new();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut stderr)
+                    .unwrap();
+                said += &format!("rank {rank} ({output}):\n{stderr}\n");
+            }
+            panic!("the run never logged a step; rank {exited:?} exited first\n{said}");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let [rank0, mut rank1] = ranks;
     let signal = match harm {
         "kill" => "-KILL",
         "stop" => "-STOP",
