@@ -79,7 +79,8 @@ rss = [r["peak_rss_mib"] for r in reports]
 lines = [
     "## Augment: SwAV multi-crop views from stored shards",
     "",
-    f"- Machine: {os.cpu_count()} cores ({cpu}), {platform.platform()}.",
+    f"- Machine: {os.cpu_count()} cores ({cpu}), {platform.platform()}; `augment` kernels at "
+    f"{', '.join(sorted({r['simd'] for r in reports}))} (the widest this CPU has unless `SEER_SIMD` caps it).",
     f"- Command: `scripts/bench-augment.sh --repeats {args.repeats} --seconds {args.seconds:g}` "
     f"(`augment bench --data DATASET --preset P --threads N --seconds {args.seconds:g} --warmup 3`, u8 NHWC output, batch 32, shuffle buffer 1000).",
     f"- Data: {n_images} real photos stored by `ingest` with its defaults (shorter side 512, JPEG), {len(manifest['shards'])} shards, {n_bytes / 1e6:.1f} MB, read from a local folder.",

@@ -1,6 +1,7 @@
 //! `augment`: run the multi-crop pipeline on a shard dataset: measure it (`bench`), or look at
 //! the views of one sample (`views`).
 
+use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -167,6 +168,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         ("pack", times.pack),
     ];
     let rate = images as f64 / elapsed;
+    let mut out = String::new();
     if args.json {
         let stage_ms: serde_json::Map<String, serde_json::Value> = stages
             .iter()
@@ -178,31 +180,41 @@ fn bench(args: BenchArgs) -> Result<()> {
             "images_per_s_per_thread": rate / args.threads as f64,
             "stage_ms_per_image": stage_ms, "reader_wait_ms_per_image": per_image_ms(read_wait),
             "images_failed": images_failed, "peak_rss_mib": peak_rss_mib(),
+            "simd": format!("{:?}", augment::ops::simd()),
         });
-        println!("{report}");
+        writeln!(out, "{report}")?;
     } else {
-        println!(
+        writeln!(
+            out,
             "{crops}, {} threads, batch {}: {images} source images in {elapsed:.1} s = {rate:.1} images/s ({:.1} per thread)",
             args.threads,
             args.batch_size,
             rate / args.threads as f64
-        );
+        )?;
+        writeln!(
+            out,
+            "  kernels      {:?} (SEER_SIMD caps it)",
+            augment::ops::simd()
+        )?;
         let worker_total = per_image_ms(times.total());
         for (name, d) in stages {
-            println!(
+            writeln!(
+                out,
                 "  {name:<12} {:7.3} ms/image ({:4.1} %)",
                 per_image_ms(d),
                 100.0 * per_image_ms(d) / worker_total.max(1e-9)
-            );
+            )?;
         }
-        println!(
+        writeln!(
+            out,
             "  reader waited for storage {:.3} ms/image (on its own thread)",
             per_image_ms(read_wait)
-        );
+        )?;
         if let Some(rss) = peak_rss_mib() {
-            println!("  peak RSS {rss:.0} MiB");
+            writeln!(out, "  peak RSS {rss:.0} MiB")?;
         }
     }
+    write_stdout(&out)?;
     Ok(())
 }
 
@@ -284,8 +296,8 @@ fn views(args: ViewsArgs) -> Result<()> {
     sheet
         .save(&args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
-    println!(
-        "{}: {} views of {} ({}x{}, shard {}) -> {}",
+    write_stdout(&format!(
+        "{}: {} views of {} ({}x{}, shard {}) -> {}\n",
         config.crops_spec(),
         params.len(),
         key,
@@ -293,6 +305,18 @@ fn views(args: ViewsArgs) -> Result<()> {
         source.height,
         shard.name,
         args.output.display()
-    );
-    Ok(())
+    ))
+}
+
+/// Writes to stdout; a closed pipe (`augment bench ... | head`) ends the output quietly.
+fn write_stdout(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result.context("cannot write to stdout"),
+    }
 }
