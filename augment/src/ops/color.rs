@@ -9,8 +9,8 @@
 //! point, `(19595 R + 38470 G + 7471 B + 0x8000) >> 16`.
 //!
 //! Hue goes through PIL's HSV conversion (`libImaging/Convert.c`, `rgb2hsv_row` and
-//! `hsv2rgb`), whose `float`/`double` mix and truncations this module reproduces bit for bit,
-//! shifts the `u8` hue with wraparound as torchvision does, and converts back. Even a zero shift
+//! `hsv2rgb`), whose results (a `float`/`double` mix, truncated) this module reproduces bit for
+//! bit, shifts the `u8` hue with wraparound as torchvision does, and converts back. Even a zero shift
 //! changes pixels, because PIL's HSV round trip is lossy; so does this module.
 //!
 //! Factors are `f32`: torchvision's `ColorJitter` samples them in `float32` and PIL narrows the
@@ -19,10 +19,10 @@
 //! Speed: [`apply`] runs a whole chain of operations in one pass over blocks of 64 pixels
 //! (plus one pass per contrast, whose mean depends on the image before it), each block split
 //! into channel arrays once, with branch-free arithmetic that vectorizes (compiled for AVX2 and
-//! AVX-512 when the CPU has them). The HSV conversions
-//! compute PIL's results in integers and exact `f32` divisions instead of its `float`/`double`
-//! steps; they are checked against a statement-by-statement transcription of PIL's C code for
-//! every one of the 2^24 inputs, and the whole hue shift at every SIMD level for every color.
+//! AVX-512 when the CPU has them). The HSV conversions compute PIL's results in integers and
+//! exact `f32` divisions instead of its `float`/`double` steps; they are checked against a
+//! statement-by-statement transcription of PIL's C code for every one of the 2^24 inputs, and
+//! the whole hue shift at every SIMD level for every color.
 
 use super::RgbMut;
 
