@@ -97,9 +97,8 @@ impl ViewRenderer {
     ) {
         let size = params.size;
         let pixels = size as usize * size as usize * 3;
-        if self.crop.len() != pixels {
-            self.crop.resize(pixels, 0);
-        }
+        // Grown to the largest crop and never shrunk: crops of different sizes alternate.
+        let crop = ops::grown(&mut self.crop, pixels);
         let mut clock = Instant::now();
         let mut lap = |stage: &mut Duration| {
             let now = Instant::now();
@@ -112,12 +111,12 @@ impl ViewRenderer {
             RgbMut {
                 width: size,
                 height: size,
-                data: &mut self.crop,
+                data: &mut *crop,
             },
         );
         lap(&mut times.crop_resize);
         if params.flip {
-            ops::flip_horizontal(square(&mut self.crop, size));
+            ops::flip_horizontal(square(crop, size));
         }
         let mut color_ops = [ColorOp::Grayscale; 5];
         let mut count = 0;
@@ -136,16 +135,16 @@ impl ViewRenderer {
             color_ops[count] = ColorOp::Grayscale;
             count += 1;
         }
-        color::apply(square(&mut self.crop, size), &color_ops[..count]);
+        color::apply(square(crop, size), &color_ops[..count]);
         lap(&mut times.color);
         if let Some(radius) = params.blur_radius {
-            self.blur.apply(square(&mut self.crop, size), radius);
+            self.blur.apply(square(crop, size), radius);
         }
         lap(&mut times.blur);
         let finished = RgbRef {
             width: size,
             height: size,
-            data: &self.crop,
+            data: crop,
         };
         match out {
             Slot::U8(out) => pack::pack_u8_hwc(finished, out),

@@ -67,8 +67,8 @@ impl GaussianBlur {
             return;
         }
         let kernel = BoxKernel::new(box_radius);
-        self.scratch.resize(image.data.len(), 0);
-        let (data, scratch) = (image.data, self.scratch.as_mut_slice());
+        let scratch = super::grown(&mut self.scratch, image.data.len());
+        let data = image.data;
 
         // Six passes alternate between the two buffers and end in `data`.
         let row_bytes = width * 3;

@@ -124,6 +124,15 @@ pub(crate) fn at_every_simd_level(mut f: impl FnMut(Simd)) -> Vec<Simd> {
     levels
 }
 
+/// The first `len` bytes of `buffer`, grown (never shrunk) to hold them: crops of every size
+/// follow each other, and resizing down then up would zero the buffer again each time.
+pub(crate) fn grown(buffer: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buffer.len() < len {
+        buffer.resize(len, 0);
+    }
+    &mut buffer[..len]
+}
+
 pub mod blur;
 pub mod color;
 pub mod pack;

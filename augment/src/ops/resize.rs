@@ -17,7 +17,7 @@
 //! rows (it vectorizes as is), and the horizontal pass works on eight rows at once, interleaved
 //! byte by byte, so that each multiply-add covers the same pixel of eight rows.
 
-use super::{CropBox, RgbMut, RgbRef};
+use super::{CropBox, RgbMut, RgbRef, grown};
 
 /// Pillow's fixed-point precision for 8-bit resampling: 32 bits minus 8 for the value and 2
 /// for headroom.
@@ -110,9 +110,9 @@ impl CropResizer {
                 let last = out_height - 1;
                 let end_row = (self.vertical.starts[last] + self.vertical.lens[last]) as usize;
                 let rows = end_row - first_row;
-                self.intermediate.resize(out_width * rows * 3, 0);
+                let intermediate = grown(&mut self.intermediate, out_width * rows * 3);
                 let rows_needed = view.rows(first_row, rows);
-                let (intermediate, scratch) = (&mut self.intermediate, &mut self.scratch);
+                let scratch = &mut self.scratch;
                 horizontal_pass(
                     &rows_needed,
                     &self.horizontal,
@@ -120,17 +120,17 @@ impl CropResizer {
                     out_width,
                     scratch,
                 );
-                let intermediate = CropView::whole(&self.intermediate, out_width, rows);
+                let intermediate = CropView::whole(intermediate, out_width, rows);
                 let sums = &mut self.scratch.sums;
                 vertical_pass(&intermediate, &self.vertical, first_row, dst.data, sums);
             }
             (true, true) => {
                 self.vertical.compute(in_height, out_height);
                 self.horizontal.compute(in_width, out_width);
-                self.intermediate.resize(in_width * out_height * 3, 0);
+                let intermediate = grown(&mut self.intermediate, in_width * out_height * 3);
                 let sums = &mut self.scratch.sums;
-                vertical_pass(&view, &self.vertical, 0, &mut self.intermediate, sums);
-                let intermediate = CropView::whole(&self.intermediate, in_width, out_height);
+                vertical_pass(&view, &self.vertical, 0, intermediate, sums);
+                let intermediate = CropView::whole(intermediate, in_width, out_height);
                 let scratch = &mut self.scratch;
                 horizontal_pass(
                     &intermediate,
