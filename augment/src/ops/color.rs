@@ -41,22 +41,22 @@ pub enum ColorOp {
     Grayscale,
 }
 
-/// What one pass does to a block of pixels: an operation with its factor resolved.
-#[derive(Debug, Clone, Copy)]
-enum BlockOp {
-    /// Blend every channel with one gray level (brightness: 0, contrast: the mean).
-    Blend {
-        degenerate: u8,
-        factor: f32,
-    },
-    Saturation(f32),
-    /// The hue shift as a byte.
-    Hue(u8),
-    Grayscale,
-}
+impl ColorOp {
+    /// Whether the operation leaves every image as it is: a blend with factor 1 (PIL's blend
+    /// returns the image unchanged). A hue shift never does: PIL's HSV round trip is lossy.
+    fn is_identity(self) -> bool {
+        matches!(
+            self,
+            ColorOp::Brightness(1.0) | ColorOp::Contrast(1.0) | ColorOp::Saturation(1.0)
+        )
+    }
 
-/// The most operations one pass takes: the recipe has at most five (four jitters, grayscale).
-const MAX_OPS: usize = 8;
+    /// A contrast that changes the image: the operations before it must be done, and the mean
+    /// gray level of their result known, before it can run.
+    fn needs_mean(self) -> bool {
+        matches!(self, ColorOp::Contrast(_)) && !self.is_identity()
+    }
+}
 
 /// Applies `ops` in order, in place, with the same result as calling the single-operation
 /// functions one after the other, but in as few passes over the image as the data allow: one,
@@ -68,85 +68,72 @@ pub fn apply(image: RgbMut<'_>, ops: &[ColorOp]) {
     if pixels.is_empty() {
         return;
     }
-    let mut pass: Vec<BlockOp> = Vec::with_capacity(MAX_OPS);
+    // Each pass runs `rest` up to the next contrast; a pass after the first starts with the
+    // contrast whose `mean` the pass before it measured.
     let mut rest = ops;
-    // The first pass of a contrast is the one that measured its mean.
-    let mut contrast_factor: Option<f32> = None;
-    let mut mean = 0u8;
+    let mut mean = None;
     loop {
-        pass.clear();
-        if let Some(factor) = contrast_factor.take() {
-            pass.push(BlockOp::Blend {
-                degenerate: mean,
-                factor,
-            });
-        }
-        let mut next_contrast = None;
-        while let Some((&op, tail)) = rest.split_first() {
-            rest = tail;
-            match op {
-                ColorOp::Brightness(factor) if factor != 1.0 => pass.push(BlockOp::Blend {
-                    degenerate: 0,
-                    factor,
-                }),
-                ColorOp::Contrast(factor) if factor != 1.0 => {
-                    next_contrast = Some(factor);
-                    break;
-                }
-                ColorOp::Saturation(factor) if factor != 1.0 => {
-                    pass.push(BlockOp::Saturation(factor))
-                }
-                // np.int32(hue_factor * 255) truncates toward zero; .astype(np.uint8) wraps.
-                ColorOp::Hue(factor) => {
-                    pass.push(BlockOp::Hue((f64::from(factor) * 255.0) as i32 as u8))
-                }
-                ColorOp::Grayscale => pass.push(BlockOp::Grayscale),
-                // Factor 1: PIL's blend returns the image unchanged.
-                ColorOp::Brightness(_) | ColorOp::Contrast(_) | ColorOp::Saturation(_) => {}
-            }
-            if pass.len() == MAX_OPS {
-                break;
-            }
-        }
-        let measure = next_contrast.is_some();
-        if !pass.is_empty() || measure {
-            let mut sum = 0u64;
-            for block in pixels.chunks_mut(BLOCK) {
-                sum += block_pass(block, &pass, measure);
-            }
-            if measure {
-                // int(ImageStat.Stat(image.convert("L")).mean[0] + 0.5): the exact integer
-                // sum divided in double (Python's true division of ints is correctly rounded,
-                // as is the division of two exactly represented doubles).
-                mean = (sum as f64 / pixels.len() as f64 + 0.5) as u8;
-            }
-        }
-        contrast_factor = next_contrast;
-        if contrast_factor.is_none() && rest.is_empty() {
+        let first = usize::from(mean.is_some());
+        let end = rest[first..]
+            .iter()
+            .position(|op| op.needs_mean())
+            .map_or(rest.len(), |i| first + i);
+        let (pass, next) = rest.split_at(end);
+        let measure = !next.is_empty();
+        if !measure && pass.iter().all(|op| op.is_identity()) {
             return;
         }
+        let mut sum = 0u64;
+        for block in pixels.chunks_mut(BLOCK) {
+            sum += block_pass(block, pass, mean.unwrap_or(0), measure);
+        }
+        if !measure {
+            return;
+        }
+        // int(ImageStat.Stat(image.convert("L")).mean[0] + 0.5): the exact integer sum divided
+        // in double (Python's true division of ints is correctly rounded, as is the division of
+        // two exactly represented doubles).
+        mean = Some((sum as f64 / pixels.len() as f64 + 0.5) as u8);
+        rest = next;
     }
 }
 
 dispatch_simd! {
-    /// Runs `ops` on up to [`BLOCK`] pixels; returns the sum of the gray levels of the result
-    /// when `measure` is set (0 otherwise), counting only the real pixels.
-    fn block_pass(pixels: &mut [[u8; 3]], ops: &[BlockOp], measure: bool) -> u64 => block_pass_portable
+    /// Runs `ops` on up to [`BLOCK`] pixels, a contrast with `contrast_mean` as its gray level;
+    /// returns the sum of the gray levels of the result when `measure` is set (0 otherwise),
+    /// counting only the real pixels.
+    fn block_pass(
+        pixels: &mut [[u8; 3]],
+        ops: &[ColorOp],
+        contrast_mean: u8,
+        measure: bool,
+    ) -> u64 => block_pass_portable
 }
 
 #[inline(always)]
-fn block_pass_portable(pixels: &mut [[u8; 3]], ops: &[BlockOp], measure: bool) -> u64 {
+fn block_pass_portable(
+    pixels: &mut [[u8; 3]],
+    ops: &[ColorOp],
+    contrast_mean: u8,
+    measure: bool,
+) -> u64 {
     let mut channels = split(pixels);
     for &op in ops {
         match op {
-            BlockOp::Blend { degenerate, factor } => {
+            _ if op.is_identity() => {}
+            ColorOp::Brightness(factor) | ColorOp::Contrast(factor) => {
+                let degenerate = if matches!(op, ColorOp::Contrast(_)) {
+                    contrast_mean
+                } else {
+                    0
+                };
                 for channel in &mut channels {
                     for value in channel.iter_mut() {
                         *value = blend(degenerate, *value, factor);
                     }
                 }
             }
-            BlockOp::Saturation(factor) => {
+            ColorOp::Saturation(factor) => {
                 let gray = luma_block(&channels);
                 for channel in &mut channels {
                     for (value, &gray) in channel.iter_mut().zip(&gray) {
@@ -154,7 +141,9 @@ fn block_pass_portable(pixels: &mut [[u8; 3]], ops: &[BlockOp], measure: bool) -
                     }
                 }
             }
-            BlockOp::Hue(shift) => {
+            ColorOp::Hue(factor) => {
+                // np.int32(hue_factor * 255) truncates toward zero; .astype(np.uint8) wraps.
+                let shift = (f64::from(factor) * 255.0) as i32 as u8;
                 let mut shifted = [[0u8; BLOCK]; 3];
                 for i in 0..BLOCK {
                     let [red, green, blue] = [channels[0][i], channels[1][i], channels[2][i]];
@@ -166,7 +155,7 @@ fn block_pass_portable(pixels: &mut [[u8; 3]], ops: &[BlockOp], measure: bool) -
                 }
                 channels = shifted;
             }
-            BlockOp::Grayscale => channels = [luma_block(&channels); 3],
+            ColorOp::Grayscale => channels = [luma_block(&channels); 3],
         }
     }
     if !ops.is_empty() {
