@@ -483,22 +483,9 @@ mod tests {
         }
     }
 
-    /// `len` pseudo-random bytes from `seed` (xorshift64).
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 32) as u8
-            })
-            .collect()
-    }
-
     fn sample_pixels() -> Vec<u8> {
         // A deterministic spread of colors, grays and extremes.
-        let mut data = noise(3000, 0x2545_f491_4f6c_dd1d);
+        let mut data = crate::ops::noise(3000, 0x2545_f491_4f6c_dd1d);
         data.extend_from_slice(&[0, 0, 0, 255, 255, 255, 128, 128, 128, 255, 0, 0, 1, 0, 0]);
         data
     }
@@ -650,7 +637,7 @@ mod tests {
             pixels in 0usize..300,
             seed: u64,
         ) {
-            let original = noise(pixels * 3, seed);
+            let original = crate::ops::noise(pixels * 3, seed);
             let mut together = original.clone();
             apply(image(&mut together), &ops);
             let mut one_at_a_time = original;

@@ -124,6 +124,20 @@ pub(crate) fn at_every_simd_level(mut f: impl FnMut(Simd)) -> Vec<Simd> {
     levels
 }
 
+/// `len` pseudo-random bytes from `seed` (xorshift64), for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
 /// The first `len` bytes of `buffer`, grown (never shrunk) to hold them: crops of every size
 /// follow each other, and resizing down then up would zero the buffer again each time.
 pub(crate) fn grown(buffer: &mut Vec<u8>, len: usize) -> &mut [u8] {
@@ -356,11 +370,12 @@ mod tests {
                 color::adjust_contrast(view(&mut out, side, side), 0.61);
                 color::adjust_saturation(view(&mut out, side, side), 1.73);
                 color::adjust_hue(view(&mut out, side, side), -0.29);
+                let jittered = out.clone();
                 outputs.push(out.clone());
                 color::to_grayscale(view(&mut out, side, side));
                 outputs.push(out.clone());
                 for radius in [0.3, 1.9, 14.0] {
-                    let mut blurred = outputs[outputs.len() - 2].clone();
+                    let mut blurred = jittered.clone();
                     blur.apply(view(&mut blurred, side, side), radius);
                     outputs.push(blurred);
                 }
