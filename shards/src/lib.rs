@@ -41,6 +41,18 @@ pub use reader::{Sample, SampleReader, ShardStream};
 pub use store::{Location, StoreOptions};
 pub use writer::{FinishedShard, ShardWriter};
 
+/// Writes `bytes` to standard output for the command-line tools; a closed pipe
+/// (`shards stat DATASET | head`, `augment bench ... | head`) ends the output quietly.
+pub fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result.context("cannot write to stdout"),
+    }
+}
+
 /// Errors reading or writing shards.
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {

@@ -3,7 +3,7 @@
 //! Parses arguments, sets up logging and progress, calls
 //! [`shards::inspect`], prints the report and maps the outcome to an exit code.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::{ArgAction, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shards::inspect::{self, DupesOptions, GridOptions, Problem, Reporter, VerifyOptions};
-use shards::{Dataset, StoreOptions};
+use shards::{Dataset, StoreOptions, write_stdout};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -187,15 +187,6 @@ async fn open(url: &str, cli: &Cli) -> Result<Dataset> {
         .with_context(|| format!("cannot open dataset {url}"))?;
     tracing::info!(url = %dataset.location.url, shards = dataset.manifest.shards.len(), samples = dataset.manifest.total_samples(), "opened");
     Ok(dataset)
-}
-
-/// Writes to stdout; a closed pipe (`shards stat DATASET | head`) ends output quietly.
-fn write_stdout(bytes: &[u8]) -> Result<()> {
-    let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        result => result.context("cannot write to stdout"),
-    }
 }
 
 fn print_text(text: &impl std::fmt::Display) -> Result<()> {

@@ -13,7 +13,7 @@ use augment::params::sample_views;
 use augment::view::{Slot, StageTimes, ViewRenderer};
 use augment::{AugmentConfig, Pipeline, PipelineOptions};
 use clap::{Parser, Subcommand};
-use shards::{Dataset, StoreOptions};
+use shards::{Dataset, StoreOptions, write_stdout};
 
 #[derive(Parser)]
 #[command(version, about = "SwAV multi-crop views from seer-rs shards")]
@@ -214,7 +214,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             writeln!(out, "  peak RSS {rss:.0} MiB")?;
         }
     }
-    write_stdout(&out)?;
+    write_stdout(out.as_bytes())?;
     Ok(())
 }
 
@@ -296,27 +296,17 @@ fn views(args: ViewsArgs) -> Result<()> {
     sheet
         .save(&args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
-    write_stdout(&format!(
-        "{}: {} views of {} ({}x{}, shard {}) -> {}\n",
-        config.crops_spec(),
-        params.len(),
-        key,
-        source.width,
-        source.height,
-        shard.name,
-        args.output.display()
-    ))
-}
-
-/// Writes to stdout; a closed pipe (`augment bench ... | head`) ends the output quietly.
-fn write_stdout(text: &str) -> Result<()> {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    match stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-    {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        result => result.context("cannot write to stdout"),
-    }
+    write_stdout(
+        format!(
+            "{}: {} views of {} ({}x{}, shard {}) -> {}\n",
+            config.crops_spec(),
+            params.len(),
+            key,
+            source.width,
+            source.height,
+            shard.name,
+            args.output.display()
+        )
+        .as_bytes(),
+    )
 }
