@@ -203,20 +203,15 @@ pub fn first_node(list: &str) -> Option<String> {
 /// which only an explicit bind takes. It falls back to the kernel's choice when the range cannot
 /// be read or no such port is free.
 pub fn free_port() -> std::io::Result<u16> {
-    let bindable = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).ok();
-    if let Some(low) = ephemeral_low() {
-        const FIRST: u32 = 10_000;
-        if low > FIRST + 100 {
-            let mut state = random_seed();
-            for _ in 0..64 {
-                // xorshift64
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let port = (FIRST + (state % u64::from(low - FIRST)) as u32) as u16;
-                if bindable(port).is_some() {
-                    return Ok(port);
-                }
+    use std::hash::BuildHasher;
+    const FIRST: u32 = 10_000;
+    if let Some(low) = ephemeral_low().filter(|&low| low > FIRST + 100) {
+        // std's hasher keys are random per process and differ between calls: random ports.
+        let random = std::collections::hash_map::RandomState::new();
+        for attempt in 0..64u32 {
+            let port = (FIRST + (random.hash_one(attempt) % u64::from(low - FIRST)) as u32) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
             }
         }
     }
@@ -228,17 +223,6 @@ pub fn free_port() -> std::io::Result<u16> {
 fn ephemeral_low() -> Option<u32> {
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
     range.split_whitespace().next()?.parse().ok()
-}
-
-/// A seed that differs between processes, calls and instants (never 0).
-fn random_seed() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let call = CALLS.fetch_add(1, Ordering::Relaxed);
-    (nanos ^ (u64::from(std::process::id()) << 32) ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1
 }
 
 /// Runs `nproc` copies of `program` with `args`, as ranks 0..nproc of one run on this machine
