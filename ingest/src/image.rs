@@ -421,14 +421,21 @@ fn guarded<T>(
     format: &'static str,
     work: impl FnOnce() -> Result<T, Rejection>,
 ) -> Result<T, Rejection> {
-    catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|payload: Box<dyn Any + Send>| {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|text| text.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "non-text panic payload".to_string());
-        Err(Rejection::DecoderPanic { format, message })
+    catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|payload| {
+        Err(Rejection::DecoderPanic {
+            format,
+            message: panic_message(payload.as_ref()),
+        })
     })
+}
+
+/// The text a panic was raised with (`panic!` gives a `&str` or a `String`).
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|text| text.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-text panic payload".to_string())
 }
 
 fn check_pixel_cap(

@@ -57,13 +57,8 @@ impl CpuPool {
             if done.is_closed() {
                 return;
             }
-            let outcome = catch_unwind(AssertUnwindSafe(work)).map_err(|panic| {
-                panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic without a message".into())
-            });
+            let outcome = catch_unwind(AssertUnwindSafe(work))
+                .map_err(|panic| crate::image::panic_message(panic.as_ref()));
             let _ = done.send(outcome);
         });
         let queued = self
