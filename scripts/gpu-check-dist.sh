@@ -91,6 +91,28 @@ for precision in fp32 bf16; do
     --set "precision=$precision" --run-dir "$work/$backend-$precision" --resume
 done
 
+if ((gpus < 2)); then
+  # One rank through the process group against the same 20 steps without one: the group's
+  # all-reduces (gradients, Sinkhorn's sums, the batch size) must leave the training as it was.
+  # cuDNN picks its algorithms per run, so on CUDA the losses agree closely, not bit for bit.
+  echo "== the same $backend fp32 run without a process group, for comparison"
+  launch=()
+  run "plain-fp32" "${common[@]}" --device "$device" --set precision=fp32 \
+    --run-dir "$work/plain-fp32"
+  python3 - "$work/$backend-fp32/metrics.jsonl" "$work/plain-fp32/metrics.jsonl" <<'EOF_PY' | tee -a "$summary"
+import json, sys
+def losses(path):
+    return {r["step"]: r["train/loss"] for r in map(json.loads, open(path)) if "train/loss" in r}
+group, plain = losses(sys.argv[1]), losses(sys.argv[2])
+steps = sorted(set(group) & set(plain))
+worst = max(abs(group[s] - plain[s]) / abs(plain[s]) for s in steps)
+print("loss through the process group against without, steps", steps, ":",
+      ", ".join(f"{group[s]:.5f}/{plain[s]:.5f}" for s in steps),
+      f"; largest relative difference {worst:.2e}")
+EOF_PY
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+fi
+
 echo "== gloo, 2 CPU ranks (--nproc 2), fp32"
 launch=()
 run gloo-cpu "${common[@]}" --device cpu --set 'distributed.backend="gloo"' --set precision=fp32 \
