@@ -135,7 +135,8 @@ pub struct TrainConfig {
     /// `fp32`, `bf16` or `fp16` (default `fp32`). The half modes need a CUDA device.
     #[serde(default)]
     pub precision: Precision,
-    /// libtorch's intra-op threads (default 0: libtorch's own choice, one per core). Fix it for
+    /// libtorch's intra-op threads (default 0: libtorch's own choice, one per core; with
+    /// several ranks on one machine, each rank's share of the cores). Fix it for
     /// bit-exact reproduction on CPU: results can depend on how work is split over threads.
     #[serde(default)]
     pub threads: usize,
@@ -381,7 +382,8 @@ pub struct DataConfig {
     /// Images per step in this process (the global batch is this times the number of
     /// processes). Required.
     pub batch_size: usize,
-    /// Augmentation worker threads (default: the number of cores).
+    /// Augmentation worker threads (default: the number of cores; with several ranks on one
+    /// machine, each rank's share of them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
     /// Finished batches queued ahead of the trainer (default 4).

@@ -63,6 +63,10 @@ pub struct Launch {
     pub world_size: usize,
     /// Rank on this machine (the GPU index on CUDA).
     pub local_rank: usize,
+    /// Processes that share this machine's cores: torchrun's `LOCAL_WORLD_SIZE` (set by
+    /// `--nproc` too; 1 when unset). 1 under Slurm, which confines each task to its
+    /// `--cpus-per-task` CPUs, so the cores a task sees are already its own.
+    pub local_world_size: usize,
     /// The store's host.
     pub master_addr: String,
     /// The store's port.
@@ -107,46 +111,56 @@ impl Launch {
                     message: "expected a port in 1..=65535".into(),
                 })
         };
-        let (launcher, rank, world_size, local_rank, master_addr, agent_store, restart_count) =
-            if var("RANK").is_some() || var("WORLD_SIZE").is_some() {
-                let agent_store = var("TORCHELASTIC_USE_AGENT_STORE")
-                    .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
-                (
-                    Launcher::Torchrun,
-                    number("RANK", None)?,
-                    number("WORLD_SIZE", None)?,
-                    number("LOCAL_RANK", Some(0))?,
-                    var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
-                    agent_store,
-                    number("TORCHELASTIC_RESTART_COUNT", Some(0))?,
-                )
-            } else if var("SLURM_PROCID").is_some() {
-                let master_addr = match var("MASTER_ADDR") {
-                    Some(addr) => addr,
-                    None => {
-                        let list = var("SLURM_STEP_NODELIST")
-                            .or_else(|| var("SLURM_NODELIST"))
-                            .or_else(|| var("SLURM_JOB_NODELIST"))
-                            .unwrap_or_default();
-                        first_node(&list).ok_or_else(|| LaunchError::Variable {
-                            name: "SLURM_NODELIST",
-                            value: list.clone(),
-                            message: "cannot read its first node; set MASTER_ADDR".into(),
-                        })?
-                    }
-                };
-                (
-                    Launcher::Slurm,
-                    number("SLURM_PROCID", None)?,
-                    number("SLURM_NTASKS", None)?,
-                    number("SLURM_LOCALID", Some(0))?,
-                    master_addr,
-                    false,
-                    0,
-                )
-            } else {
-                return Ok(None);
+        let (
+            launcher,
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            master_addr,
+            agent_store,
+            restart_count,
+        ) = if var("RANK").is_some() || var("WORLD_SIZE").is_some() {
+            let agent_store = var("TORCHELASTIC_USE_AGENT_STORE")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+            (
+                Launcher::Torchrun,
+                number("RANK", None)?,
+                number("WORLD_SIZE", None)?,
+                number("LOCAL_RANK", Some(0))?,
+                number("LOCAL_WORLD_SIZE", Some(1))?.max(1),
+                var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
+                agent_store,
+                number("TORCHELASTIC_RESTART_COUNT", Some(0))?,
+            )
+        } else if var("SLURM_PROCID").is_some() {
+            let master_addr = match var("MASTER_ADDR") {
+                Some(addr) => addr,
+                None => {
+                    let list = var("SLURM_STEP_NODELIST")
+                        .or_else(|| var("SLURM_NODELIST"))
+                        .or_else(|| var("SLURM_JOB_NODELIST"))
+                        .unwrap_or_default();
+                    first_node(&list).ok_or_else(|| LaunchError::Variable {
+                        name: "SLURM_NODELIST",
+                        value: list.clone(),
+                        message: "cannot read its first node; set MASTER_ADDR".into(),
+                    })?
+                }
             };
+            (
+                Launcher::Slurm,
+                number("SLURM_PROCID", None)?,
+                number("SLURM_NTASKS", None)?,
+                number("SLURM_LOCALID", Some(0))?,
+                1,
+                master_addr,
+                false,
+                0,
+            )
+        } else {
+            return Ok(None);
+        };
         if world_size == 0 || rank >= world_size {
             let (name, value) = match launcher {
                 Launcher::Torchrun => ("RANK", rank),
@@ -163,6 +177,7 @@ impl Launch {
             rank: rank as usize,
             world_size: world_size as usize,
             local_rank: local_rank as usize,
+            local_world_size: local_world_size as usize,
             master_addr,
             master_port: port()?,
             agent_store,
@@ -174,6 +189,13 @@ impl Launch {
     pub fn hosts_store(&self) -> bool {
         self.rank == 0 && !self.agent_store
     }
+}
+
+/// The threads each of `local_processes` processes gets by default out of `cores` (at least
+/// one): without this, every rank of `train --nproc N` (or torchrun) on a CPU would start as
+/// many libtorch and augmenter threads as the machine has cores, N times over.
+pub fn threads_per_process(cores: usize, local_processes: usize) -> usize {
+    (cores / local_processes.max(1)).max(1)
 }
 
 /// The first host of a Slurm node list: `gpu[07-08,11],cpu3` → `gpu07`.
@@ -371,9 +393,24 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((l.rank, l.world_size, l.local_rank), (1, 4, 1));
+        assert_eq!(l.local_world_size, 1, "LOCAL_WORLD_SIZE unset");
         assert_eq!((l.master_addr.as_str(), l.master_port), ("node0", 1234));
         assert!(l.agent_store && !l.hosts_store());
         assert_eq!(l.restart_count, 2);
+    }
+
+    #[test]
+    fn local_processes_share_the_cores() {
+        let l = launch(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_WORLD_SIZE", "4"),
+        ]);
+        assert_eq!(l.unwrap().unwrap().local_world_size, 4);
+        assert_eq!(threads_per_process(16, 4), 4);
+        assert_eq!(threads_per_process(16, 3), 5);
+        assert_eq!(threads_per_process(2, 4), 1);
+        assert_eq!(threads_per_process(8, 0), 8);
     }
 
     #[test]

@@ -153,6 +153,11 @@ pub struct TrainOptions {
     pub interrupt: Option<Arc<AtomicBool>>,
     /// This process's groups in a data-parallel run; `None`: a single process.
     pub distributed: Option<Distributed>,
+    /// Threads for libtorch and for the augmenter where the configuration leaves them at their
+    /// defaults (`threads = 0`, `data.threads` unset); `None`: one per core. The `train` binary
+    /// sets it to this process's share of the cores when several ranks share the machine. An
+    /// `OMP_NUM_THREADS` in the environment (torchrun sets 1) still decides libtorch's.
+    pub default_threads: Option<usize>,
 }
 
 /// What a finished run reports.
@@ -381,8 +386,13 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
         }
         .into());
     }
-    if config.threads > 0 {
-        tch::set_num_threads(config.threads as i32);
+    let torch_threads = match options.default_threads {
+        _ if config.threads > 0 => Some(config.threads),
+        Some(_) if std::env::var_os("OMP_NUM_THREADS").is_some() => None,
+        shared => shared,
+    };
+    if let Some(threads) = torch_threads {
+        tch::set_num_threads(threads as i32);
     }
     if device.is_cuda() {
         // The crop sizes are fixed, so cuDNN's search for the fastest convolution algorithms
@@ -524,9 +534,10 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
 
     let mut pipeline = PipelineOptions::new(config.augment.clone(), config.data.batch_size);
     pipeline.layout = Layout::U8Nhwc;
-    if let Some(threads) = config.data.threads {
+    if let Some(threads) = config.data.threads.or(options.default_threads) {
         pipeline.threads = threads;
     }
+    let augment_threads = pipeline.threads;
     pipeline.prefetch = config.data.prefetch;
     pipeline.shuffle_buffer = config.data.shuffle_buffer;
     pipeline.seed = state.data_seed;
@@ -559,6 +570,8 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
         device = ?device,
         precision = %config.precision,
         parameters = parameters.iter().map(|(_, t)| t.numel()).sum::<usize>(),
+        torch_threads = tch::get_num_threads(),
+        augment_threads,
         "training"
     );
 

@@ -23,7 +23,7 @@ use trainer::dist::{
     Backend, Distributed, GradientReducer, ProcessGroup, ReduceOp, Store, all_gather_bytes,
     all_gather_cat, set_sync_batch_norm_group,
 };
-use trainer::launch::{Launch, free_port};
+use trainer::launch::{Launch, free_port, threads_per_process};
 use trainer::optim::{LarcSgd, trainable_parameters};
 use trainer::swav::{SwavLoss, sinkhorn};
 use trainer::train::SwavModel;
@@ -645,6 +645,57 @@ fn one_rank_through_a_process_group_trains_as_a_single_process() {
     assert!(grouped.contains(r#""name":"rank""#), "{grouped}");
     for run in ["plain", "grouped"] {
         assert_same_weights_at_step_6(dir.path(), "single", run);
+    }
+}
+
+/// `--nproc 2` ranks left at the default thread counts take half the cores each for libtorch
+/// and for the augmenter, instead of every core each (twice as many threads as cores: on 2
+/// cores a step of 2 ranks took 4.2x as long that way, `scripts/bench-dist.sh`).
+#[test]
+fn ranks_on_one_machine_share_its_cores() {
+    if is_worker() {
+        return;
+    }
+    let dir = workspace();
+    let tiny = std::fs::read_to_string(dir.path().join("tiny.toml")).unwrap();
+    let defaults = tiny
+        .replacen("threads = 1\n", "", 2)
+        .replace("[data]\nthreads = 1\n", "[data]\n");
+    assert!(!defaults.contains("threads"), "{defaults}");
+    std::fs::write(dir.path().join("defaults.toml"), defaults).unwrap();
+    let output = common::train_command(
+        dir.path(),
+        &[
+            "--config",
+            "defaults.toml",
+            "--nproc",
+            "2",
+            "--run-dir",
+            "shared",
+        ],
+    )
+    .args(["--stop-after", "1"])
+    .env_remove("OMP_NUM_THREADS")
+    .output()
+    .unwrap();
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let share = threads_per_process(cores, 2);
+    for rank in 0..2 {
+        let said = format!(
+            r#""rank":{rank},"world":2,"start_step":0,"end_step":1,"steps":6,"device":"Cpu","precision":"fp32","#
+        );
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(&said))
+            .unwrap_or_else(|| panic!("rank {rank} did not log its start: {stderr}"));
+        assert!(
+            line.contains(&format!(
+                r#""torch_threads":{share},"augment_threads":{share}"#
+            )),
+            "rank {rank} on {cores} cores: {line}"
+        );
     }
 }
 

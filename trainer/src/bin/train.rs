@@ -24,7 +24,7 @@ use trainer::checkpoint::{load_checkpoint, restore_variables};
 use trainer::config::{DistributedBackend, TrainConfig};
 use trainer::dist::{Backend, Distributed};
 use trainer::export::export_trunk;
-use trainer::launch::{Launch, spawn_local};
+use trainer::launch::{Launch, spawn_local, threads_per_process};
 use trainer::train::{Resume, SwavModel, TRUNK_PREFIX, TrainError, TrainOptions, train};
 
 /// Pretrain a RegNetY with SwAV (SEER) on a shard dataset, on CPU or CUDA.
@@ -151,6 +151,11 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             return spawn_ranks(nproc);
         }
     }
+    // Ranks on one machine share its cores.
+    let shared_machine = launch
+        .as_ref()
+        .map(|l| l.local_world_size)
+        .filter(|&local| local > 1);
     let launch =
         launch.filter(|l| l.world_size > 1 || config.distributed.process_group_for_one_rank);
     let mut device = parse_device(&args.device).map_err(usage)?;
@@ -215,6 +220,10 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         store: StoreOptions::default().with_retries(10, Duration::from_secs(180)),
         interrupt: Some(stop_on_signals()),
         distributed,
+        default_threads: shared_machine.map(|local| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            threads_per_process(cores, local)
+        }),
     };
     let summary = train(&config, &options).map_err(|e| {
         let code = match e {
