@@ -4,7 +4,7 @@
 # that has torch 2.11.0 in its python3 but no Rust and no network. `scripts/gpu-check.sh` runs
 # it as its last step; it also runs alone:
 #
-#   scripts/gpu-check-dist.sh [--out DIR] [--gpus G] [--device cuda|cpu]
+#   scripts/gpu-check-dist.sh [--out DIR] [--gpus G] [--device cuda|cpu] [--timing-steps N]
 #
 # With G >= 2 GPUs (default: every GPU nvidia-smi lists): `train --nproc G --device cuda`, one
 # rank per GPU, SyncBatchNorm over all of them. With one GPU: one rank under torchrun's
@@ -14,6 +14,9 @@
 # Then 2 CPU ranks on Gloo. Logs and summaries go to DIR (default $OUT, else
 # runs/gpu-check-dist): dist-logs.txt and one line per run in dist-summary.txt.
 # --device cpu is a dry run of the script's own logic (Gloo instead of NCCL).
+# --timing-steps N (one GPU): then RegNetY-8GF bf16 at batch 64 for N steps through the process
+# group, without it, and through it again (t-group, t-plain, t-group2 in dist-summary.txt): the
+# cost of NCCL's bucketed all-reduce and the communication share on one GPU.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -21,11 +24,13 @@ kit="$root/gpu-kit"
 out="${OUT:-$root/runs/gpu-check-dist}"
 gpus=""
 device=cuda
+timing_steps=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
     --gpus) gpus="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
+    --timing-steps) timing_steps="$2"; shift 2 ;;
     *) echo "gpu-check-dist.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -111,6 +116,27 @@ print("loss through the process group against without, steps", steps, ":",
       f"; largest relative difference {worst:.2e}")
 EOF_PY
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+fi
+
+if ((timing_steps > 0 && gpus < 2)); then
+  echo "== RegNetY-8GF bf16, batch 64, $timing_steps steps: through a process group of one, without, through again"
+  timing=(--config configs/swav-regnety-400mf.toml --device "$device" --set "data.url=$data"
+    --set "data.threads=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --set model=8GF
+    --set data.batch_size=64 --set "schedule.steps=$timing_steps" --set optim.warmup_steps=10
+    --set checkpoint.every_steps=1000000 --set logging.every_steps=10)
+  [[ "$device" == cuda ]] && timing+=(--set precision=bf16)
+  for name in t-group t-plain t-group2; do
+    if [[ $name == t-plain ]]; then
+      launch=()
+      run "$name" "${timing[@]}" --run-dir "$work/$name"
+    else
+      launch=(RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1
+        "MASTER_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')")
+      run "$name" "${timing[@]}" --set "distributed.backend=\"$backend\"" \
+        --set distributed.process_group_for_one_rank=true --run-dir "$work/$name"
+    fi
+    cp "$work/$name/metrics.jsonl" "$out/$name-metrics.jsonl" 2>/dev/null
+  done
 fi
 
 echo "== gloo, 2 CPU ranks (--nproc 2), fp32"
