@@ -122,9 +122,9 @@ if ((timing_steps > 0 && gpus < 2)); then
   echo "== RegNetY-8GF bf16, batch 64, $timing_steps steps: through a process group of one, without, through again"
   timing=(--config configs/swav-regnety-400mf.toml --device "$device" --set "data.url=$data"
     --set "data.threads=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --set model=8GF
-    --set data.batch_size=64 --set "schedule.steps=$timing_steps" --set optim.warmup_steps=10
+    --set data.batch_size=64 --set "schedule.steps=$timing_steps" --set "optim.warmup_steps=$(( timing_steps / 8 ))"
     --set checkpoint.every_steps=1000000 --set logging.every_steps=10)
-  [[ "$device" == cuda ]] && timing+=(--set precision=bf16)
+  if [[ "$device" == cuda ]]; then timing+=(--set precision=bf16); else timing+=(--set precision=fp32); fi
   for name in t-group t-plain t-group2; do
     if [[ $name == t-plain ]]; then
       launch=()
