@@ -299,26 +299,77 @@ enum StepOutcome {
     Overflow,
 }
 
-/// Selects the dtype libtorch's CUDA autocast casts to (tch's `autocast` only switches it on,
+/// Selects the dtype libtorch's CUDA autocast casts to (switching autocast on leaves it alone,
 /// and libtorch's default is `float16`).
 fn set_cuda_autocast_dtype(kind: Kind) {
-    // c10's `enum class DeviceType : int8_t` (CUDA = 1) and `enum class ScalarType : int8_t`
-    // (Half = 5, BFloat16 = 15).
-    const CUDA: i8 = 1;
+    // c10's `enum class ScalarType : int8_t` (Half = 5, BFloat16 = 15).
     let dtype: i8 = match kind {
         Kind::Half => 5,
         Kind::BFloat16 => 15,
         other => panic!("autocast to {other:?} is not supported"),
     };
-    unsafe extern "C" {
-        #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
-        fn at_autocast_set_autocast_dtype(device_type: i8, dtype: i8);
+    // SAFETY: see the declarations below; it accepts any floating dtype.
+    unsafe { at_autocast_set_autocast_dtype(CUDA_DEVICE_TYPE, dtype) }
+}
+
+// libtorch's autocast state for CUDA, through the calls that name the device type. tch's
+// `autocast` uses `at::autocast::is_enabled()` and `set_enabled(bool)`, which libtorch 2.11
+// deprecates: they printed three warnings at the start of every run on a CUDA machine.
+// SAFETY (for every call below): plain libtorch_cpu functions (linked by torch-sys) of `int8_t`
+// enums and `bool`s by value, returning `bool`, `int` or nothing, which under the Itanium C++
+// ABI is the C calling convention; they read or write thread-locals, for any device type.
+unsafe extern "C" {
+    #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
+    fn at_autocast_set_autocast_dtype(device_type: i8, dtype: i8);
+    #[link_name = "_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE"]
+    fn at_autocast_is_autocast_enabled(device_type: i8) -> bool;
+    #[link_name = "_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb"]
+    fn at_autocast_set_autocast_enabled(device_type: i8, enabled: bool);
+    #[link_name = "_ZN2at8autocast17increment_nestingEv"]
+    fn at_autocast_increment_nesting() -> i32;
+    #[link_name = "_ZN2at8autocast17decrement_nestingEv"]
+    fn at_autocast_decrement_nesting() -> i32;
+    #[link_name = "_ZN2at8autocast11clear_cacheEv"]
+    fn at_autocast_clear_cache();
+}
+
+/// c10's `enum class DeviceType : int8_t`: CUDA.
+const CUDA_DEVICE_TYPE: i8 = 1;
+
+/// Whether libtorch's CUDA autocast is on in this thread.
+fn cuda_autocast_enabled() -> bool {
+    // SAFETY: see the declarations.
+    unsafe { at_autocast_is_autocast_enabled(CUDA_DEVICE_TYPE) }
+}
+
+/// Runs `f` with libtorch's CUDA autocast switched on or off, then restores the state, as
+/// `torch.autocast("cuda")` does (and tch's `autocast`, without its deprecated calls). Where
+/// libtorch sees no CUDA device, `f` simply runs.
+fn cuda_autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    if !tch::Cuda::is_available() {
+        return f();
     }
-    // SAFETY: `at::autocast::set_autocast_dtype(c10::DeviceType, c10::ScalarType)` of
-    // libtorch_cpu (linked by torch-sys) is a plain function taking two `int8_t` enums by value
-    // and returning nothing; under the Itanium C++ ABI that is the C calling convention. It sets
-    // a thread-local and accepts any device type and floating dtype.
-    unsafe { at_autocast_set_autocast_dtype(CUDA, dtype) }
+    autocast_scope(enabled, f)
+}
+
+/// [`cuda_autocast`] without its device check (so that tests run it on machines without a GPU).
+fn autocast_scope<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    let before = cuda_autocast_enabled();
+    // SAFETY: see the declarations.
+    unsafe {
+        at_autocast_set_autocast_enabled(CUDA_DEVICE_TYPE, enabled);
+        at_autocast_increment_nesting();
+    }
+    let result = f();
+    // SAFETY: see the declarations. The cache of casted weights lives as long as the outermost
+    // scope.
+    unsafe {
+        if at_autocast_decrement_nesting() == 0 {
+            at_autocast_clear_cache();
+        }
+        at_autocast_set_autocast_enabled(CUDA_DEVICE_TYPE, before);
+    }
+    result
 }
 
 /// The dtype libtorch's CUDA autocast casts to, as c10's `ScalarType` number.
@@ -328,9 +379,9 @@ fn cuda_autocast_dtype() -> i8 {
         #[link_name = "_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE"]
         fn at_autocast_get_autocast_dtype(device_type: i8) -> i8;
     }
-    // SAFETY: as in `set_cuda_autocast_dtype`: a plain libtorch function of one `int8_t` enum
+    // SAFETY: as for the declarations above: a plain libtorch function of one `int8_t` enum
     // returning one, reading a thread-local.
-    unsafe { at_autocast_get_autocast_dtype(1) }
+    unsafe { at_autocast_get_autocast_dtype(CUDA_DEVICE_TYPE) }
 }
 
 /// Measures over one logging window.
@@ -600,7 +651,7 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
         tch::manual_seed(step_seed(config.seed, step));
         let lr = schedule.lr(step);
 
-        let loss = tch::autocast(half.is_some(), || {
+        let loss = cuda_autocast(half.is_some(), || {
             let out = model.forward(&batch.groups, true);
             loss_fn.loss(
                 &out.embeddings,
@@ -886,6 +937,22 @@ mod tests {
         assert_eq!(cuda_autocast_dtype(), 15);
         set_cuda_autocast_dtype(Kind::Half);
         assert_eq!(cuda_autocast_dtype(), 5);
+    }
+
+    #[test]
+    fn autocast_scopes_switch_cuda_autocast_and_restore_it() {
+        // The state is a thread-local flag, so it can be checked without a GPU.
+        assert!(!cuda_autocast_enabled());
+        let seen = autocast_scope(true, || {
+            let inner = autocast_scope(false, cuda_autocast_enabled);
+            (cuda_autocast_enabled(), inner)
+        });
+        assert_eq!(seen, (true, false));
+        assert!(!cuda_autocast_enabled());
+        // With no CUDA device, the scope leaves the state alone.
+        if !tch::Cuda::is_available() {
+            assert!(!cuda_autocast(true, cuda_autocast_enabled));
+        }
     }
 
     #[test]
