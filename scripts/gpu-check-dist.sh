@@ -78,6 +78,12 @@ run() {
   fi
 }
 
+# torchrun's variables for rank 0 of a world of one, the store on a free loopback port.
+one_rank_launch() {
+  launch=(RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1
+    "MASTER_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')")
+}
+
 for precision in fp32 bf16; do
   [[ "$device" == cpu && "$precision" == bf16 ]] && continue
   if ((gpus >= 2)); then
@@ -86,8 +92,7 @@ for precision in fp32 bf16; do
     ranks=(--nproc "$gpus" --set "distributed.sync_bn_group_size=$gpus")
   else
     echo "== $backend, one rank through a process group of one (RANK=0 WORLD_SIZE=1), $precision"
-    launch=(RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1
-      "MASTER_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')")
+    one_rank_launch
     ranks=(--set distributed.process_group_for_one_rank=true)
   fi
   run "$backend-$precision-a" "${common[@]}" --device "$device" "${ranks[@]}" \
@@ -130,8 +135,7 @@ if ((timing_steps > 0 && gpus < 2)); then
       launch=()
       run "$name" "${timing[@]}" --run-dir "$work/$name"
     else
-      launch=(RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1
-        "MASTER_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')")
+      one_rank_launch
       run "$name" "${timing[@]}" --set "distributed.backend=\"$backend\"" \
         --set distributed.process_group_for_one_rank=true --run-dir "$work/$name"
     fi
