@@ -420,10 +420,15 @@ impl Pipeline {
         let handle = std::thread::Builder::new()
             .name("augment-reader".into())
             .spawn(move || {
+                let mut reader = reader;
                 let result = runtime.block_on(reader.run(state));
                 if let Err(e) = result {
                     *reader_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                 }
+                // Only now close the job channel: the workers' exit then closes the results
+                // channel, and the consumer, seeing it closed, must find the error already
+                // here (dropping the reader first let a failed stream end as if complete).
+                drop(reader);
                 // Tasks still reading ahead are abandoned, not awaited.
                 runtime.shutdown_background();
             })
@@ -598,7 +603,7 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(mut self, mut state: StreamState) -> Result<(), PipelineError> {
+    async fn run(&mut self, mut state: StreamState) -> Result<(), PipelineError> {
         let shard_count = self.dataset.manifest.shards.len();
         let mut buffer = self.refetch_buffer(&state).await?;
         let mut batch: Vec<RawSample> = Vec::with_capacity(self.options.batch_size);
