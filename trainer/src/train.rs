@@ -437,10 +437,12 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
         }
         .into());
     }
-    let torch_threads = match options.default_threads {
-        _ if config.threads > 0 => Some(config.threads),
-        Some(_) if std::env::var_os("OMP_NUM_THREADS").is_some() => None,
-        shared => shared,
+    let torch_threads = if config.threads > 0 {
+        Some(config.threads)
+    } else if std::env::var_os("OMP_NUM_THREADS").is_some() {
+        None
+    } else {
+        options.default_threads
     };
     if let Some(threads) = torch_threads {
         tch::set_num_threads(threads as i32);

@@ -152,10 +152,14 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         }
     }
     // Ranks on one machine share its cores.
-    let shared_machine = launch
+    let default_threads = launch
         .as_ref()
         .map(|l| l.local_world_size)
-        .filter(|&local| local > 1);
+        .filter(|&local| local > 1)
+        .map(|local| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            threads_per_process(cores, local)
+        });
     let launch =
         launch.filter(|l| l.world_size > 1 || config.distributed.process_group_for_one_rank);
     let mut device = parse_device(&args.device).map_err(usage)?;
@@ -220,10 +224,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         store: StoreOptions::default().with_retries(10, Duration::from_secs(180)),
         interrupt: Some(stop_on_signals()),
         distributed,
-        default_threads: shared_machine.map(|local| {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            threads_per_process(cores, local)
-        }),
+        default_threads,
     };
     let summary = train(&config, &options).map_err(|e| {
         let code = match e {
