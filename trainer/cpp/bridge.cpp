@@ -284,4 +284,11 @@ char* seer_sync_batch_norm(Group* group, at::Tensor* input, at::Tensor* weight,
   });
 }
 
+// A pinned (page-locked) copy of a CPU tensor, for asynchronous copies to the current
+// accelerator. tch's `pin_memory` passes a device, an argument libtorch 2.11 deprecates with a
+// warning on every call; this names none, which pins for the current accelerator.
+char* seer_pin_memory(at::Tensor* tensor, at::Tensor** out) {
+  return guarded([&] { *out = new at::Tensor(tensor->pin_memory()); });
+}
+
 }  // extern "C"

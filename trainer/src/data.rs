@@ -252,7 +252,10 @@ impl BatchLoader {
         let reusable = slot.tensors.len() == shapes.len()
             && slot.tensors.iter().zip(&shapes).all(|(t, s)| t.size() == s);
         if !reusable {
-            slot.tensors = shapes.iter().map(|s| staging_tensor(s, device)).collect();
+            slot.tensors = shapes
+                .iter()
+                .map(|s| staging_tensor(s, device).map_err(&bad))
+                .collect::<Result<_, _>>()?;
         }
 
         let mut out = Vec::with_capacity(groups.len());
@@ -323,13 +326,14 @@ impl BatchLoader {
 }
 
 /// A host tensor to stage one group's bytes: pinned for fast, asynchronous copies when the
-/// device is CUDA (`pin_memory` needs a CUDA runtime, so never on CPU).
-fn staging_tensor(shape: &[i64; 4], device: Device) -> Tensor {
+/// device is CUDA (pinning needs a CUDA runtime, so never on CPU).
+fn staging_tensor(shape: &[i64; 4], device: Device) -> Result<Tensor, String> {
     let tensor = Tensor::empty(shape.as_slice(), (Kind::Uint8, Device::Cpu));
     if device.is_cuda() {
-        tensor.pin_memory(device)
+        crate::dist::pinned(&tensor)
+            .map_err(|e| format!("pinning a {shape:?} uint8 staging buffer: {e}"))
     } else {
-        tensor
+        Ok(tensor)
     }
 }
 

@@ -199,6 +199,7 @@ mod ffi {
             eps: f64,
             out: *mut *mut C_tensor,
         ) -> *mut c_char;
+        pub fn seer_pin_memory(tensor: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
     }
 }
 
@@ -214,6 +215,20 @@ fn take_error(message: *mut c_char) -> Result<(), String> {
         .into_owned();
     unsafe { ffi::seer_free_error(message) };
     Err(text)
+}
+
+/// A pinned (page-locked) copy of a CPU tensor, for asynchronous copies to the GPU: libtorch's
+/// `pin_memory()` through the bridge, because tch's passes a device argument that libtorch 2.11
+/// deprecates (a warning for every buffer pinned). Fails where no accelerator runtime is found.
+pub fn pinned(tensor: &Tensor) -> Result<Tensor, String> {
+    let mut input = tensor.shallow_clone();
+    let mut out = std::ptr::null_mut();
+    // SAFETY: a live tensor handle for the call; on success the bridge writes a new
+    // heap-allocated `torch::Tensor*` that the returned Tensor owns.
+    let error = unsafe { ffi::seer_pin_memory(input.as_mut_ptr(), &mut out) };
+    take_error(error)?;
+    // SAFETY: see above.
+    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 fn millis(timeout: Duration) -> i64 {
@@ -724,6 +739,24 @@ pub fn all_gather_cat(tensor: &Tensor, dim: i64, collective: &dyn Collective) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pinning_gives_a_pinned_copy_or_an_error_without_a_gpu() {
+        let tensor = Tensor::arange(12, (Kind::Uint8, Device::Cpu)).view([3, 4]);
+        match pinned(&tensor) {
+            Ok(copy) => {
+                assert!(tch::Cuda::is_available(), "pinned without a CUDA device");
+                assert_eq!(copy.size(), [3, 4]);
+                assert_eq!(copy.device(), Device::Cpu);
+                assert!(copy.equal(&tensor));
+            }
+            // What libtorch says where no accelerator runtime is found; a message, no abort.
+            Err(message) => {
+                assert!(!tch::Cuda::is_available(), "{message}");
+                assert!(!message.is_empty());
+            }
+        }
+    }
 
     #[test]
     fn buckets_split_by_size_and_kind() {
