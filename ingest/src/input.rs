@@ -37,7 +37,7 @@ pub enum LabelSource {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ListFormat {
-    /// Guess from the file's extension (`.csv`, `.jsonl`/`.ndjson`, else text).
+    /// Guess from the file's extension (`.csv`, `.jsonl`/`.ndjson`/`.json`, else text).
     Auto,
     /// One URL or path per line.
     Txt,
@@ -156,6 +156,33 @@ async fn list_file_items(
     options: &StoreOptions,
 ) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
     use tokio::io::AsyncBufReadExt;
+    let format = match spec.list_format {
+        ListFormat::Auto if spec.url.ends_with(".csv") => ListFormat::Csv,
+        ListFormat::Auto
+            if [".jsonl", ".ndjson", ".json"]
+                .iter()
+                .any(|e| spec.url.ends_with(e)) =>
+        {
+            ListFormat::Jsonl
+        }
+        ListFormat::Auto => ListFormat::Txt,
+        other => other,
+    };
+    if let (ListFormat::Txt, LabelSource::Column(column)) = (format, &spec.labels) {
+        return Err(IngestError::Config(format!(
+            "--label-column {column}: {} is read as a text list, one URL per line, which has no columns; labels from a column need a CSV or JSONL list (--list-format, or a .csv/.jsonl name)",
+            spec.url
+        )));
+    }
+    if let Ok(url) = shards::store::normalize_url(&spec.url)
+        && url.scheme() == "file"
+        && url.to_file_path().is_ok_and(|p| p.is_dir())
+    {
+        return Err(IngestError::Config(format!(
+            "{}: is a folder; --list takes a list file (to ingest the images in a folder, name it without --list)",
+            spec.url
+        )));
+    }
     let (base, object) = shards::store::split_object_url(&spec.url).map_err(IngestError::Input)?;
     let location = Location::open(&base, options, false).map_err(IngestError::Input)?;
     let path = Path::from_url_path(&object)
@@ -174,14 +201,6 @@ async fn list_file_items(
             .map(|chunk| chunk.map_err(std::io::Error::other)),
     );
     let lines = tokio_stream::wrappers::LinesStream::new(tokio::io::BufReader::new(reader).lines());
-    let format = match spec.list_format {
-        ListFormat::Auto if spec.url.ends_with(".csv") => ListFormat::Csv,
-        ListFormat::Auto if spec.url.ends_with(".jsonl") || spec.url.ends_with(".ndjson") => {
-            ListFormat::Jsonl
-        }
-        ListFormat::Auto => ListFormat::Txt,
-        other => other,
-    };
     let list_url = spec.url.clone();
     let url_column = spec.url_column.clone();
     let labels = spec.labels.clone();
@@ -189,6 +208,11 @@ async fn list_file_items(
     let mut line_number = 0usize;
     let stream = lines.filter_map(move |line| {
         line_number += 1;
+        // A byte-order mark (spreadsheets write one) is not part of the first line's text.
+        let line = line.map(|l| match l.strip_prefix('\u{feff}') {
+            Some(rest) if line_number == 1 => rest.to_string(),
+            _ => l,
+        });
         let parsed = match line {
             Err(e) => Some(Err(IngestError::ListFile {
                 url: list_url.clone(),
@@ -266,13 +290,14 @@ fn parse_list_line(
                     )
                 })
             };
-            let url = fields.get(column(url_column)?).cloned().ok_or_else(|| {
+            let url = fields.get(column(url_column)?).ok_or_else(|| {
                 format!(
                     "row has {} fields, the header {}",
                     fields.len(),
                     names.len()
                 )
             })?;
+            let url = checked_url(url, url_column)?;
             let cls = match labels {
                 LabelSource::Column(name) => Some(
                     fields
@@ -288,6 +313,16 @@ fn parse_list_line(
         ListFormat::Jsonl => {
             let value: serde_json::Value =
                 serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+            if !value.is_object() {
+                return Err(format!(
+                    "{} where a JSON object was expected: the list must hold one object per line (JSON Lines)",
+                    if value.is_array() {
+                        "an array"
+                    } else {
+                        "a value"
+                    }
+                ));
+            }
             let text = |name: &str| -> Result<String, String> {
                 match value.get(name) {
                     Some(serde_json::Value::String(s)) => Ok(s.clone()),
@@ -296,7 +331,11 @@ fn parse_list_line(
                     None => Err(format!("no field {name:?}")),
                 }
             };
-            let url = text(url_column)?;
+            let url = match value.get(url_column) {
+                Some(serde_json::Value::String(url)) => checked_url(url, url_column)?,
+                Some(other) => return Err(format!("field {url_column:?} is {other}, not a URL")),
+                None => text(url_column)?,
+            };
             let cls = match labels {
                 LabelSource::Column(name) => Some(text(name)?),
                 LabelSource::FolderName => parent_folder(&url),
@@ -305,6 +344,16 @@ fn parse_list_line(
             Ok(Some(SourceItem { url, cls }))
         }
     }
+}
+
+/// A list file's URL field, trimmed (as text lists are); an empty one is an error, not the
+/// current folder.
+fn checked_url(url: &str, column: &str) -> Result<String, String> {
+    let url = url.trim();
+    if url.is_empty() {
+        return Err(format!("the {column:?} field is empty"));
+    }
+    Ok(url.to_string())
 }
 
 /// Splits one CSV line (RFC 4180 quoting; fields do not span lines).
@@ -438,6 +487,87 @@ mod tests {
         assert!(
             parse_list_line("{", ListFormat::Jsonl, &mut None, "url", &LabelSource::None).is_err()
         );
+    }
+
+    #[test]
+    fn list_urls_are_trimmed_and_must_be_text() {
+        let none = &LabelSource::None;
+        let csv = |lines: &[&str]| -> Result<Option<SourceItem>, String> {
+            let mut header = None;
+            let mut last = Ok(None);
+            for line in lines {
+                last = parse_list_line(line, ListFormat::Csv, &mut header, "url", none);
+            }
+            last
+        };
+        assert_eq!(
+            csv(&["url,x", " /a.jpg ,1"]).unwrap().unwrap().url,
+            "/a.jpg"
+        );
+        let err = csv(&["url,x", ",1"]).unwrap_err();
+        assert!(err.contains("\"url\" field is empty"), "{err}");
+        let jsonl = |line: &str| parse_list_line(line, ListFormat::Jsonl, &mut None, "url", none);
+        assert_eq!(
+            jsonl(r#"{"url": " s3://b/k "}"#).unwrap().unwrap().url,
+            "s3://b/k"
+        );
+        for (line, expected) in [
+            (r#"{"url": ""}"#, "field is empty"),
+            (r#"{"url": 5}"#, "is 5, not a URL"),
+            (r#"{"url": null}"#, "is null, not a URL"),
+            (r#"[{"url": "a"}]"#, "one object per line"),
+        ] {
+            let err = jsonl(line).unwrap_err();
+            assert!(err.contains(expected), "{line}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn list_files_are_checked_before_reading() {
+        let dir = std::env::temp_dir().join(format!("seer-list-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = |url: &std::path::Path, labels: LabelSource| InputSpec {
+            url: url.to_str().unwrap().to_string(),
+            list: true,
+            list_format: ListFormat::Auto,
+            url_column: "url".into(),
+            labels,
+            extensions: Vec::new(),
+        };
+        let options = StoreOptions::default();
+        let err = items(&spec(&dir, LabelSource::None), &options)
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("is a folder"), "{err}");
+        let txt = dir.join("urls.txt");
+        std::fs::write(&txt, "/a.jpg\n").unwrap();
+        let err = items(&spec(&txt, LabelSource::Column("cls".into())), &options)
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("--label-column cls"), "{err}");
+        // A spreadsheet's byte-order mark before the header; a .json name read as JSON Lines.
+        let csv = dir.join("urls.csv");
+        std::fs::write(&csv, "\u{feff}url,cls\n/a.jpg,cat\n").unwrap();
+        let json = dir.join("urls.json");
+        std::fs::write(&json, "{\"url\": \"/a.jpg\", \"cls\": \"cat\"}\n").unwrap();
+        for list in [csv, json] {
+            let stream = items(&spec(&list, LabelSource::Column("cls".into())), &options)
+                .await
+                .unwrap();
+            let read: Vec<SourceItem> = stream.map(Result::unwrap).collect().await;
+            assert_eq!(
+                read,
+                [SourceItem {
+                    url: "file:///a.jpg".into(),
+                    cls: Some("cat".into())
+                }],
+                "{}",
+                list.display()
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -392,7 +392,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", shards::error_chain(&error));
             ExitCode::FAILURE
         }
     }

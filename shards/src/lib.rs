@@ -41,6 +41,21 @@ pub use reader::{Sample, SampleReader, ShardStream};
 pub use store::{Location, StoreOptions};
 pub use writer::{FinishedShard, ShardWriter};
 
+/// An error and its causes on one line, as anyhow's `{:#}` prints them, for the command-line
+/// tools; a cause whose text the line already holds is left out. The library's errors embed
+/// their source in their own message (`"shard X: {source}"`), and `{:#}` printed it again.
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 /// Writes `bytes` to standard output for the command-line tools; a closed pipe
 /// (`shards stat DATASET | head`, `augment bench ... | head`) ends the output quietly.
 pub fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
@@ -179,4 +194,29 @@ pub fn validate_extension(ext: &str) -> Result<(), ShardError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        let tar = tar::TarError::BadHeader {
+            offset: 1024,
+            reason: "checksum field is not ASCII".into(),
+        };
+        let error = anyhow::Error::new(ShardError::Tar {
+            shard: "data-000001.tar".into(),
+            source: tar,
+        })
+        .context("reading sample k5");
+        assert_eq!(
+            error_chain(&error),
+            "reading sample k5: shard data-000001.tar: bad tar header at byte 1024: checksum field is not ASCII"
+        );
+        // Causes the message does not hold are kept, as `{:#}` keeps them.
+        let error = anyhow::anyhow!("disk full").context("writing shard 3");
+        assert_eq!(error_chain(&error), "writing shard 3: disk full");
+    }
 }

@@ -156,7 +156,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", shards::error_chain(&e));
             ExitCode::from(1)
         }
     }

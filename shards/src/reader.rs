@@ -288,8 +288,18 @@ pub async fn read_indexed_sample(
     shard: &str,
     entry: &IndexEntry,
 ) -> Result<Sample, ShardError> {
+    let end = entry
+        .offset
+        .checked_add(entry.size)
+        .ok_or_else(|| ShardError::Invalid {
+            shard: shard.to_string(),
+            reason: format!(
+                "the index entry of sample {} (offset {}, size {}) runs past 2^64 bytes",
+                entry.key, entry.offset, entry.size
+            ),
+        })?;
     let bytes = store
-        .get_range(path, entry.offset..entry.offset + entry.size)
+        .get_range(path, entry.offset..end)
         .await
         .map_err(|source| ShardError::Store {
             shard: shard.to_string(),
@@ -305,7 +315,7 @@ pub fn parse_indexed_sample(
     shard: &str,
     entry: &IndexEntry,
 ) -> Result<Sample, ShardError> {
-    let mut parser = TarParser::new(DEFAULT_MAX_MEMBER_SIZE);
+    let mut parser = TarParser::starting_at(DEFAULT_MAX_MEMBER_SIZE, entry.offset);
     let mut buf = BytesMut::from(&bytes[..]);
     let mut sample = Sample {
         key: entry.key.clone(),
@@ -338,13 +348,11 @@ pub fn parse_indexed_sample(
         let span = entry.members.get(ext);
         if key != entry.key
             || span.map(|s| (s.offset, s.size))
-                != Some((entry.offset + member.data_offset, member.data.len() as u64))
+                != Some((member.data_offset, member.data.len() as u64))
         {
             return Err(invalid(format!(
                 "index entry for {} does not match member {:?} at byte {}",
-                entry.key,
-                member.name,
-                entry.offset + member.header_offset
+                entry.key, member.name, member.header_offset
             )));
         }
         sample.members.push((ext.to_string(), member.data));

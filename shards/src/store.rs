@@ -89,6 +89,14 @@ impl std::fmt::Debug for Location {
 
 /// Turns a plain path into an absolute `file://` URL; other URLs pass through.
 pub fn normalize_url(url_or_path: &str) -> Result<Url, StoreError> {
+    // An empty argument (an unset shell variable, say) would otherwise name the current
+    // folder, and a job would write into it or read all of it.
+    if url_or_path.trim().is_empty() {
+        return Err(StoreError::BadUrl {
+            url: url_or_path.to_string(),
+            reason: "empty URL or path (for the current folder, write .)".into(),
+        });
+    }
     let looks_like_url = url_or_path.contains("://") || url_or_path.starts_with("file:");
     if looks_like_url {
         return Url::parse(url_or_path).map_err(|e| StoreError::BadUrl {
@@ -413,6 +421,15 @@ mod tests {
                 .as_ref(),
             "x"
         );
+    }
+
+    #[test]
+    fn an_empty_url_is_refused_not_taken_for_the_current_folder() {
+        for empty in ["", "  "] {
+            let err = Location::open(empty, &StoreOptions::default(), true).unwrap_err();
+            assert!(err.to_string().contains("empty URL or path"), "{err}");
+        }
+        assert!(normalize_url(".").is_ok());
     }
 
     #[test]

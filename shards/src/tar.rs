@@ -165,9 +165,15 @@ pub struct TarParser {
 impl TarParser {
     /// A parser that refuses members larger than `max_member_size` bytes.
     pub fn new(max_member_size: u64) -> Self {
+        Self::starting_at(max_member_size, 0)
+    }
+
+    /// A parser for bytes that start at `offset` in the archive (a ranged read): the offsets
+    /// it reports, in members and errors, are the archive's.
+    pub fn starting_at(max_member_size: u64, offset: u64) -> Self {
         Self {
             state: State::Header,
-            offset: 0,
+            offset,
             max_member_size,
         }
     }

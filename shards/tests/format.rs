@@ -112,6 +112,50 @@ proptest! {
     }
 }
 
+#[test]
+fn a_corrupt_sample_read_through_the_index_names_its_offset_in_the_shard() {
+    let samples: Vec<SampleSpec> = (0..3)
+        .map(|i| {
+            (
+                format!("k{i}"),
+                vec![
+                    ("jpg".into(), vec![i as u8; 700]),
+                    ("json".into(), b"{}".to_vec()),
+                ],
+            )
+        })
+        .collect();
+    let finished = write(&samples);
+    let entry = &finished.index.samples[2];
+    assert!(entry.offset > 0);
+    let mut range =
+        finished.out[entry.offset as usize..(entry.offset + entry.size) as usize].to_vec();
+    range[148..156].fill(0xff); // the header's checksum field
+    let error = parse_indexed_sample(Bytes::from(range), "t-000000.tar", entry)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains(&format!("bad tar header at byte {}", entry.offset)),
+        "{error}"
+    );
+    // An index entry whose end overflows is an error naming the sample, not a panic.
+    let mut huge = entry.clone();
+    huge.size = u64::MAX;
+    let store = object_store::memory::InMemory::new();
+    let error = futures::executor::block_on(shards::reader::read_indexed_sample(
+        &store,
+        &object_store::path::Path::from("t-000000.tar"),
+        "t-000000.tar",
+        &huge,
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("sample k2") && error.contains("2^64"),
+        "{error}"
+    );
+}
+
 #[tokio::test]
 async fn streaming_reads_in_small_chunks_and_names_the_offset_of_truncation() {
     let samples: Vec<SampleSpec> = (0..5)

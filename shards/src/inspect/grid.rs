@@ -14,6 +14,29 @@ use crate::{Dataset, StoreError};
 const BORDER: Rgb<u8> = Rgb([24, 24, 24]);
 const UNREADABLE: Rgb<u8> = Rgb([160, 0, 0]);
 
+/// The largest contact sheet [`grid()`] makes: 2^28 pixels (768 MiB of RGB), e.g. about 2,000
+/// tiles of 256 pixels. Larger sheets are refused before anything is read.
+pub const MAX_SHEET_PIXELS: u64 = 1 << 28;
+
+/// Columns, rows, width and height of a sheet of `count` tiles, or why it cannot be made.
+fn layout(count: usize, tile: u32, border: u32) -> Result<(u32, u32, u32, u32), InspectError> {
+    let too_large = || InspectError::SheetTooLarge {
+        count,
+        tile,
+        border,
+    };
+    let count = u32::try_from(count).map_err(|_| too_large())?;
+    let columns = (f64::from(count).sqrt().ceil() as u32).max(1);
+    let rows = count.div_ceil(columns).max(1);
+    let side = |n: u32| u64::from(n) * (u64::from(tile) + u64::from(border)) + u64::from(border);
+    let (width, height) = (side(columns), side(rows));
+    if width.saturating_mul(height) > MAX_SHEET_PIXELS {
+        return Err(too_large());
+    }
+    // Within 2^28 pixels, each side fits in u32.
+    Ok((columns, rows, width as u32, height as u32))
+}
+
 /// How [`grid()`] samples and lays out tiles.
 #[derive(Debug, Clone)]
 pub struct GridOptions {
@@ -70,8 +93,11 @@ type Tile = (String, String, Option<Vec<u8>>);
 /// sampling over the indexes, so memory is `count` entries), reads each with
 /// one ranged read, and tiles them center-cropped to squares.
 pub async fn grid(dataset: &Dataset, options: &GridOptions) -> Result<ContactSheet, InspectError> {
+    let tile = options.tile.max(1);
+    // The sheet for `count` samples must be possible before any is read.
+    layout(options.count, tile, options.border)?;
     let mut rng = SplitMix64::new(options.seed);
-    let mut chosen: Vec<(usize, IndexEntry)> = Vec::with_capacity(options.count);
+    let mut chosen: Vec<(usize, IndexEntry)> = Vec::with_capacity(options.count.min(4096));
     let mut seen = 0u64;
     let indexes = futures::stream::iter(dataset.manifest.shards.iter().enumerate())
         .map(|(i, shard)| async move { dataset.index(shard).await.map(|index| (i, index)) })
@@ -99,7 +125,6 @@ pub async fn grid(dataset: &Dataset, options: &GridOptions) -> Result<ContactShe
     // Reading in shard order is kinder to the store; the order on the sheet does not matter.
     chosen.sort_by_key(|(shard, entry)| (*shard, entry.offset));
 
-    let tile = options.tile.max(1);
     let tiles: Vec<Result<Tile, StoreError>> = futures::stream::iter(chosen)
         .map(|(shard_number, entry)| {
             let shard = dataset.manifest.shards[shard_number].clone();
@@ -126,12 +151,9 @@ pub async fn grid(dataset: &Dataset, options: &GridOptions) -> Result<ContactShe
         .collect()
         .await;
 
-    let count = tiles.len() as u32;
-    let columns = (f64::from(count).sqrt().ceil() as u32).max(1);
-    let rows = count.div_ceil(columns);
+    let (columns, _, width, height) = layout(tiles.len(), tile, options.border)?;
     let border = options.border;
-    let side = |n: u32| n * (tile + border) + border;
-    let mut sheet = RgbImage::from_pixel(side(columns), side(rows), BORDER);
+    let mut sheet = RgbImage::from_pixel(width, height, BORDER);
     let mut samples = Vec::with_capacity(tiles.len());
     for (i, tile_result) in tiles.into_iter().enumerate() {
         let (shard, key, pixels) = tile_result?;
@@ -185,6 +207,27 @@ fn square_tile(image: &RgbImage, tile: u32) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sheet_layout_is_checked_before_anything_is_read() {
+        // 64 tiles of 128 with 2-pixel borders: 8 x 8, 8 * 130 + 2 = 1042 pixels a side.
+        assert_eq!(layout(64, 128, 2).unwrap(), (8, 8, 1042, 1042));
+        assert_eq!(layout(5, 10, 0).unwrap(), (3, 2, 30, 20));
+        for (count, tile, border) in [
+            (4_000_000_000, 128, 2),
+            (usize::MAX, 8, 0),
+            (64, 128, 4_294_967_168),
+            (64, 128, u32::MAX),
+            (64, 128, 100_000),
+            (1, 2048, 20_000),
+        ] {
+            let error = layout(count, tile, border).unwrap_err();
+            assert!(
+                matches!(error, InspectError::SheetTooLarge { .. }),
+                "{count} {tile} {border}: {error}"
+            );
+        }
+    }
 
     #[test]
     fn tile_is_center_square() {

@@ -72,6 +72,19 @@ pub enum InspectError {
         /// The dataset's URL.
         url: String,
     },
+    /// The contact sheet asked for would be too large.
+    #[error(
+        "a contact sheet of {count} tiles of {tile} pixels with {border}-pixel borders would be over {} pixels; ask for fewer samples, smaller tiles or a narrower border",
+        grid::MAX_SHEET_PIXELS
+    )]
+    SheetTooLarge {
+        /// Samples asked for.
+        count: usize,
+        /// Tile side.
+        tile: u32,
+        /// Border width.
+        border: u32,
+    },
     /// Encoding an output image failed.
     #[error("cannot encode the contact sheet: {0}")]
     Encode(#[source] image::ImageError),

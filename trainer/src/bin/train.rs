@@ -386,7 +386,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure { code, error }) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", shards::error_chain(&error));
             ExitCode::from(code)
         }
     }
