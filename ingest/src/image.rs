@@ -417,16 +417,43 @@ fn sniff(bytes: &[u8]) -> Result<ImageFormat, Rejection> {
 
 /// Runs decoder code, turning a panic into a rejection. The decoders are meant not to panic;
 /// this is the last line of defence so one hostile file cannot take a worker down.
+///
+/// The panic's text becomes the rejection's reason, recorded with the file's URL; the default
+/// panic hook, which would also print it to stderr (with no file name, in the middle of the
+/// JSON log, with a backtrace under `RUST_BACKTRACE`), stays silent for panics caught here.
 fn guarded<T>(
     format: &'static str,
     work: impl FnOnce() -> Result<T, Rejection>,
 ) -> Result<T, Rejection> {
-    catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|payload| {
+    quiet_guarded_panics();
+    GUARDED.with(|depth| depth.set(depth.get() + 1));
+    let outcome = catch_unwind(AssertUnwindSafe(work));
+    GUARDED.with(|depth| depth.set(depth.get() - 1));
+    outcome.unwrap_or_else(|payload| {
         Err(Rejection::DecoderPanic {
             format,
             message: panic_message(payload.as_ref()),
         })
     })
+}
+
+thread_local! {
+    /// How many [`guarded`] calls this thread is inside.
+    static GUARDED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Installs, once per process, a panic hook that is silent for panics inside [`guarded`] and
+/// defers to the hook it replaces for every other panic.
+fn quiet_guarded_panics() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.with(|depth| depth.get()) == 0 {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// The text a panic was raised with (`panic!` gives a `&str` or a `String`).

@@ -455,8 +455,19 @@ fn hostile_inputs_never_crash_and_every_bad_file_is_listed_with_its_reason() {
                 "--json",
                 "--samples-per-shard",
                 "200",
-            ]),
+            ])
+            .env("RUST_BACKTRACE", "1"),
     );
+    // Panics the decoders raise are caught and recorded as failures (below), not printed: the
+    // log on stderr stays one JSON object per line, without backtraces.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for line in stderr.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not a JSON log line: {line}"
+        );
+    }
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let samples = read_dataset(out.path());
     let inputs = count_images(&hostile) as u64;
