@@ -326,7 +326,20 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
 
     // Exact duplicates are written once per job: remember what completed shards hold.
     let mut seen_hashes: HashSet<[u8; 32]> = HashSet::new();
+    // The failure rate is the partition's, not this run's: a rerun after a stop for too many
+    // failures must not carry on until it has seen the minimum again. (With --retry-failed the
+    // earlier failures are fetched again, and counted when they are.)
+    let counters = Counters::default();
     for shard in &manifest.shards {
+        if !config.retry_failed {
+            let names = ShardNames::for_tar(&shard.name);
+            let stats: ShardStats = output
+                .get_json(&names.stats)
+                .await
+                .map_err(IngestError::Output)?;
+            counters.seen.fetch_add(stats.count, Ordering::Relaxed);
+            counters.failed.fetch_add(stats.failed, Ordering::Relaxed);
+        }
         let index: shards::ShardIndex = output
             .get_json(&ShardNames::for_tar(&shard.name).index)
             .await
@@ -353,7 +366,7 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         cpu: CpuPool::new("ingest-cpu", config.workers).map_err(|e| {
             IngestError::Local(format!("starting {} CPU threads: {e}", config.workers))
         })?,
-        counters: Arc::new(Counters::default()),
+        counters: Arc::new(counters),
         reporter,
     };
     let mut publishing = None;

@@ -60,7 +60,7 @@ pub enum IngestError {
     Local(String),
     /// Too many sources failed.
     #[error(
-        "stopping: {failed} of {seen} sources failed, more than the allowed rate of {max_rate}; completed shards are kept ({detail})"
+        "stopping: {failed} of {seen} sources failed (shards completed by earlier runs included), more than the allowed rate of {max_rate}; completed shards are kept ({detail})"
     )]
     TooManyFailures {
         /// Failures so far.

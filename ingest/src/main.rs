@@ -134,7 +134,8 @@ struct RunArgs {
     /// Re-encode every image, even JPEGs already within limits.
     #[arg(long)]
     always_reencode: bool,
-    /// Stop when more than this fraction of sources fail (judged after 200 sources).
+    /// Stop when more than this fraction of sources fail (judged after 200 sources; the
+    /// partition's sources, shards completed by earlier runs included).
     #[arg(long, default_value_t = 0.5)]
     max_failure_rate: f64,
     /// Retry only the sources that failed in completed shards (and finish incomplete ones).

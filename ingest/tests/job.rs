@@ -544,7 +544,7 @@ fn too_many_failures_stop_the_job_with_a_clear_message_and_keep_completed_shards
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("sources failed, more than the allowed rate of 0.5")
+        stderr.contains("more than the allowed rate of 0.5")
             && stderr.contains("unsupported_format"),
         "{stderr}"
     );
@@ -565,6 +565,34 @@ fn too_many_failures_stop_the_job_with_a_clear_message_and_keep_completed_shards
         .map(|id| format!("data-{id:06}.tar"))
         .collect();
     assert_eq!(listed, expected);
+    // The same command again: the rate counts the completed shards' failures, so the rerun
+    // stops at its first failure instead of making the rest of the shards (it has not seen
+    // 200 sources itself), and lists nothing more.
+    let rerun = ingest()
+        .arg("run")
+        .arg(input.path())
+        .arg("-o")
+        .arg(out.path())
+        .args([
+            "--samples-per-shard",
+            "4",
+            "--no-progress",
+            "--workers",
+            "1",
+            "--fetch-concurrency",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&rerun.stderr);
+    assert!(!rerun.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("shards completed by earlier runs included"),
+        "{stderr}"
+    );
+    let again: Manifest =
+        serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(again.shards.len(), manifest.shards.len());
 }
 
 #[test]
