@@ -271,13 +271,24 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         .image
         .validate()
         .map_err(|e| IngestError::Config(e.to_string()))?;
-    if config.samples_per_shard == 0 || config.fetch_concurrency == 0 || config.workers == 0 {
-        return Err(IngestError::Config(
-            "samples per shard, fetch concurrency and workers must be at least 1".into(),
-        ));
+    for (what, value) in [
+        ("samples per shard", config.samples_per_shard),
+        ("fetch concurrency", config.fetch_concurrency as u64),
+        ("workers", config.workers as u64),
+    ] {
+        if value == 0 {
+            return Err(IngestError::Config(format!(
+                "{what} must be at least 1, not 0"
+            )));
+        }
     }
-    shards::validate_key(&config.shard_prefix)
-        .map_err(|e| IngestError::Config(format!("shard prefix: {e}")))?;
+    shards::validate_key(&config.shard_prefix).map_err(|e| {
+        let reason = match e {
+            shards::ShardError::BadKey { reason, .. } => reason.to_string(),
+            other => other.to_string(),
+        };
+        IngestError::Config(format!("shard prefix {:?}: {reason}", config.shard_prefix))
+    })?;
     let started = Instant::now();
     let output =
         Location::open(&config.output, &config.store, true).map_err(IngestError::Output)?;
@@ -941,15 +952,15 @@ pub async fn merge(
             .trim_start_matches('/')
             .to_string();
         if name.ends_with(".json") {
-            parts.push(
-                output
-                    .get_json::<Manifest>(&name)
-                    .await
-                    .map_err(IngestError::Output)?,
-            );
+            let part = output
+                .get_json::<Manifest>(&name)
+                .await
+                .map_err(IngestError::Output)?;
+            parts.push((output.url_of(&output.child(&name)), part));
         }
     }
-    let mut merged = Manifest::merge(parts.iter()).map_err(IngestError::Config)?;
+    let mut merged = Manifest::merge(parts.iter().map(|(name, part)| (name.as_str(), part)))
+        .map_err(IngestError::Config)?;
     if let Some(single) = output
         .get_json_opt::<Manifest>(MANIFEST)
         .await

@@ -97,7 +97,7 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_EXTENSIONS.iter().map(|s| s.to_string()))]
     extensions: Vec<String>,
     /// Sources per shard (10,000 x ~50 KB at 512 px = ~500 MB shards).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     samples_per_shard: u64,
     /// Shard names are PREFIX-000000.tar.
     #[arg(long, default_value = "data")]
@@ -111,16 +111,16 @@ struct RunArgs {
     #[arg(long, env = "INGEST_PARTITIONS")]
     partitions: Option<u32>,
     /// Source fetches in flight.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     fetch_concurrency: usize,
     /// Images processed at once (default: the number of cores).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     workers: Option<usize>,
     /// Refuse sources larger than this many bytes, before reading them.
-    #[arg(long, default_value_t = ImageConfig::default().max_input_bytes)]
+    #[arg(long, default_value_t = ImageConfig::default().max_input_bytes, value_parser = clap::value_parser!(u64).range(1..))]
     max_bytes: u64,
     /// Refuse images whose header claims more pixels than this, before decoding.
-    #[arg(long, default_value_t = ImageConfig::default().max_pixels)]
+    #[arg(long, default_value_t = ImageConfig::default().max_pixels, value_parser = clap::value_parser!(u64).range(1..))]
     max_pixels: u64,
     /// Drop images whose shorter side is below this.
     #[arg(long, default_value_t = ImageConfig::default().min_side)]
@@ -233,6 +233,15 @@ impl Reporter for CliReporter {
             Some(bar) => bar.println(line),
             None => tracing::info!("{line}"),
         }
+    }
+}
+
+/// A count of at least 1, for clap.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
     }
 }
 

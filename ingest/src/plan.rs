@@ -58,17 +58,71 @@ pub async fn existing(
     else {
         return Ok(None);
     };
-    if plan.input != *input
-        || plan.samples_per_shard != samples_per_shard
-        || plan.shard_prefix != shard_prefix
-    {
+    let differences = differences(&plan, input, samples_per_shard, shard_prefix);
+    if !differences.is_empty() {
         return Err(IngestError::Config(format!(
-            "{} already holds a plan for another job (input {}, {} samples per shard, prefix {:?}); \
-             rerun with the same input and settings to resume it, or write to a new output",
-            output.url, plan.input.url, plan.samples_per_shard, plan.shard_prefix
+            "{} already holds a plan for another job: {}; rerun with the plan's input and \
+             settings to resume it, or write to a new output",
+            output.url,
+            differences.join("; ")
         )));
     }
     Ok(Some(plan))
+}
+
+/// What differs between a stored plan's job and this one, as "what: the plan's, this run's".
+/// Two spellings of one local folder (`in`, `./in/`, its absolute path) are the same input.
+fn differences(
+    plan: &Plan,
+    input: &InputSpec,
+    samples_per_shard: u64,
+    shard_prefix: &str,
+) -> Vec<String> {
+    fn same_place(a: &str, b: &str) -> bool {
+        let canonical = |url: &str| {
+            shards::store::normalize_url(url)
+                .map(|u| u.as_str().trim_end_matches('/').to_string())
+                .unwrap_or_else(|_| url.to_string())
+        };
+        a == b || canonical(a) == canonical(b)
+    }
+    let mut out = Vec::new();
+    let mut differ = |what: &str, planned: String, now: String| {
+        if planned != now {
+            out.push(format!("{what}: {planned} in the plan, {now} in this run"));
+        }
+    };
+    let (p, i) = (&plan.input, input);
+    if !same_place(&p.url, &i.url) {
+        differ("input", p.url.clone(), i.url.clone());
+    }
+    let list = |l: bool| if l { "a list file" } else { "a prefix to list" }.to_string();
+    differ("input kind", list(p.list), list(i.list));
+    if p.list || i.list {
+        differ(
+            "list format",
+            format!("{:?}", p.list_format),
+            format!("{:?}", i.list_format),
+        );
+        differ("URL column", p.url_column.clone(), i.url_column.clone());
+    }
+    differ(
+        "labels",
+        format!("{:?}", p.labels),
+        format!("{:?}", i.labels),
+    );
+    differ("extensions", p.extensions.join(","), i.extensions.join(","));
+    differ(
+        "samples per shard",
+        plan.samples_per_shard.to_string(),
+        samples_per_shard.to_string(),
+    );
+    differ(
+        "shard prefix",
+        format!("{:?}", plan.shard_prefix),
+        format!("{shard_prefix:?}"),
+    );
+    out
 }
 
 /// Streams the input into chunks and stores the plan.
@@ -141,9 +195,22 @@ pub async fn wait(
     timeout: Duration,
 ) -> Result<Plan, IngestError> {
     let started = Instant::now();
+    let mut told = Duration::ZERO;
     loop {
         if let Some(plan) = existing(output, input, samples_per_shard, shard_prefix).await? {
             return Ok(plan);
+        }
+        // Say what the partition waits for, at once and then every minute, so that a typo in
+        // partition 0's output is not an hour of silence.
+        let waited = started.elapsed();
+        if told == Duration::ZERO || waited >= told + Duration::from_secs(60) {
+            tracing::info!(
+                output = %output.url,
+                waited_s = waited.as_secs(),
+                timeout_s = timeout.as_secs(),
+                "waiting for partition 0 to write the plan (_plan/plan.json)"
+            );
+            told = waited.max(Duration::from_nanos(1));
         }
         if started.elapsed() > timeout {
             return Err(IngestError::Config(format!(
@@ -174,4 +241,52 @@ pub async fn chunk(output: &Location, id: u64) -> Result<Vec<SourceItem>, Ingest
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::{LabelSource, ListFormat};
+
+    fn spec(url: &str) -> InputSpec {
+        InputSpec {
+            url: url.into(),
+            list: false,
+            list_format: ListFormat::Auto,
+            url_column: "url".into(),
+            labels: LabelSource::None,
+            extensions: vec!["jpg".into()],
+        }
+    }
+
+    #[test]
+    fn a_mismatched_plan_names_what_differs() {
+        let cwd = std::env::current_dir().unwrap();
+        let plan = Plan {
+            version: 1,
+            input: spec("in"),
+            samples_per_shard: 10,
+            shard_prefix: "data".into(),
+            shards: 1,
+            items: 3,
+        };
+        // One folder, three spellings: the same job.
+        for same in ["in", "in/", cwd.join("in").to_str().unwrap()] {
+            assert!(
+                differences(&plan, &spec(same), 10, "data").is_empty(),
+                "{same}"
+            );
+        }
+        let mut other = spec("in");
+        other.labels = LabelSource::FolderName;
+        let found = differences(&plan, &other, 20, "data");
+        assert_eq!(
+            found,
+            [
+                "labels: None in the plan, FolderName in this run",
+                "samples per shard: 10 in the plan, 20 in this run"
+            ]
+        );
+        assert_eq!(differences(&plan, &spec("elsewhere"), 10, "data").len(), 1);
+    }
 }

@@ -20,9 +20,14 @@ impl Dataset {
     /// Opens the dataset at `url` by reading its manifest.
     pub async fn open(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
         let location = Location::open(url, options, false)?;
-        let manifest: Manifest = location.get_json_opt(MANIFEST).await?.ok_or_else(|| StoreError::BadDocument {
-            url: location.url_of(&location.child(MANIFEST)),
-            reason: "no manifest: not a dataset, or its ingest has not completed a shard yet (with --partition, run `ingest merge`)".into(),
+        let manifest_url = location.url_of(&location.child(MANIFEST));
+        let manifest: Manifest = location.get_json_opt(MANIFEST).await?.ok_or_else(|| StoreError::BadUrl {
+            url: url.to_string(),
+            reason: format!("no {manifest_url}: not a dataset, or its ingest has not completed a shard yet (with --partition, run `ingest merge`)"),
+        })?;
+        manifest.check().map_err(|reason| StoreError::BadDocument {
+            url: manifest_url,
+            reason,
         })?;
         Ok(Self { location, manifest })
     }

@@ -179,14 +179,54 @@ pub struct Manifest {
 pub const FORMAT_VERSION: u32 = 1;
 
 impl Manifest {
-    /// Total samples over all shards.
+    /// Total samples over all shards (saturating; [`Manifest::check`] refuses a manifest whose
+    /// totals overflow).
     pub fn total_samples(&self) -> u64 {
-        self.shards.iter().map(|s| s.samples).sum()
+        self.shards
+            .iter()
+            .fold(0u64, |total, s| total.saturating_add(s.samples))
     }
 
-    /// Total bytes over all shards.
+    /// Total bytes over all shards (saturating, as [`Manifest::total_samples`]).
     pub fn total_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.bytes).sum()
+        self.shards
+            .iter()
+            .fold(0u64, |total, s| total.saturating_add(s.bytes))
+    }
+
+    /// Checks what serde cannot: a version this build reads, shard names that are plain
+    /// `.tar` file names beside the manifest, each once, and totals that fit in 64 bits.
+    pub fn check(&self) -> Result<(), String> {
+        if self.version != FORMAT_VERSION {
+            return Err(format!(
+                "format version {}; this build reads version {FORMAT_VERSION}",
+                self.version
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        let (mut samples, mut bytes) = (0u64, 0u64);
+        for shard in &self.shards {
+            let name = &shard.name;
+            if name.is_empty()
+                || !name.ends_with(".tar")
+                || name.contains(['/', '\\'])
+                || name.starts_with('.')
+            {
+                return Err(format!(
+                    "shard name {name:?} is not a .tar file name beside the manifest"
+                ));
+            }
+            if !names.insert(name.as_str()) {
+                return Err(format!("shard {name} is listed twice"));
+            }
+            samples = samples
+                .checked_add(shard.samples)
+                .ok_or_else(|| format!("the shards' sample counts overflow at {name}"))?;
+            bytes = bytes
+                .checked_add(shard.bytes)
+                .ok_or_else(|| format!("the shards' byte sizes overflow at {name}"))?;
+        }
+        Ok(())
     }
 
     /// Adds or replaces a shard, keeping the list sorted by name.
@@ -197,26 +237,34 @@ impl Manifest {
         }
     }
 
-    /// Merges several manifests (for example one per partition) into one.
-    /// A shard named in two manifests with different contents is an error.
-    pub fn merge<'a>(parts: impl IntoIterator<Item = &'a Manifest>) -> Result<Manifest, String> {
+    /// Merges several manifests (for example one per partition), each given with its name,
+    /// into one. Each must pass [`Manifest::check`], and a shard named in two manifests with
+    /// different contents is an error; both name the manifests concerned.
+    pub fn merge<'a>(
+        parts: impl IntoIterator<Item = (&'a str, &'a Manifest)>,
+    ) -> Result<Manifest, String> {
         let mut merged = Manifest {
             version: FORMAT_VERSION,
             shards: Vec::new(),
         };
-        for part in parts {
+        let mut listed_by: std::collections::HashMap<&str, &str> = Default::default();
+        for (part_name, part) in parts {
+            part.check().map_err(|e| format!("{part_name}: {e}"))?;
             for shard in &part.shards {
                 if let Ok(i) = merged.shards.binary_search_by(|s| s.name.cmp(&shard.name))
                     && merged.shards[i] != *shard
                 {
                     return Err(format!(
-                        "shard {} appears twice with different contents",
-                        shard.name
+                        "shard {} is listed by {} and {part_name} with different contents",
+                        shard.name,
+                        listed_by.get(shard.name.as_str()).unwrap_or(&"?")
                     ));
                 }
+                listed_by.insert(&shard.name, part_name);
                 merged.upsert(shard.clone());
             }
         }
+        merged.check()?;
         Ok(merged)
     }
 }
@@ -287,12 +335,56 @@ mod tests {
             version: 1,
             shards: vec![a.clone()],
         };
-        assert_eq!(Manifest::merge([&m1, &m2]).unwrap().shards.len(), 1);
+        assert_eq!(
+            Manifest::merge([("p0", &m1), ("p1", &m2)])
+                .unwrap()
+                .shards
+                .len(),
+            1
+        );
         b.samples = 2;
         let m3 = Manifest {
             version: 1,
             shards: vec![b],
         };
-        assert!(Manifest::merge([&m1, &m3]).is_err());
+        let err = Manifest::merge([("p0.json", &m1), ("p1.json", &m3)]).unwrap_err();
+        assert!(err.contains("listed by p0.json and p1.json"), "{err}");
+    }
+
+    #[test]
+    fn manifests_are_checked_beyond_their_schema() {
+        let shard = |name: &str, samples: u64| ManifestShard {
+            name: name.into(),
+            samples,
+            bytes: 10,
+            sha256: "x".into(),
+        };
+        let manifest = |version: u32, shards: Vec<ManifestShard>| Manifest { version, shards };
+        assert!(manifest(1, vec![shard("d-000000.tar", 3)]).check().is_ok());
+        for (bad, expected) in [
+            (manifest(99, vec![]), "format version 99"),
+            (manifest(1, vec![shard("", 1)]), "not a .tar file name"),
+            (
+                manifest(1, vec![shard("../../evil.tar", 1)]),
+                "not a .tar file name",
+            ),
+            (
+                manifest(1, vec![shard("a/b.tar", 1)]),
+                "not a .tar file name",
+            ),
+            (
+                manifest(1, vec![shard("a.tar", 1), shard("a.tar", 1)]),
+                "listed twice",
+            ),
+            (
+                manifest(1, vec![shard("a.tar", u64::MAX), shard("b.tar", 1)]),
+                "sample counts overflow at b.tar",
+            ),
+        ] {
+            let err = bad.check().unwrap_err();
+            assert!(err.contains(expected), "{err}");
+        }
+        let err = Manifest::merge([("p.json", &manifest(2, vec![]))]).unwrap_err();
+        assert!(err.starts_with("p.json: format version 2"), "{err}");
     }
 }
