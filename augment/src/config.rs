@@ -189,9 +189,9 @@ impl AugmentConfig {
             return err("no crops".into());
         }
         for (i, g) in self.crops.iter().enumerate() {
-            if g.count == 0 || g.size == 0 || g.size > 4096 {
+            if g.count == 0 || g.count > 64 || g.size == 0 || g.size > 4096 {
                 return err(format!(
-                    "crops[{i}]: count {} and size {} must be positive (size <= 4096)",
+                    "crops[{i}]: count {} and size {} must be positive (count <= 64, size <= 4096)",
                     g.count, g.size
                 ));
             }
@@ -236,6 +236,9 @@ impl AugmentConfig {
             return err(format!(
                 "blur.radius: [{blo}, {bhi}] must satisfy 0 <= min <= max <= 50"
             ));
+        }
+        if self.mean.iter().any(|m| !m.is_finite()) {
+            return err(format!("mean: {:?} must be finite numbers", self.mean));
         }
         if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
             return err(format!("std: {:?} must be positive", self.std));

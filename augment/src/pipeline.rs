@@ -133,6 +133,37 @@ impl PipelineOptions {
         if self.threads == 0 || self.prefetch == 0 {
             return bad("threads and prefetch must be positive");
         }
+        if self.threads > MAX_THREADS {
+            return bad(&format!("{} threads: at most {MAX_THREADS}", self.threads));
+        }
+        if self.prefetch > MAX_PREFETCH {
+            return bad(&format!(
+                "prefetch {}: at most {MAX_PREFETCH} batches",
+                self.prefetch
+            ));
+        }
+        // One batch's views are allocated whole (and `prefetch` of them wait in the channel):
+        // a size that cannot be allocated is refused here, with the settings that make it.
+        let pixel_bytes = match self.layout {
+            Layout::U8Nhwc => 3u64,
+            Layout::F32Nchw => 12,
+        };
+        let image_bytes: u64 = self
+            .augment
+            .view_sizes()
+            .iter()
+            .map(|&s| u64::from(s) * u64::from(s) * pixel_bytes)
+            .sum();
+        let batch_bytes = image_bytes.saturating_mul(self.batch_size as u64);
+        if batch_bytes > MAX_BATCH_BYTES {
+            return bad(&format!(
+                "a batch of {} images with crops {} takes {:.1} GiB, over the limit of {} GiB: lower the batch size or the crop sizes",
+                self.batch_size,
+                self.augment.crops_spec(),
+                batch_bytes as f64 / f64::from(1u32 << 30),
+                MAX_BATCH_BYTES >> 30
+            ));
+        }
         if self.world == 0 || self.rank >= self.world {
             return bad(&format!(
                 "rank {} is not below world size {}",
@@ -145,6 +176,13 @@ impl PipelineOptions {
         Ok(())
     }
 }
+
+/// The most worker threads a pipeline starts.
+pub const MAX_THREADS: usize = 1024;
+/// The most finished batches a pipeline keeps waiting.
+pub const MAX_PREFETCH: usize = 1024;
+/// The largest batch of views, in bytes (16 GiB).
+pub const MAX_BATCH_BYTES: u64 = 16 << 30;
 
 /// A sample waiting in the shuffle buffer: its shard (index in the manifest) and its ordinal
 /// in that shard.
@@ -327,6 +365,10 @@ pub struct Pipeline {
     results: Option<Receiver<WorkerResult>>,
     pending: BTreeMap<u64, Batch>,
     dropped: std::collections::BTreeSet<u64>,
+    /// Batches dropped in a row (none of their images decoded), and how many in a row make
+    /// the stream an error: as many as hold every sample of the dataset.
+    dropped_in_a_row: u64,
+    max_dropped_in_a_row: u64,
     next_index: u64,
     stop: Arc<AtomicBool>,
     error: Arc<std::sync::Mutex<Option<PipelineError>>>,
@@ -434,10 +476,17 @@ impl Pipeline {
             })
             .map_err(|e| PipelineError::Thread(e.to_string()))?;
         threads.push(handle);
+        let max_dropped_in_a_row = dataset
+            .manifest
+            .total_samples()
+            .div_ceil(options.batch_size as u64)
+            .max(1);
         Ok(Self {
             results: Some(result_rx),
             pending: BTreeMap::new(),
             dropped: Default::default(),
+            dropped_in_a_row: 0,
+            max_dropped_in_a_row,
             next_index,
             stop,
             error,
@@ -465,10 +514,23 @@ impl Iterator for Pipeline {
         loop {
             if let Some(batch) = self.pending.remove(&self.next_index) {
                 self.next_index += 1;
+                self.dropped_in_a_row = 0;
                 return Some(Ok(batch));
             }
             if self.dropped.remove(&self.next_index) {
                 self.next_index += 1;
+                self.dropped_in_a_row += 1;
+                if self.dropped_in_a_row >= self.max_dropped_in_a_row {
+                    // Workers would go on dropping batches for ever: no image decodes.
+                    self.results = None;
+                    self.stop.store(true, Ordering::SeqCst);
+                    return Some(Err(PipelineError::NoData(format!(
+                        "{}: no image decoded in {} batches in a row, as many samples as the dataset holds ({}): its images do not decode (see the warnings above)",
+                        self.dataset.location.url,
+                        self.dropped_in_a_row,
+                        self.dataset.manifest.total_samples()
+                    ))));
+                }
                 continue;
             }
             let Some(results) = &self.results else {

@@ -352,6 +352,90 @@ fn no_readable_shard_is_an_error_not_a_hang() {
 }
 
 #[test]
+fn settings_that_cannot_be_honoured_are_refused_before_anything_starts() {
+    let refused = |change: &dyn Fn(&mut PipelineOptions)| {
+        let mut o = options(2, 2);
+        change(&mut o);
+        Pipeline::start(&url(dataset()), o, None)
+            .err()
+            .expect("refused")
+            .to_string()
+    };
+    let e = refused(&|o| o.threads = 100_000);
+    assert!(e.contains("100000 threads: at most 1024"), "{e}");
+    let e = refused(&|o| o.prefetch = 1 << 40);
+    assert!(e.contains("at most 1024 batches"), "{e}");
+    let e = refused(&|o| o.batch_size = 1 << 40);
+    assert!(e.contains("GiB, over the limit of 16 GiB"), "{e}");
+}
+
+#[test]
+fn a_dataset_whose_images_never_decode_is_an_error_not_an_endless_stream() {
+    // Well-formed shards whose image members are not images: every batch is dropped.
+    let dir = tempfile::tempdir().unwrap();
+    let mut manifest = Manifest {
+        version: 1,
+        shards: Vec::new(),
+    };
+    for s in 0..2 {
+        let name = format!("bad-{s:06}.tar");
+        let mut writer = ShardWriter::new(Vec::new(), &name);
+        for i in 0..5 {
+            writer
+                .add(
+                    &format!("bad{s}x{i}"),
+                    &[
+                        ("jpg", b"AAAAAAAAAAAAAAAA".as_slice()),
+                        ("json", b"{}".as_slice()),
+                    ],
+                )
+                .unwrap();
+        }
+        let finished = writer.finish().unwrap();
+        std::fs::write(dir.path().join(&name), &finished.out).unwrap();
+        std::fs::write(
+            dir.path().join(ShardNames::for_tar(&name).index),
+            serde_json::to_vec(&finished.index).unwrap(),
+        )
+        .unwrap();
+        manifest.upsert(ManifestShard {
+            name,
+            samples: 5,
+            bytes: finished.out.len() as u64,
+            sha256: finished.sha256,
+        });
+    }
+    std::fs::write(
+        dir.path().join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let path = url(dir.path());
+    std::thread::spawn(move || {
+        let mut pipeline = Pipeline::start(&path, options(3, 2), None).unwrap();
+        let outcome = pipeline.next();
+        let dropped = pipeline.counters().batches_dropped.load(Ordering::Relaxed);
+        done_tx
+            .send((outcome.map(|o| o.map(|_| ())), dropped))
+            .unwrap();
+    });
+    let (outcome, dropped) = done_rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the pipeline gave up within two minutes");
+    let error = outcome
+        .expect("an item")
+        .expect_err("no batch can come")
+        .to_string();
+    // 10 samples in batches of 3: 4 batches dropped in a row hold as many samples.
+    assert!(
+        error.contains("no image decoded in 4 batches in a row"),
+        "{error}"
+    );
+    assert!(dropped >= 4, "{dropped}");
+}
+
+#[test]
 fn dropping_the_pipeline_stops_every_thread() {
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

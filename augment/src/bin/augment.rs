@@ -62,10 +62,10 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Seconds measured, after the warm-up.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = 20.0, value_parser = seconds_measured)]
     seconds: f64,
     /// Seconds run before measuring (fills the buffers and caches).
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, value_parser = seconds_of_warmup)]
     warmup: f64,
     /// Source images per batch.
     #[arg(long, default_value_t = 32)]
@@ -309,4 +309,24 @@ fn views(args: ViewsArgs) -> Result<()> {
         )
         .as_bytes(),
     )
+}
+
+/// `--seconds`: a positive number of seconds, at most a week.
+fn seconds_measured(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 604_800.0 => Ok(s),
+        Ok(s) => Err(format!(
+            "{s} is not a number of seconds above 0 and at most 604800"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `--warmup`: seconds, 0 to a day.
+fn seconds_of_warmup(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if (0.0..=86_400.0).contains(&s) => Ok(s),
+        Ok(s) => Err(format!("{s} is not a number of seconds from 0 to 86400")),
+        Err(e) => Err(e.to_string()),
+    }
 }
