@@ -466,11 +466,6 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
         move |source| TrainError::Io { path, source }
     };
     std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
-    let config_text = config.to_toml();
-    let config_path = run_dir.join("config.toml");
-    if leader {
-        std::fs::write(&config_path, &config_text).map_err(io(&config_path))?;
-    }
 
     tch::manual_seed(init_seed(config.seed));
     let mut model = SwavModel::new(config, device)?;
@@ -487,7 +482,24 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
     };
     let checkpoints = CheckpointStore::open(&checkpoint_url, &options.store)?;
     let resume_from = match &options.resume {
-        None => None,
+        // A fresh start where a run has published checkpoints would overwrite them one by one
+        // and leave `latest` pointing into a mix of the two runs.
+        None => match checkpoints.latest()? {
+            Some(latest) => {
+                return Err(ConfigError::Invalid {
+                    field: "--run-dir".into(),
+                    message: format!(
+                        "{} already holds a run's checkpoints (the latest at step {}): pass \
+                         --resume to continue it, or start the new run in another --run-dir \
+                         (or checkpoint.url)",
+                        checkpoints.url(),
+                        latest.step
+                    ),
+                }
+                .into());
+            }
+            None => None,
+        },
         Some(Resume::From(url)) => Some(load_checkpoint(url, &options.store)?),
         Some(Resume::Latest) => match checkpoints.latest()? {
             Some(latest) => Some(checkpoints.load(&latest.checkpoint)?),
@@ -605,6 +617,13 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
         config.data.staging_buffers,
     )?;
     loader.set_channels_last(config.channels_last);
+    // The run's configuration, written once everything above has succeeded: a start that
+    // fails (a wrong data URL, an unreadable checkpoint) leaves the run's file as it was.
+    let config_text = config.to_toml();
+    let config_path = run_dir.join("config.toml");
+    if leader {
+        std::fs::write(&config_path, &config_text).map_err(io(&config_path))?;
+    }
 
     let run_name = run_dir
         .file_name()
@@ -881,6 +900,16 @@ fn save(
     if collective.rank() != 0 {
         return Ok(None);
     }
+    // A diverging run (a learning rate far too high, say) can hold infinite or NaN weights
+    // before its guard stops it: such a checkpoint would become the latest and push good ones
+    // out of `keep_last`. It is not written; the last good one stays the latest.
+    if let Some(variable) = first_non_finite(&model.vs) {
+        warn!(
+            step = state.step,
+            variable, "the model holds non-finite values: no checkpoint written at this step"
+        );
+        return Ok(None);
+    }
     let optimizer_state = optimizer.state();
     let snapshot = Snapshot {
         vs: &model.vs,
@@ -892,6 +921,19 @@ fn save(
     Ok(Some(
         checkpoints.save(&snapshot, config.checkpoint.keep_last)?,
     ))
+}
+
+/// The name of a floating-point variable holding an infinite or NaN value, if any.
+fn first_non_finite(vs: &tch::nn::VarStore) -> Option<String> {
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::no_grad(|| {
+        variables
+            .into_iter()
+            .filter(|(_, t)| t.is_floating_point())
+            .find(|(_, t)| t.isfinite().all().int64_value(&[]) == 0)
+            .map(|(name, _)| name)
+    })
 }
 
 /// Divides every gradient by `scale` in place; returns whether all of them are finite (one

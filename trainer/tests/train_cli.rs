@@ -321,6 +321,37 @@ fn sigterm_stops_the_run_with_a_checkpoint() {
 }
 
 #[test]
+fn a_new_run_never_overwrites_an_earlier_one_and_a_failed_start_changes_nothing() {
+    let dir = workspace();
+    let args = ["--config", "tiny.toml", "--run-dir", "run"];
+    train_ok(dir.path(), &args);
+    let run = dir.path().join("run");
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    let checkpoints = checkpoint_folders(&run.join("checkpoints"));
+    // Started again without --resume: refused, naming the flag.
+    let output = train(dir.path(), &[&args[..], &["--set", "seed=5"]].concat());
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("already holds a run's checkpoints") && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    // Resumed with a data URL that does not open: fails, and the run's config is untouched.
+    let missing = dir.path().join("no-such-dataset");
+    let set_url = format!("data.url={}", missing.display());
+    let output = train(
+        dir.path(),
+        &[&args[..], &["--resume", "--set", &set_url]].concat(),
+    );
+    assert!(!output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(
+        std::fs::read_to_string(run.join("config.toml")).unwrap(),
+        config
+    );
+    assert_eq!(checkpoint_folders(&run.join("checkpoints")), checkpoints);
+}
+
+#[test]
 fn non_finite_losses_stop_the_run() {
     let dir = workspace();
     let output = train(
@@ -334,10 +365,29 @@ fn non_finite_losses_stop_the_run() {
             "optim.lr_per_256=1e31",
             "--set",
             "schedule.steps=20",
+            "--set",
+            "checkpoint.every_steps=1",
         ],
     );
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(3), "{stderr}");
+    // Checkpoints are due at every step, but none with non-finite weights is published: the
+    // run's checkpoints (if any) can all be resumed from.
+    let root = dir.path().join("run/checkpoints");
+    for folder in checkpoint_folders(&root) {
+        for (name, tensor) in tensors(&root.join(&folder).join("model.safetensors")) {
+            if tensor.is_floating_point() {
+                assert!(
+                    tensor.isfinite().all().int64_value(&[]) != 0,
+                    "{folder}: {name} is not finite"
+                );
+            }
+        }
+    }
+    assert!(
+        stderr.contains("no checkpoint written at this step"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("3 steps in a row skipped") && stderr.contains("training diverged"),
         "{stderr}"
