@@ -757,6 +757,53 @@ impl TrainConfig {
         };
         positive("distributed.bucket_mb", self.distributed.bucket_mb)?;
         positive("distributed.timeout_s", self.distributed.timeout_s)?;
+        if self.distributed.timeout_s > 604_800.0 {
+            return bad(
+                "distributed.timeout_s",
+                format!(
+                    "{} s is more than a week (604800 s)",
+                    self.distributed.timeout_s
+                ),
+            );
+        }
+        // Sizes past these cannot be allocated or started; refused here, by name, rather than
+        // failing inside libtorch or the thread library.
+        for (field, value, most) in [
+            ("threads", self.threads as u64, 1024),
+            ("data.threads", self.data.threads.unwrap_or(1) as u64, 1024),
+            ("data.prefetch", self.data.prefetch as u64, 1024),
+            ("data.batch_size", self.data.batch_size as u64, 65_536),
+            (
+                "head.output_dim",
+                self.head.output_dim.max(0) as u64,
+                65_536,
+            ),
+            (
+                "head.num_prototypes",
+                self.head.num_prototypes.max(0) as u64,
+                1 << 20,
+            ),
+            (
+                "head.hidden_dims",
+                self.head
+                    .hidden_dims
+                    .iter()
+                    .copied()
+                    .max()
+                    .unwrap_or(0)
+                    .max(0) as u64,
+                65_536,
+            ),
+            (
+                "loss.queue.length",
+                self.loss.queue.as_ref().map_or(0, |q| q.length) as u64,
+                1 << 20,
+            ),
+        ] {
+            if value > most {
+                return bad(field, format!("{value} is more than {most}"));
+            }
+        }
         let non_negative = |field: &str, value: f64| {
             if value >= 0.0 && value.is_finite() {
                 Ok(())
@@ -1106,6 +1153,19 @@ mod tests {
                 &["optim.lr=1", "optim.lr_per_256=0.3"],
                 "optim.lr: give either",
             ),
+            (
+                &["threads=4294967296"],
+                "threads: 4294967296 is more than 1024",
+            ),
+            (&["data.prefetch=1000000000000000"], "data.prefetch: "),
+            (
+                &["head.num_prototypes=1000000000000"],
+                "head.num_prototypes: 1000000000000 is more than",
+            ),
+            (&["head.output_dim=100000000000"], "head.output_dim: "),
+            (&["head.hidden_dims=[100000000000]"], "head.hidden_dims: "),
+            (&["distributed.timeout_s=1e30"], "more than a week"),
+            (&["model.wa=1e30"], "stage widths of at most 65536 channels"),
             (&["data.batch_size"], "expected KEY.PATH=VALUE"),
             (&["data.url.x=1"], "url is a string, not a table"),
         ] {

@@ -76,6 +76,9 @@ pub struct StageSpec {
     pub group_width: i64,
 }
 
+/// The widest layer a RegNet may have, in channels.
+const MAX_WIDTH: i64 = 65_536;
+
 /// A [`RegNetParams`] outside the range the generator accepts.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("invalid RegNet parameters: {field} = {value}, but it must be {requirement}")]
@@ -143,8 +146,30 @@ impl RegNetParams {
                 "finite and at least 1/8",
             );
         }
-        if self.stem_width <= 0 {
-            return fail("stem_width", self.stem_width.to_string(), "at least 1");
+        if self.stem_width <= 0 || self.stem_width > MAX_WIDTH {
+            return fail(
+                "stem_width",
+                self.stem_width.to_string(),
+                "at least 1 and at most 65536",
+            );
+        }
+        if self.depth > 1000 {
+            return fail("depth", self.depth.to_string(), "at most 1000");
+        }
+        if self.se_ratio > 4.0 {
+            return fail("se_ratio", self.se_ratio.to_string(), "at most 4");
+        }
+        // Widths past this cannot be allocated (RegNetY-256GF's widest stage has 7,392).
+        let widest = self.block_widths().into_iter().max().unwrap_or(0);
+        if self.w0 > MAX_WIDTH || !(1..=MAX_WIDTH).contains(&widest) {
+            return fail(
+                "w0, wa, wm",
+                format!(
+                    "{}, {}, {} (widest stage: {widest} channels)",
+                    self.w0, self.wa, self.wm
+                ),
+                "stage widths of at most 65536 channels",
+            );
         }
         Ok(())
     }
@@ -165,7 +190,7 @@ impl RegNetParams {
                 let continuous = j as f32 * wa + w0;
                 let exponent = ((continuous / w0).ln() / log_wm).round_ties_even();
                 let quantized = (w0 * wm.powf(exponent) / WIDTH_QUANTUM).round_ties_even();
-                quantized as i64 * WIDTH_QUANTUM as i64
+                (quantized as i64).saturating_mul(WIDTH_QUANTUM as i64)
             })
             .collect()
     }

@@ -308,7 +308,11 @@ fn stop_on_signals() -> Arc<AtomicBool> {
                 }
                 if raised.swap(true, Ordering::SeqCst) {
                     eprintln!("second signal: stopping without a checkpoint");
-                    std::process::exit(130);
+                    // `_exit`, not `exit`: the main thread is inside libtorch, whose static
+                    // destructors `exit` would run under it (libtorch then asserts and aborts
+                    // with a message that asks for a PyTorch bug report).
+                    // SAFETY: `_exit` ends the process at once; nothing runs after it.
+                    unsafe { libc::_exit(130) };
                 }
                 tracing::warn!(
                     "signal: stopping after this step with a checkpoint (again: at once)"
