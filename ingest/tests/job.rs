@@ -525,22 +525,25 @@ fn too_many_failures_stop_the_job_with_a_clear_message_and_keep_completed_shards
         .unwrap();
     }
     let out = tempfile::tempdir().unwrap();
-    let output = ingest()
-        .arg("run")
-        .arg(input.path())
-        .arg("-o")
-        .arg(out.path())
-        .args([
-            "--samples-per-shard",
-            "4",
-            "--no-progress",
-            "--workers",
-            "1",
-            "--fetch-concurrency",
-            "1",
-        ])
-        .output()
-        .unwrap();
+    let run = || {
+        ingest()
+            .arg("run")
+            .arg(input.path())
+            .arg("-o")
+            .arg(out.path())
+            .args([
+                "--samples-per-shard",
+                "4",
+                "--no-progress",
+                "--workers",
+                "1",
+                "--fetch-concurrency",
+                "1",
+            ])
+            .output()
+            .unwrap()
+    };
+    let output = run();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -568,22 +571,7 @@ fn too_many_failures_stop_the_job_with_a_clear_message_and_keep_completed_shards
     // The same command again: the rate counts the completed shards' failures, so the rerun
     // stops at its first failure instead of making the rest of the shards (it has not seen
     // 200 sources itself), and lists nothing more.
-    let rerun = ingest()
-        .arg("run")
-        .arg(input.path())
-        .arg("-o")
-        .arg(out.path())
-        .args([
-            "--samples-per-shard",
-            "4",
-            "--no-progress",
-            "--workers",
-            "1",
-            "--fetch-concurrency",
-            "1",
-        ])
-        .output()
-        .unwrap();
+    let rerun = run();
     let stderr = String::from_utf8_lossy(&rerun.stderr);
     assert!(!rerun.status.success(), "{stderr}");
     assert!(
