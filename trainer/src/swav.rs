@@ -661,22 +661,39 @@ impl SwavLoss {
         collective: &dyn Collective,
     ) {
         let Some(config) = self.config.queue else {
+            // A queue restored from a checkpoint of a run whose configuration had one.
+            if self.queue.take().is_some() {
+                tracing::warn!(
+                    "the checkpoint holds a SwAV queue, but the configuration has none: not used"
+                );
+            }
             return;
         };
-        if self.queue.is_some() || iteration < config.start_iter {
+        if iteration < config.start_iter {
             return;
         }
         let global_batch = batch as usize * collective.world_size();
         let length = config.length - config.length % global_batch;
         if length == 0 {
+            self.queue = None;
             return; // shorter than one global batch: SwAV runs without a queue then
         }
         let slots = self.config.crops_for_assign.len() as i64;
         let local_rows = (length / collective.world_size()) as i64;
-        self.queue = Some(Tensor::zeros(
-            [slots, local_rows, embedding_dim],
-            (Kind::Float, device),
-        ));
+        let shape = [slots, local_rows, embedding_dim];
+        if let Some(queue) = &self.queue {
+            if queue.size() == shape {
+                return;
+            }
+            // Restored from a checkpoint written with another loss.queue.length (or batch):
+            // the configuration wins, and the queue fills again, as a queue does at its start.
+            tracing::warn!(
+                checkpoint_queue = ?queue.size(),
+                configured = ?shape,
+                "the checkpoint's SwAV queue does not fit loss.queue.length and the batch: it starts empty"
+            );
+        }
+        self.queue = Some(Tensor::zeros(shape, (Kind::Float, device)));
         self.queue_full = false;
     }
 
@@ -991,7 +1008,7 @@ mod tests {
             );
             assert_eq!(queue.get(slot), expected);
         }
-        let mut restored = SwavLoss::new(config).unwrap();
+        let mut restored = SwavLoss::new(config.clone()).unwrap();
         restored.set_queue(Some(queue.copy())).unwrap();
         assert_eq!(restored.queue().unwrap(), &queue);
         let wrong = Tensor::zeros([3, 8, d], cpu(Kind::Float));
@@ -999,6 +1016,29 @@ mod tests {
             restored.set_queue(Some(wrong)),
             Err(SwavError::QueueShape { .. })
         ));
+        // Resumed with another length, or without a queue: the configuration wins.
+        let embeddings = draw.unit_rows(3 * b, d);
+        let scores = embeddings.matmul(&prototypes.tr());
+        let longer = SwavLossConfig {
+            queue: Some(QueueConfig {
+                length: 16,
+                start_iter: 1,
+            }),
+            ..config.clone()
+        };
+        let mut resumed = SwavLoss::new(longer).unwrap();
+        resumed.set_queue(Some(queue.copy())).unwrap();
+        let _ = resumed.loss(&embeddings, &scores, &prototypes, 4, &SingleProcess);
+        assert_eq!(resumed.queue().unwrap().size(), [2, 16, d]);
+        assert!(!resumed.queue_full);
+        let mut without = SwavLoss::new(SwavLossConfig {
+            queue: None,
+            ..config
+        })
+        .unwrap();
+        without.set_queue(Some(queue.copy())).unwrap();
+        let _ = without.loss(&embeddings, &scores, &prototypes, 4, &SingleProcess);
+        assert!(without.queue().is_none());
     }
 
     #[test]
