@@ -738,8 +738,20 @@ impl TrainConfig {
         for argument in overrides {
             apply_override(&mut table, argument.as_ref())?;
         }
-        // Deserializing the table (not the text) makes toml name the key path of a bad value.
-        let mut config = TrainConfig::deserialize(toml::Value::Table(table)).map_err(syntax)?;
+        // Deserializing the table (not the text) makes toml name the key path of a bad value;
+        // the origin then names the overrides too, as the bad key may be one of theirs.
+        let origin = if overrides.is_empty() {
+            origin.to_owned()
+        } else {
+            let sets: Vec<&str> = overrides.iter().map(AsRef::as_ref).collect();
+            format!("{origin} with --set {}", sets.join(" --set "))
+        };
+        let mut config = TrainConfig::deserialize(toml::Value::Table(table)).map_err(|e| {
+            ConfigError::Syntax {
+                origin: origin.clone(),
+                message: one_line(&e),
+            }
+        })?;
         config.model = config.model.resolved()?;
         config.validate()?;
         Ok(config)
