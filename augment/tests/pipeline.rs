@@ -1,5 +1,5 @@
 //! The streaming pipeline on real photos stored by `ingest`: reproducibility across thread
-//! counts, exact resume, rank and epoch coverage, failures, shutdown.
+//! counts, exact resume, rank and epoch coverage, failures, shutdown; `augment views`.
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -454,4 +454,31 @@ fn dropping_the_pipeline_stops_every_thread() {
     assert_eq!(batch.len(), 3);
     let sizes: BTreeSet<u32> = batch.sizes.iter().copied().collect();
     assert_eq!(sizes, BTreeSet::from([32, 64]));
+}
+
+#[test]
+fn views_writes_a_png_whatever_the_name_and_refuses_a_folder() {
+    let out = tempfile::tempdir().unwrap();
+    let views = |output: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_augment"))
+            .args(["views", "--data", &url(dataset()), "-o"])
+            .arg(output)
+            .output()
+            .unwrap()
+    };
+    let refused = views(out.path());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("is a folder"), "{stderr}");
+    let file = out.path().join("sheet");
+    let made = views(&file);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    assert_eq!(
+        image::ImageFormat::from_path(out.path().join("x.png")).unwrap(),
+        image::guess_format(&std::fs::read(&file).unwrap()).unwrap()
+    );
 }

@@ -293,8 +293,16 @@ fn views(args: ViewsArgs) -> Result<()> {
         image::imageops::replace(&mut sheet, &view, x, 0);
         x += i64::from(size + gap);
     }
+    if args.output.is_dir() {
+        anyhow::bail!(
+            "{}: is a folder; -o takes the file to write (PNG unless its name says otherwise)",
+            args.output.display()
+        );
+    }
+    // The format from the name's extension; PNG when it names none.
+    let format = image::ImageFormat::from_path(&args.output).unwrap_or(image::ImageFormat::Png);
     sheet
-        .save(&args.output)
+        .save_with_format(&args.output, format)
         .with_context(|| format!("writing {}", args.output.display()))?;
     write_stdout(
         format!(
