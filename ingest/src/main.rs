@@ -318,7 +318,28 @@ async fn run(args: RunArgs) -> Result<()> {
         last_log: std::sync::Mutex::new(Instant::now()),
     };
     tracing::info!(input = %args.input, output = %args.output, partition = %format!("{}/{}", config.partition.index, config.partition.count), "ingest starting");
+    // The local folders this run creates for the output are removed again if the job fails
+    // before writing anything into them (a wrong input path, say): a typo leaves nothing behind.
+    let new_local_folders: Vec<std::path::PathBuf> = shards::store::normalize_url(&args.output)
+        .ok()
+        .filter(|url| url.scheme() == "file")
+        .and_then(|url| url.to_file_path().ok())
+        .map(|path| {
+            path.ancestors()
+                .take_while(|folder| !folder.exists())
+                .map(|folder| folder.to_path_buf())
+                .collect()
+        })
+        .unwrap_or_default();
     let result = job::run(&config, &reporter).await;
+    if result.is_err() {
+        for folder in &new_local_folders {
+            // Fails, leaving it and every folder above, unless the folder is empty.
+            if std::fs::remove_dir(folder).is_err() {
+                break;
+            }
+        }
+    }
     if let Some(bar) = &reporter.bar {
         bar.finish_and_clear();
     }

@@ -652,3 +652,21 @@ fn list_of_http_urls_is_fetched_from_a_plain_web_server() {
             .all(|(m, _)| m.url.starts_with(&format!("http://127.0.0.1:{port}/")))
     );
 }
+
+#[test]
+fn a_job_that_fails_before_writing_leaves_no_output_folder_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("new/out");
+    let result = ingest()
+        .arg("run")
+        .arg(dir.path().join("no-such-input"))
+        .arg("-o")
+        .arg(&output)
+        .arg("--no-progress")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "{stderr}");
+    assert!(stderr.contains("no-such-input"), "{stderr}");
+    assert!(!dir.path().join("new").exists(), "{stderr}");
+}
