@@ -342,8 +342,8 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
     // earlier failures are fetched again, and counted when they are.)
     let counters = Counters::default();
     for shard in &manifest.shards {
+        let names = ShardNames::for_tar(&shard.name);
         if !config.retry_failed {
-            let names = ShardNames::for_tar(&shard.name);
             let stats: ShardStats = output
                 .get_json(&names.stats)
                 .await
@@ -352,7 +352,7 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
             counters.failed.fetch_add(stats.failed, Ordering::Relaxed);
         }
         let index: shards::ShardIndex = output
-            .get_json(&ShardNames::for_tar(&shard.name).index)
+            .get_json(&names.index)
             .await
             .map_err(IngestError::Output)?;
         seen_hashes.extend(

@@ -111,10 +111,10 @@ struct RunArgs {
     #[arg(long, env = "INGEST_PARTITIONS")]
     partitions: Option<u32>,
     /// Source fetches in flight.
-    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     fetch_concurrency: usize,
     /// Images processed at once (default: the number of cores).
-    #[arg(long, value_parser = at_least_one)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     workers: Option<usize>,
     /// Refuse sources larger than this many bytes, before reading them.
     #[arg(long, default_value_t = ImageConfig::default().max_input_bytes, value_parser = clap::value_parser!(u64).range(1..))]
@@ -233,15 +233,6 @@ impl Reporter for CliReporter {
             Some(bar) => bar.println(line),
             None => tracing::info!("{line}"),
         }
-    }
-}
-
-/// A count of at least 1, for clap.
-fn at_least_one(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -195,7 +195,7 @@ pub async fn wait(
     timeout: Duration,
 ) -> Result<Plan, IngestError> {
     let started = Instant::now();
-    let mut told = Duration::ZERO;
+    let mut next_note = Duration::ZERO;
     loop {
         if let Some(plan) = existing(output, input, samples_per_shard, shard_prefix).await? {
             return Ok(plan);
@@ -203,14 +203,14 @@ pub async fn wait(
         // Say what the partition waits for, at once and then every minute, so that a typo in
         // partition 0's output is not an hour of silence.
         let waited = started.elapsed();
-        if told == Duration::ZERO || waited >= told + Duration::from_secs(60) {
+        if waited >= next_note {
             tracing::info!(
                 output = %output.url,
                 waited_s = waited.as_secs(),
                 timeout_s = timeout.as_secs(),
                 "waiting for partition 0 to write the plan (_plan/plan.json)"
             );
-            told = waited.max(Duration::from_nanos(1));
+            next_note = waited + Duration::from_secs(60);
         }
         if started.elapsed() > timeout {
             return Err(IngestError::Config(format!(

@@ -730,11 +730,14 @@ impl TrainConfig {
     }
 
     fn parse(text: &str, origin: &str, overrides: &[impl AsRef<str>]) -> Result<Self, ConfigError> {
-        let syntax = |e: toml::de::Error| ConfigError::Syntax {
-            origin: origin.to_owned(),
-            message: one_line(&e),
+        let syntax = |origin: &str| {
+            let origin = origin.to_owned();
+            move |e: toml::de::Error| ConfigError::Syntax {
+                origin,
+                message: one_line(&e),
+            }
         };
-        let mut table: toml::Table = toml::from_str(text).map_err(syntax)?;
+        let mut table: toml::Table = toml::from_str(text).map_err(syntax(origin))?;
         for argument in overrides {
             apply_override(&mut table, argument.as_ref())?;
         }
@@ -746,12 +749,8 @@ impl TrainConfig {
             let sets: Vec<&str> = overrides.iter().map(AsRef::as_ref).collect();
             format!("{origin} with --set {}", sets.join(" --set "))
         };
-        let mut config = TrainConfig::deserialize(toml::Value::Table(table)).map_err(|e| {
-            ConfigError::Syntax {
-                origin: origin.clone(),
-                message: one_line(&e),
-            }
-        })?;
+        let mut config =
+            TrainConfig::deserialize(toml::Value::Table(table)).map_err(syntax(&origin))?;
         config.model = config.model.resolved()?;
         config.validate()?;
         Ok(config)
