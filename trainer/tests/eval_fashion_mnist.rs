@@ -372,6 +372,17 @@ fn bad_input_gets_a_clear_error_and_the_train_exit_codes() {
     let mut args = common("pixels");
     args.extend(["--crop", "32", "--resize", "28"]);
     fails(&args, 2, "--resize/--crop");
+    // Sizes beyond what memory can hold are refused before any work, not left to fail
+    // inside libtorch.
+    let mut args = common("pixels");
+    args.extend(["--crop", "5000", "--resize", "5000"]);
+    fails(&args, 2, "at most 4096 and 8192");
+    let mut args = common("pixels");
+    args.extend(["--crop", "64", "--resize", "8192"]);
+    fails(&args, 2, "more than the 16 GiB a batch may take");
+    let mut args = common("pixels");
+    args.extend(["--crop", "28", "--batch-size", "0"]);
+    fails(&args, 2, "--batch-size");
     let mut args = common("pixels");
     args.extend(["--crop", "28", "--device", "tpu"]);
     fails(&args, 2, "--device");

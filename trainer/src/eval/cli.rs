@@ -108,7 +108,8 @@ pub struct CommonArgs {
     #[arg(long, default_value_t = 1, value_name = "N")]
     pool: u32,
     /// Images per trunk pass.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
     batch_size: usize,
     /// torch threads (default: libtorch's, one per core).
     #[arg(long)]
@@ -224,11 +225,13 @@ fn preprocess_of(
         std,
     };
     preprocess.validate()?;
+    super::features::check_batch(common.batch_size, &preprocess)?;
     Ok(preprocess)
 }
 
-/// Class names (sorted) and each sample's class index.
-fn class_indices(train: &Features, test: &Features) -> (Vec<String>, Tensor, Tensor) {
+/// Class names (sorted), each sample's class index, and which classes have training samples
+/// (only those can be predicted).
+fn class_indices(train: &Features, test: &Features) -> (Vec<String>, Tensor, Tensor, Vec<bool>) {
     let train_classes: BTreeSet<&String> = train.labels.iter().collect();
     let all: BTreeSet<&String> = train_classes
         .iter()
@@ -251,7 +254,8 @@ fn class_indices(train: &Features, test: &Features) -> (Vec<String>, Tensor, Ten
         Tensor::from_slice(&indices)
     };
     let (train_labels, test_labels) = (index(&train.labels), index(&test.labels));
-    (classes, train_labels, test_labels)
+    let trained = classes.iter().map(|c| train_classes.contains(c)).collect();
+    (classes, train_labels, test_labels, trained)
 }
 
 /// Runs one `train eval` command; returns the one-line summary to print.
@@ -368,7 +372,7 @@ pub fn run(command: EvalCommand) -> Result<serde_json::Value, EvalError> {
     let train = super::features::features_of(&common.train, &trunk, &options, cache.as_ref())?;
     let test = super::features::features_of(&common.test, &trunk, &options, cache.as_ref())?;
     let feature_seconds = started.elapsed().as_secs_f64();
-    let (classes, train_labels, test_labels) = class_indices(&train, &test);
+    let (classes, train_labels, test_labels, trained) = class_indices(&train, &test);
     let class_count = classes.len() as i64;
 
     let started = Instant::now();
@@ -417,7 +421,7 @@ pub fn run(command: EvalCommand) -> Result<serde_json::Value, EvalError> {
         (None, None) => unreachable!("one protocol is configured above"),
     };
     let probe_seconds = started.elapsed().as_secs_f64();
-    let scores = score(&ranked, &test_labels, &classes);
+    let scores = score(&ranked, &test_labels, &classes, &trained);
     let png = confusion_path(&output);
     write_report(
         &output,

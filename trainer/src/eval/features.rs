@@ -27,6 +27,16 @@ use crate::train::{SwavModel, init_seed};
 /// Images whose header claims more pixels than this are refused (as the augmenter's default).
 const MAX_PIXELS: u64 = 64_000_000;
 
+/// The largest center crop: the largest crop training takes.
+pub const MAX_CROP: u32 = 4096;
+
+/// The largest resized shorter side.
+pub const MAX_RESIZE: u32 = 8192;
+
+/// The most memory one batch of resized images may take (`float32`, at least
+/// `batch × 3 × resize²` values), as the augmenter's cap on a batch.
+pub const MAX_BATCH_BYTES: u64 = augment::pipeline::MAX_BATCH_BYTES;
+
 /// Where the features come from.
 #[derive(Debug, Clone)]
 pub enum Trunk {
@@ -58,13 +68,23 @@ pub struct Preprocess {
 }
 
 impl Preprocess {
-    /// Checks that the crop fits in the resized image.
+    /// Checks that the crop fits in the resized image and that both are within bounds: crops
+    /// up to [`MAX_CROP`] (as training's), resized sides up to [`MAX_RESIZE`].
     pub fn validate(&self) -> Result<(), EvalError> {
         if self.crop == 0 || self.resize < self.crop {
             return Err(EvalError::usage(
                 "--resize/--crop",
                 format!(
                     "the crop ({}) must be at least 1 and at most the resized shorter side ({})",
+                    self.crop, self.resize
+                ),
+            ));
+        }
+        if self.crop > MAX_CROP || self.resize > MAX_RESIZE {
+            return Err(EvalError::usage(
+                "--resize/--crop",
+                format!(
+                    "crop {} and resized side {}: at most {MAX_CROP} and {MAX_RESIZE}",
                     self.crop, self.resize
                 ),
             ));
@@ -319,6 +339,7 @@ pub fn extract(
     options: &ExtractOptions,
 ) -> Result<Features, EvalError> {
     options.preprocess.validate()?;
+    check_batch(options.batch_size, &options.preprocess)?;
     let total = dataset.manifest.total_samples();
     let batch_size = options.batch_size.max(1);
     let runtime = runtime(url)?;
@@ -396,6 +417,25 @@ pub fn extract(
         features: Tensor::cat(&features, 0),
         flipped: Tensor::cat(&flipped, 0),
     })
+}
+
+/// Checks that a batch of `batch_size` images resized as `preprocess` says stays within
+/// [`MAX_BATCH_BYTES`] (counting the square resized images, the least they take).
+pub fn check_batch(batch_size: usize, preprocess: &Preprocess) -> Result<(), EvalError> {
+    let side = u64::from(preprocess.resize);
+    let bytes = (batch_size.max(1) as u64).saturating_mul(3 * 4 * side * side);
+    if bytes > MAX_BATCH_BYTES {
+        return Err(EvalError::usage(
+            "--batch-size",
+            format!(
+                "{batch_size} images resized to {side} pixels take at least {:.1} GiB as \
+                 float32, more than the {} GiB a batch may take: lower --batch-size or --resize",
+                bytes as f64 / f64::from(1u32 << 30),
+                MAX_BATCH_BYTES >> 30
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Features stored on disk, one file pair per (trunk, dataset, preprocessing): several probes

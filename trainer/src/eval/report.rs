@@ -33,17 +33,31 @@ pub struct Scores {
 }
 
 /// Scores of `ranked` `[N, classes]` (class indices, best first) against `labels` `[N]`.
-pub fn score(ranked: &Tensor, labels: &Tensor, classes: &[String]) -> Scores {
+///
+/// Only the classes marked in `trained` (those with training samples) are predictions: the
+/// others are dropped from every ranking before its first 5 are taken, so a test class absent
+/// from the training set can never count as a hit, whatever rank a probe gave it.
+pub fn score(ranked: &Tensor, labels: &Tensor, classes: &[String], trained: &[bool]) -> Scores {
     let ranked: Vec<Vec<i64>> = Vec::try_from(ranked).expect("a [N, classes] int64 tensor");
     let labels: Vec<i64> = Vec::try_from(labels).expect("a [N] int64 tensor");
     let c = classes.len();
     let mut confusion = vec![vec![0u64; c]; c];
     let (mut top1, mut top5) = (0u64, 0u64);
     for (row, &label) in ranked.iter().zip(&labels) {
-        let predicted = row[0] as usize;
-        confusion[label as usize][predicted] += 1;
-        top1 += u64::from(row[0] == label);
-        top5 += u64::from(row.iter().take(5).any(|&p| p == label));
+        let mut predictions = row
+            .iter()
+            .copied()
+            .filter(|&p| trained.get(p as usize).copied().unwrap_or(false));
+        let Some(predicted) = predictions.next() else {
+            continue;
+        };
+        confusion[label as usize][predicted as usize] += 1;
+        top1 += u64::from(predicted == label);
+        top5 += u64::from(
+            std::iter::once(predicted)
+                .chain(predictions.take(4))
+                .any(|p| p == label),
+        );
     }
     let n = labels.len().max(1) as f64;
     let per_class = classes
@@ -111,7 +125,7 @@ mod tests {
         let classes: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
         let ranked = Tensor::from_slice(&[0i64, 1, 2, 1, 0, 2, 2, 1, 0, 0, 2, 1]).view([4, 3]);
         let labels = Tensor::from_slice(&[0i64, 0, 1, 2]);
-        let scores = score(&ranked, &labels, &classes);
+        let scores = score(&ranked, &labels, &classes, &[true; 3]);
         assert_eq!(scores.top1, 25.0);
         assert_eq!(scores.top5, 100.0);
         assert_eq!(scores.confusion, [[1, 1, 0], [0, 0, 1], [1, 0, 0]]);
@@ -122,5 +136,26 @@ mod tests {
         confusion_png(&scores.confusion, &png).unwrap();
         let image = image::open(&png).unwrap();
         assert_eq!((image.width(), image.height()), (3 * CELL, 3 * CELL));
+    }
+
+    #[test]
+    fn classes_without_training_samples_are_never_predicted() {
+        // Six classes; only "a" has training samples. A probe still ranks all six.
+        let classes: Vec<String> = ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let trained = [true, false, false, false, false, false];
+        let ranked = Tensor::from_slice(&[1i64, 0, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]).view([2, 6]);
+        // A test sample of "b" (absent from training) and one of "a".
+        let labels = Tensor::from_slice(&[1i64, 0]);
+        let scores = score(&ranked, &labels, &classes, &trained);
+        assert_eq!(scores.top1, 50.0);
+        assert_eq!(scores.top5, 50.0);
+        assert_eq!(
+            scores.confusion[1][0], 1,
+            "b is predicted as a, the one trained class"
+        );
+        assert_eq!(scores.confusion[0][0], 1);
     }
 }
