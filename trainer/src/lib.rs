@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod optim;
 pub mod regnet;
 pub mod swav;
+pub mod torch_errors;
 pub mod train;

@@ -1,7 +1,8 @@
 //! The `train` command: see `train --help`.
 //!
 //! Exit codes: 0 done (or stopped by SIGINT/SIGTERM after writing a checkpoint: the summary
-//! says `"interrupted": true`); 1 failed (data, storage, checkpoint); 2 bad command line or
+//! says `"interrupted": true`); 1 failed (data, storage, checkpoint, an error inside libtorch
+//! such as an allocation that fails); 2 bad command line or
 //! configuration; 3 training diverged (too many skipped steps in a row); 4 a data-parallel peer
 //! failed (exited, or stopped responding within `distributed.timeout_s`); 130 a second signal
 //! before the checkpoint was written.
@@ -371,7 +372,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     trainer::dist::quiet_collective_failures();
-    let result = match cli.command {
+    trainer::torch_errors::quiet_libtorch_panics();
+    let result = trainer::torch_errors::catch_libtorch(|| match cli.command {
         Some(Command::Export { checkpoint, output }) => {
             export(&checkpoint, &output).map_err(Failure::from)
         }
@@ -386,7 +388,17 @@ fn main() -> ExitCode {
             }),
         },
         None => run(cli.run),
-    };
+    })
+    .unwrap_or_else(|message| {
+        let hint = trainer::torch_errors::memory_hint(&message);
+        Err(Failure {
+            code: 1,
+            error: anyhow::anyhow!(
+                "libtorch failed: {message}{}",
+                hint.map(|h| format!(" ({h})")).unwrap_or_default()
+            ),
+        })
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure { code, error }) => {
