@@ -393,6 +393,24 @@ impl CheckpointStore {
         Ok(self.runtime.block_on(self.location.get_json_opt(LATEST))?)
     }
 
+    /// The newest checkpoint folder that was written to the end (it has its `state.json`,
+    /// written last), published or not. Where `latest.json` is missing, such a folder means
+    /// that `latest.json` was lost, not that no run was here.
+    pub fn newest_complete(&self) -> Result<Option<String>, CheckpointError> {
+        self.runtime.block_on(async {
+            for name in self.list_async().await?.into_iter().rev() {
+                let state = self
+                    .location
+                    .get_bytes_opt(&format!("{name}/{STATE}"))
+                    .await?;
+                if state.is_some() {
+                    return Ok(Some(name));
+                }
+            }
+            Ok(None)
+        })
+    }
+
     /// Reads the checkpoint folder `name` of this root.
     pub fn load(&self, name: &str) -> Result<Checkpoint, CheckpointError> {
         self.runtime.block_on(async {
@@ -438,6 +456,19 @@ impl CheckpointStore {
                     )
                 }
             };
+            // Training never writes a non-finite value (`crate::train` checks before saving),
+            // so one here means the file was damaged after it was written.
+            let files = [(MODEL, &model), (OPTIMIZER, &optimizer)];
+            for (file, tensors) in files {
+                if let Some(name) = first_non_finite(tensors) {
+                    return Err(non_finite(&format!("{url}/{file}"), name));
+                }
+            }
+            if let Some(queue) = &queue
+                && first_non_finite(&[("queue".to_owned(), queue.shallow_clone())]).is_some()
+            {
+                return Err(non_finite(&format!("{url}/{QUEUE}"), "queue"));
+            }
             Ok(Checkpoint {
                 url,
                 state,
@@ -488,6 +519,27 @@ pub fn load_checkpoint(url: &str, options: &StoreOptions) -> Result<Checkpoint, 
         });
     }
     CheckpointStore::open_existing(parent, options)?.load(name)
+}
+
+/// The name of the first floating-point tensor of `tensors` that holds an infinity or a NaN.
+pub fn first_non_finite(tensors: &[(String, Tensor)]) -> Option<&str> {
+    tch::no_grad(|| {
+        tensors
+            .iter()
+            .filter(|(_, t)| t.is_floating_point())
+            .find(|(_, t)| t.isfinite().all().int64_value(&[]) == 0)
+            .map(|(name, _)| name.as_str())
+    })
+}
+
+fn non_finite(url: &str, name: &str) -> CheckpointError {
+    CheckpointError::Invalid {
+        url: url.to_owned(),
+        reason: format!(
+            "{name} holds infinite or NaN values, which training never saves: the file is \
+             damaged (resume from an older checkpoint)"
+        ),
+    }
 }
 
 /// Every variable of `vs`, detached and on the CPU, sorted by name.
@@ -619,5 +671,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(message.contains("other.weight"), "{message}");
+
+        // Without latest.json, the newest folder written to the end still shows; a folder
+        // whose save stopped before its state.json does not count.
+        assert_eq!(store.newest_complete().unwrap().unwrap(), "ckpt-00000040");
+        std::fs::remove_file(root.join(LATEST)).unwrap();
+        std::fs::remove_file(root.join("ckpt-00000040").join(STATE)).unwrap();
+        assert_eq!(store.newest_complete().unwrap().unwrap(), "ckpt-00000030");
+        std::fs::remove_file(root.join("ckpt-00000030").join(STATE)).unwrap();
+        assert_eq!(store.newest_complete().unwrap(), None);
+    }
+
+    #[test]
+    fn non_finite_values_on_disk_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("ckpts");
+        let store =
+            CheckpointStore::open(root.to_str().unwrap(), &StoreOptions::default()).unwrap();
+        let vs = VarStore::new(Device::Cpu);
+        let _weight = (vs.root() / "layer").randn_standard("weight", &[3, 2]);
+        let state = TrainState::new(1, 2, "abc".into());
+        let snapshot = Snapshot {
+            vs: &vs,
+            optimizer: &[],
+            queue: None,
+            state: &state,
+            config: "seed = 1\n",
+        };
+        store.save(&snapshot, 2).unwrap();
+        let name = checkpoint_name(0);
+        assert!(store.load(&name).is_ok());
+        let bad = [(
+            "layer.weight".to_owned(),
+            Tensor::from_slice(&[1.0f32, f32::INFINITY]),
+        )];
+        Tensor::write_safetensors(&bad, root.join(&name).join(OPTIMIZER)).unwrap();
+        let message = store.load(&name).err().unwrap().to_string();
+        assert!(
+            message.contains("optimizer.safetensors") && message.contains("layer.weight"),
+            "{message}"
+        );
     }
 }

@@ -498,12 +498,16 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
                 }
                 .into());
             }
-            None => None,
+            None => {
+                refuse_without_latest(&checkpoints, "--run-dir")?;
+                None
+            }
         },
         Some(Resume::From(url)) => Some(load_checkpoint(url, &options.store)?),
         Some(Resume::Latest) => match checkpoints.latest()? {
             Some(latest) => Some(checkpoints.load(&latest.checkpoint)?),
             None => {
+                refuse_without_latest(&checkpoints, "--resume")?;
                 info!(
                     url = checkpoints.url(),
                     "no checkpoint to resume from: starting afresh"
@@ -534,6 +538,18 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
                 ),
             }
             .into());
+        }
+        // A queue exists from its start iteration on when it holds at least one global batch.
+        if let Some(queue) = &config.loss.queue
+            && checkpoint.queue.is_none()
+            && checkpoint.state.step > queue.start_iter
+            && queue.length >= config.data.batch_size * saved_world
+        {
+            warn!(
+                checkpoint = checkpoint.url,
+                "the checkpoint has no SwAV queue ({}): it starts empty",
+                crate::checkpoint::QUEUE
+            );
         }
         // A data-parallel checkpoint holds every rank's queue along the rows.
         let queue = checkpoint.queue.and_then(|q| {
@@ -923,17 +939,32 @@ fn save(
     ))
 }
 
+/// Refuses to start afresh where checkpoints were written to the end but `latest.json`, which
+/// publishes them, is missing (lost or deleted): the new run would overwrite them. Folders
+/// without their `state.json` are the remains of a save that never finished, and a start
+/// afresh may overwrite those.
+fn refuse_without_latest(checkpoints: &CheckpointStore, field: &str) -> Result<(), TrainError> {
+    match checkpoints.newest_complete()? {
+        None => Ok(()),
+        Some(name) => Err(ConfigError::Invalid {
+            field: field.into(),
+            message: format!(
+                "{url} has no {LATEST} but holds checkpoints written to the end, the newest \
+                 {name}: pass --resume {url}/{name} to continue from it, or start the new run \
+                 in another --run-dir (or checkpoint.url)",
+                url = checkpoints.url(),
+                LATEST = crate::checkpoint::LATEST,
+            ),
+        }
+        .into()),
+    }
+}
+
 /// The name of a floating-point variable holding an infinite or NaN value, if any.
 fn first_non_finite(vs: &tch::nn::VarStore) -> Option<String> {
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
-    tch::no_grad(|| {
-        variables
-            .into_iter()
-            .filter(|(_, t)| t.is_floating_point())
-            .find(|(_, t)| t.isfinite().all().int64_value(&[]) == 0)
-            .map(|(name, _)| name)
-    })
+    crate::checkpoint::first_non_finite(&variables).map(str::to_owned)
 }
 
 /// Divides every gradient by `scale` in place; returns whether all of them are finite (one

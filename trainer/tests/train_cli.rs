@@ -349,6 +349,56 @@ fn a_new_run_never_overwrites_an_earlier_one_and_a_failed_start_changes_nothing(
         config
     );
     assert_eq!(checkpoint_folders(&run.join("checkpoints")), checkpoints);
+
+    // latest.json lost: the checkpoints are still there, so neither a new start nor --resume
+    // may start afresh over them; both name the newest one.
+    let latest = run.join("checkpoints/latest.json");
+    let published = std::fs::read(&latest).unwrap();
+    std::fs::remove_file(&latest).unwrap();
+    let newest = checkpoints.last().unwrap();
+    for extra in [&[][..], &["--resume"][..]] {
+        let output = train(dir.path(), &[&args[..], extra].concat());
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains("has no latest.json") && stderr.contains(newest.as_str()),
+            "{extra:?}: {stderr}"
+        );
+    }
+    assert_eq!(checkpoint_folders(&run.join("checkpoints")), checkpoints);
+
+    // A checkpoint that lost its SwAV queue resumes with an empty one, and says so.
+    std::fs::write(&latest, published).unwrap();
+    let queue = run
+        .join("checkpoints")
+        .join(newest)
+        .join("queue.safetensors");
+    std::fs::remove_file(&queue).unwrap();
+    let output = train(dir.path(), &[&args[..], &["--resume"]].concat());
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("has no SwAV queue"), "{stderr}");
+
+    // A checkpoint whose weights turned to NaN on disk is refused, naming the file.
+    let model = run
+        .join("checkpoints")
+        .join(newest)
+        .join("model.safetensors");
+    let mut damaged: Vec<(String, Tensor)> = tensors(&model).into_iter().collect();
+    let (name, first) = damaged
+        .iter_mut()
+        .find(|(_, t)| t.is_floating_point())
+        .unwrap();
+    let name = name.clone();
+    *first = first.full_like(f64::NAN);
+    Tensor::write_safetensors(&damaged, &model).unwrap();
+    let output = train(dir.path(), &[&args[..], &["--resume"]].concat());
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("model.safetensors") && stderr.contains(&name) && stderr.contains("NaN"),
+        "{stderr}"
+    );
 }
 
 #[test]
