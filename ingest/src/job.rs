@@ -292,35 +292,16 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
     let started = Instant::now();
     let output =
         Location::open(&config.output, &config.store, true).map_err(IngestError::Output)?;
-    let plan = match plan::existing(
-        &output,
-        &config.input,
-        config.samples_per_shard,
-        &config.shard_prefix,
-    )
-    .await?
-    {
+    let job = plan::Job {
+        input: &config.input,
+        samples_per_shard: config.samples_per_shard,
+        shard_prefix: &config.shard_prefix,
+        partitions: u64::from(config.partition.count),
+    };
+    let plan = match plan::existing(&output, &job).await? {
         Some(plan) => plan,
-        None if config.partition.index == 0 => {
-            plan::make(
-                &output,
-                &config.input,
-                config.samples_per_shard,
-                &config.shard_prefix,
-                &config.store,
-            )
-            .await?
-        }
-        None => {
-            plan::wait(
-                &output,
-                &config.input,
-                config.samples_per_shard,
-                &config.shard_prefix,
-                config.plan_wait,
-            )
-            .await?
-        }
+        None if config.partition.index == 0 => plan::make(&output, &job, &config.store).await?,
+        None => plan::wait(&output, &job, config.plan_wait).await?,
     };
     let manifest_name = config.partition.manifest_name();
     let mut manifest: Manifest = output

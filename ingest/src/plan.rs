@@ -8,6 +8,14 @@
 //! shards with the same keys, and `--partition I/N` workers split the shards
 //! (`id % N == I`) without talking to each other. Streaming keeps memory at
 //! one chunk whatever the input's size (img2dataset plans the same way).
+//!
+//! Two guards keep one output to one job. Before writing any chunk, the planner claims the
+//! output with `_plan/claim.json` (a create-only write), so a second job started into the same
+//! empty output at the same moment is refused instead of mixing its chunks into the plan; the
+//! same job started twice writes the same chunks and may go on. And the plan records the
+//! number of partitions: each partition keeps its own manifest and drops exact duplicates
+//! within its own shards, so a run with another count would make other shards under the same
+//! names and overwrite those other partitions completed.
 
 use std::time::{Duration, Instant};
 
@@ -34,10 +42,45 @@ pub struct Plan {
     pub shards: u64,
     /// Number of items.
     pub items: u64,
+    /// The number of partitions (`--partition I/N`) the job runs in (absent in plans made
+    /// before it was recorded, which then accept any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u64>,
+}
+
+/// What makes a job: everything its plan and shards depend on.
+#[derive(Debug, Clone)]
+pub struct Job<'a> {
+    /// The input.
+    pub input: &'a InputSpec,
+    /// Items per shard.
+    pub samples_per_shard: u64,
+    /// Shard name prefix.
+    pub shard_prefix: &'a str,
+    /// The number of partitions.
+    pub partitions: u64,
+}
+
+impl Job<'_> {
+    /// The plan of this job, before its input is read (no shards and items yet).
+    fn plan(&self, shards: u64, items: u64) -> Plan {
+        Plan {
+            version: 1,
+            input: self.input.clone(),
+            samples_per_shard: self.samples_per_shard,
+            shard_prefix: self.shard_prefix.to_string(),
+            shards,
+            items,
+            partitions: Some(self.partitions),
+        }
+    }
 }
 
 /// Name of the plan's summary document.
 pub const PLAN: &str = "_plan/plan.json";
+
+/// Name of the claim a planner writes before its first chunk.
+pub const CLAIM: &str = "_plan/claim.json";
 
 /// Name of the chunk of shard `id`.
 pub fn chunk_name(id: u64) -> String {
@@ -45,12 +88,7 @@ pub fn chunk_name(id: u64) -> String {
 }
 
 /// Reads the plan if there is one and checks that it was made for this job.
-pub async fn existing(
-    output: &Location,
-    input: &InputSpec,
-    samples_per_shard: u64,
-    shard_prefix: &str,
-) -> Result<Option<Plan>, IngestError> {
+pub async fn existing(output: &Location, job: &Job<'_>) -> Result<Option<Plan>, IngestError> {
     let Some(plan) = output
         .get_json_opt::<Plan>(PLAN)
         .await
@@ -58,7 +96,7 @@ pub async fn existing(
     else {
         return Ok(None);
     };
-    let differences = differences(&plan, input, samples_per_shard, shard_prefix);
+    let differences = differences(&plan, job);
     if !differences.is_empty() {
         return Err(IngestError::Config(format!(
             "{} already holds a plan for another job: {}; rerun with the plan's input and \
@@ -72,12 +110,8 @@ pub async fn existing(
 
 /// What differs between a stored plan's job and this one, as "what: the plan's, this run's".
 /// Two spellings of one local folder (`in`, `./in/`, its absolute path) are the same input.
-fn differences(
-    plan: &Plan,
-    input: &InputSpec,
-    samples_per_shard: u64,
-    shard_prefix: &str,
-) -> Vec<String> {
+fn differences(plan: &Plan, job: &Job<'_>) -> Vec<String> {
+    let (samples_per_shard, shard_prefix) = (job.samples_per_shard, job.shard_prefix);
     fn same_place(a: &str, b: &str) -> bool {
         let canonical = |url: &str| {
             shards::store::normalize_url(url)
@@ -92,7 +126,7 @@ fn differences(
             out.push(format!("{what}: {planned} in the plan, {now} in this run"));
         }
     };
-    let (p, i) = (&plan.input, input);
+    let (p, i) = (&plan.input, job.input);
     if !same_place(&p.url, &i.url) {
         differ("input", p.url.clone(), i.url.clone());
     }
@@ -122,17 +156,46 @@ fn differences(
         format!("{:?}", plan.shard_prefix),
         format!("{shard_prefix:?}"),
     );
+    if let Some(partitions) = plan.partitions {
+        differ(
+            "partitions (the N of --partition I/N)",
+            partitions.to_string(),
+            job.partitions.to_string(),
+        );
+    }
     out
 }
 
-/// Streams the input into chunks and stores the plan.
+/// Claims the output for this job, streams the input into chunks and stores the plan.
 pub async fn make(
     output: &Location,
-    input: &InputSpec,
-    samples_per_shard: u64,
-    shard_prefix: &str,
+    job: &Job<'_>,
     options: &StoreOptions,
 ) -> Result<Plan, IngestError> {
+    let claimed = output
+        .create_json(CLAIM, &job.plan(0, 0))
+        .await
+        .map_err(IngestError::Output)?;
+    if !claimed {
+        // The same job (running now, or stopped while planning) writes the same chunks, so it
+        // may go on; another job may not.
+        let theirs: Option<Plan> = output
+            .get_json_opt(CLAIM)
+            .await
+            .map_err(IngestError::Output)?;
+        let differences = theirs
+            .map(|plan| differences(&plan, job))
+            .unwrap_or_default();
+        if !differences.is_empty() {
+            return Err(IngestError::Config(format!(
+                "{} is being planned by another job (running now, or stopped while planning): \
+                 {}; write to a new output, or delete its _plan folder if no such job runs",
+                output.url,
+                differences.join("; ")
+            )));
+        }
+    }
+    let (input, samples_per_shard) = (job.input, job.samples_per_shard);
     let mut stream = items(input, options).await?;
     let mut chunk = Vec::new();
     let mut shards = 0u64;
@@ -165,14 +228,7 @@ pub async fn make(
             input.extensions.join(", ")
         )));
     }
-    let plan = Plan {
-        version: 1,
-        input: input.clone(),
-        samples_per_shard,
-        shard_prefix: shard_prefix.to_string(),
-        shards,
-        items: total,
-    };
+    let plan = job.plan(shards, total);
     output
         .put_json(PLAN, &plan)
         .await
@@ -189,15 +245,13 @@ pub async fn make(
 /// Waits for another partition (index 0) to store the plan.
 pub async fn wait(
     output: &Location,
-    input: &InputSpec,
-    samples_per_shard: u64,
-    shard_prefix: &str,
+    job: &Job<'_>,
     timeout: Duration,
 ) -> Result<Plan, IngestError> {
     let started = Instant::now();
     let mut next_note = Duration::ZERO;
     loop {
-        if let Some(plan) = existing(output, input, samples_per_shard, shard_prefix).await? {
+        if let Some(plan) = existing(output, job).await? {
             return Ok(plan);
         }
         // Say what the partition waits for, at once and then every minute, so that a typo in
@@ -259,34 +313,73 @@ mod tests {
         }
     }
 
+    fn job(input: &InputSpec, samples_per_shard: u64, partitions: u64) -> Job<'_> {
+        Job {
+            input,
+            samples_per_shard,
+            shard_prefix: "data",
+            partitions,
+        }
+    }
+
     #[test]
     fn a_mismatched_plan_names_what_differs() {
         let cwd = std::env::current_dir().unwrap();
-        let plan = Plan {
-            version: 1,
-            input: spec("in"),
-            samples_per_shard: 10,
-            shard_prefix: "data".into(),
-            shards: 1,
-            items: 3,
-        };
+        let input = spec("in");
+        let plan = job(&input, 10, 2).plan(1, 3);
         // One folder, three spellings: the same job.
         for same in ["in", "in/", cwd.join("in").to_str().unwrap()] {
+            let same = spec(same);
             assert!(
-                differences(&plan, &spec(same), 10, "data").is_empty(),
-                "{same}"
+                differences(&plan, &job(&same, 10, 2)).is_empty(),
+                "{same:?}"
             );
         }
         let mut other = spec("in");
         other.labels = LabelSource::FolderName;
-        let found = differences(&plan, &other, 20, "data");
+        let found = differences(&plan, &job(&other, 20, 1));
         assert_eq!(
             found,
             [
                 "labels: None in the plan, FolderName in this run",
-                "samples per shard: 10 in the plan, 20 in this run"
+                "samples per shard: 10 in the plan, 20 in this run",
+                "partitions (the N of --partition I/N): 2 in the plan, 1 in this run"
             ]
         );
-        assert_eq!(differences(&plan, &spec("elsewhere"), 10, "data").len(), 1);
+        assert_eq!(differences(&plan, &job(&spec("elsewhere"), 10, 2)).len(), 1);
+        // A plan made before the count was recorded accepts any.
+        let old = Plan {
+            partitions: None,
+            ..plan
+        };
+        assert!(differences(&old, &job(&input, 10, 3)).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_second_job_cannot_plan_into_an_output_another_has_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let input_dir = dir.path().join("in");
+        std::fs::create_dir(&input_dir).unwrap();
+        std::fs::write(input_dir.join("a.jpg"), b"not read while planning").unwrap();
+        let output_dir = dir.path().join("out");
+        let options = StoreOptions::default();
+        let output = Location::open(output_dir.to_str().unwrap(), &options, true).unwrap();
+        let input = spec(input_dir.to_str().unwrap());
+        // Another job's claim, as a planner that started a moment earlier leaves it.
+        let theirs = job(&input, 5, 1);
+        assert!(output.create_json(CLAIM, &theirs.plan(0, 0)).await.unwrap());
+        let message = make(&output, &job(&input, 8, 1), &options)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("being planned by another job")
+                && message.contains("samples per shard: 5 in the plan, 8 in this run"),
+            "{message}"
+        );
+        assert!(!output_dir.join(chunk_name(0)).exists(), "no chunk written");
+        // The same job again (a rerun after a crash while planning) goes on.
+        let plan = make(&output, &theirs, &options).await.unwrap();
+        assert_eq!((plan.shards, plan.items), (1, 1));
     }
 }

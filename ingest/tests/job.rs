@@ -427,6 +427,35 @@ fn partitions_write_disjoint_shards_and_merge_to_the_single_run() {
         serde_json::from_slice(&std::fs::read(parts.path().join("manifest.json")).unwrap())
             .unwrap();
     assert_eq!(a, b);
+
+    // A run with another partition count (here none: 0/1, as a Slurm array of one resubmitted
+    // index gives) would remake the other partitions' shards under the same names: refused.
+    let tars = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "tar"))
+            .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()))
+            .collect();
+        files.sort();
+        files
+    };
+    let before = tars(parts.path());
+    let output = ingest()
+        .arg("run")
+        .arg(small_photos())
+        .arg("-o")
+        .arg(parts.path())
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("partitions (the N of --partition I/N): 2 in the plan, 1 in this run"),
+        "{stderr}"
+    );
+    assert!(tars(parts.path()) == before, "the shards were rewritten");
 }
 
 fn max_child_rss_kib() -> i64 {

@@ -19,8 +19,8 @@ use object_store::http::HttpBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
-    WriteMultipart,
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig, WriteMultipart,
 };
 use url::Url;
 
@@ -300,6 +300,46 @@ impl Location {
         let mut bytes = serde_json::to_vec_pretty(value).expect("documents serialize");
         bytes.push(b'\n');
         self.put_bytes(name, bytes).await
+    }
+
+    /// Writes a JSON document only if nothing is stored under `name` yet, atomically where
+    /// the store can (a create-only put: local folders, S3, GCS, Azure): returns whether it
+    /// was written. A store that has no create-only put gets a read, then a put, which two
+    /// writers at the same moment can both pass.
+    pub async fn create_json<T: serde::Serialize>(
+        &self,
+        name: &str,
+        value: &T,
+    ) -> Result<bool, StoreError> {
+        let path = self.child(name);
+        let mut bytes = serde_json::to_vec_pretty(value).expect("documents serialize");
+        bytes.push(b'\n');
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(bytes.clone()), options)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(false),
+            Err(object_store::Error::NotImplemented { .. }) => {
+                if self.get_bytes_opt(name).await?.is_some() {
+                    return Ok(false);
+                }
+                self.put_bytes(name, bytes).await?;
+                Ok(true)
+            }
+            Err(source) => Err(StoreError::Store {
+                url: self.url_of(&path),
+                source,
+            }),
+        }
     }
 
     /// Uploads a local file: one `put` when small, else a multipart upload in
