@@ -41,6 +41,26 @@ pub use reader::{Sample, SampleReader, ShardStream};
 pub use store::{Location, StoreOptions};
 pub use writer::{FinishedShard, ShardWriter};
 
+/// Writes `bytes` to the file `path` as a whole or not at all: into a temporary file beside
+/// it, then renamed over it. A write that fails (a full disk, say) leaves an earlier file of
+/// that name as it was, and no partial file.
+pub fn write_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let folder = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => std::path::Path::new("."),
+    };
+    let mut builder = tempfile::Builder::new();
+    // As a plain create would make it (0666 less the umask), not a temporary file's 0600.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut file = builder.tempfile_in(folder)?;
+    file.write_all(bytes)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
 /// An error and its causes on one line, as anyhow's `{:#}` prints them, for the command-line
 /// tools; a cause whose text the line already holds is left out. The library's errors embed
 /// their source in their own message (`"shard X: {source}"`), and `{:#}` printed it again.
@@ -218,5 +238,29 @@ mod tests {
         // Causes the message does not hold are kept, as `{:#}` keeps them.
         let error = anyhow::anyhow!("disk full").context("writing shard 3");
         assert_eq!(error_chain(&error), "writing shard 3: disk full");
+    }
+
+    #[test]
+    fn files_are_replaced_whole_and_nothing_else_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sheet.png");
+        write_file(&path, b"old").unwrap();
+        write_file(&path, b"new bytes").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new bytes");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode();
+            let plain = dir.path().join("plain");
+            std::fs::write(&plain, b"x").unwrap();
+            assert_eq!(mode(&path), mode(&plain), "the mode a plain write gives");
+            std::fs::remove_file(&plain).unwrap();
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file is left");
+        // A write that cannot happen leaves the earlier file as it was.
+        assert!(write_file(dir.path(), b"a folder is not a file").is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"new bytes");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -296,7 +296,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if output.as_os_str() == "-" {
                 write_stdout(image)?;
             } else {
-                std::fs::write(output, image)
+                shards::write_file(output, image)
                     .with_context(|| format!("cannot write {}", output.display()))?;
                 eprintln!(
                     "wrote {} ({} bytes, .{ext}) of {key} from {} at byte {}",
@@ -325,7 +325,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             let sheet = inspect::grid(&dataset, &options).await?;
             let png = sheet.to_png()?;
-            std::fs::write(output, &png)
+            shards::write_file(output, &png)
                 .with_context(|| format!("cannot write {}", output.display()))?;
             if cli.json {
                 let samples: Vec<_> = sheet

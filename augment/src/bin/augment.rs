@@ -301,8 +301,11 @@ fn views(args: ViewsArgs) -> Result<()> {
     }
     // The format from the name's extension; PNG when it names none.
     let format = image::ImageFormat::from_path(&args.output).unwrap_or(image::ImageFormat::Png);
+    let mut encoded = std::io::Cursor::new(Vec::new());
     sheet
-        .save_with_format(&args.output, format)
+        .write_to(&mut encoded, format)
+        .with_context(|| format!("encoding {}", args.output.display()))?;
+    shards::write_file(&args.output, encoded.get_ref())
         .with_context(|| format!("writing {}", args.output.display()))?;
     write_stdout(
         format!(
