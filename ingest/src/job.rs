@@ -819,6 +819,25 @@ impl JobState<'_> {
             Ok(resolved) => resolved,
             Err(message) => return fail("bad_url", message, 0, &item),
         };
+        // A local name that is not a regular file is refused before it is opened: opening a
+        // FIFO waits for a writer that may never come, and would hold its shard for ever.
+        if let Some(file) = url::Url::parse(&item.url)
+            .ok()
+            .filter(|u| u.scheme() == "file")
+            .and_then(|u| u.to_file_path().ok())
+        {
+            let kind = tokio::task::spawn_blocking(move || std::fs::metadata(file)).await;
+            if let Ok(Ok(metadata)) = kind
+                && !metadata.is_file()
+            {
+                let what = if metadata.is_dir() {
+                    "a folder"
+                } else {
+                    "not a regular file (a FIFO, socket or device)"
+                };
+                return fail("not_a_file", what.to_string(), 0, &item);
+            }
+        }
         // object_store retries each request, but its jittered backoff can spend all
         // its retries within two seconds, and it never restarts a body that breaks
         // off mid-transfer (a server restarting, a connection reset). So a failed

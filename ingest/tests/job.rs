@@ -380,6 +380,57 @@ fn list_file_with_labels_and_retry_of_failed_samples() {
 }
 
 #[test]
+fn a_list_naming_a_fifo_or_a_folder_finishes_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe.jpg");
+    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path and a mode; mkfifo touches nothing else.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o644) }, 0);
+    let folder = dir.path().join("folder.jpg");
+    std::fs::create_dir(&folder).unwrap();
+    let mut lines: Vec<String> = photos_in("endless-sky", 2)
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    lines.push(fifo.display().to_string());
+    lines.push(folder.display().to_string());
+    let list = dir.path().join("list.txt");
+    std::fs::write(&list, lines.join("\n")).unwrap();
+    let out = dir.path().join("out");
+    // Opening the FIFO would wait for a writer for ever: the job must end on its own.
+    let mut child = ingest()
+        .arg("run")
+        .arg(&list)
+        .args(["--list", "--no-progress", "--json", "-o"])
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("ingest still runs after 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (summary["written"].as_u64(), summary["failed"].as_u64()),
+        (Some(2), Some(2)),
+        "{summary}"
+    );
+    let stats: ShardStats =
+        serde_json::from_slice(&std::fs::read(out.join("data-000000_stats.json")).unwrap())
+            .unwrap();
+    let reasons: BTreeSet<_> = stats.failures.iter().map(|f| f.reason.as_str()).collect();
+    assert_eq!(reasons, BTreeSet::from(["not_a_file"]));
+}
+
+#[test]
 fn partitions_write_disjoint_shards_and_merge_to_the_single_run() {
     let single = tempfile::tempdir().unwrap();
     let parts = tempfile::tempdir().unwrap();
