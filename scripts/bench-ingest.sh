@@ -7,5 +7,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh"
 cd "$root"
-cargo build --release -p ingest --bin ingest --example floor
+cargo build --release -p ingest --bin ingest --example floor --example decoders
 exec .venv/bin/python scripts/bench_ingest.py "$@"

@@ -5,6 +5,7 @@ root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cache = os.environ["SEER_CACHE"]
 ingest = os.path.join(root, "target/release/ingest")
 floor = os.path.join(root, "target/release/examples/floor")
+decoders = os.path.join(root, "target/release/examples/decoders")
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--repeats", type=int, default=5)
@@ -62,6 +63,12 @@ def floor_pair():
     procs = [subprocess.Popen([floor, bench, "--passes", "1"], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     return sum(float(re.search(r"([\d.]+) images/s", p.communicate()[0]).group(1)) for p in procs)
 
+def decode_rates():
+    """Images/s of JPEG decoding alone on one thread, per decoder path (the ceiling)."""
+    out = subprocess.run([decoders, bench, "--rounds", "1"], capture_output=True, text=True, check=True).stdout
+    line = re.search(r"round 0: images/s (.*)", out).group(1)
+    return {name: float(rate) for name, rate in (part.rsplit(" ", 1) for part in line.split(", "))}
+
 def cpu_times():
     """The machine's CPU time counters (user, nice, system, idle, ...) from /proc/stat."""
     with open("/proc/stat") as f:
@@ -84,11 +91,14 @@ shutil.copytree(bench, os.path.join(s3_data, "bench", "raw"))
 sock = socket.socket(); sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]; sock.close()
 server = subprocess.Popen([os.path.join(os.environ["SEER_TOOLS"], "bin/s3s-fs"), "--host", "127.0.0.1", "--port", str(port), "--access-key", "bench", "--secret-key", "benchsecret", s3_data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 s3_env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="benchsecret", AWS_ENDPOINT=f"http://127.0.0.1:{port}", AWS_ALLOW_HTTP="true", AWS_REGION="us-east-1", AWS_VIRTUAL_HOSTED_STYLE_REQUEST="false")
-labels = ["floor", "floor pair", "floor threads", "local, 1 worker", "local, 2 workers", "s3s-fs to s3s-fs, 2 workers"]
+labels = ["decode", "floor", "floor pair", "floor threads", "local, 1 worker", "local, 2 workers", "s3s-fs to s3s-fs, 2 workers"]
 results = {label: {"rates": [], "rss": [], "stages": None, "idle": []} for label in labels}
 try:
     time.sleep(0.5)
     for round_number in range(args.repeats):
+        rates = decode_rates()
+        results["decode"]["rates"].append(max(rates.values()))
+        results["decode"]["paths"] = results["decode"].get("paths", []) + [max(rates, key=rates.get)]
         results["floor"]["rates"].append(floor_rate())
         results["floor pair"]["rates"].append(floor_pair())
         results["floor threads"]["rates"].append(floor_rate(threads=2))
@@ -145,6 +155,7 @@ lines = [
     "",
     "| run | images/s | images/s per core | MB/s in | peak RSS MiB |",
     "|---|---|---|---|---|",
+    f"| decode alone, 1 thread: the fastest of the `decoders` example's paths in each round ({', '.join(sorted(set(results['decode']['paths'])))}) | {spread(results['decode']['rates'])} | {statistics.median(results['decode']['rates']):.1f} | - | - |",
     f"| floor: `process_image` in a tight loop, 1 thread, images in memory | {spread(floor_rates)} | {floor_median:.1f} | {floor_median * bytes_in / n_images / 1e6:.1f} | - |",
     f"| two floor processes side by side (what the hardware gives 2 threads) | {spread(results['floor pair']['rates'])} | {statistics.median(results['floor pair']['rates']) / 2:.1f} | - | - |",
     f"| floor, 2 threads in one process (`floor --threads 2`) | {spread(results['floor threads']['rates'])} | {statistics.median(results['floor threads']['rates']) / 2:.1f} | - | - |",
@@ -157,7 +168,7 @@ lines += [
     "",
     f"- Whole job per core / floor: {ratio('local, 1 worker', 'floor')} with 1 worker, {ratio('local, 2 workers', 'floor', 0.5)} with 2; target: at least 1/1.5 = 0.67.",
     f"- Scaling, 2 workers / 1 worker: {ratio('local, 2 workers', 'local, 1 worker')}; target 1.8. Two independent floor processes: {ratio('floor pair', 'floor')}; two floor threads in one process: {ratio('floor threads', 'floor')}.",
-    f"- Target of 200 images/s per core: {'met' if two / 2 >= 200 else 'NOT met'} ({two / 2:.0f} per core with 2 workers; the floor itself is {floor_median:.0f}).",
+    f"- Target of 200 images/s per core: {'met' if two / 2 >= 200 else 'NOT met'} ({two / 2:.0f} per core with 2 workers; the floor itself is {floor_median:.0f}, and decoding alone, before any resize, encode or hashing, {statistics.median(results['decode']['rates']):.0f}: {ratio('decode', 'floor')} times the floor).",
     f"- Machine idle during the job (`/proc/stat`; 1 worker leaves one of {os.cpu_count()} cores to I/O): "
     + ", ".join(f"{label} {spread(results[label]['idle'])} %" for label in ["local, 1 worker", "local, 2 workers", "s3s-fs to s3s-fs, 2 workers"]) + ".",
     tj_line,
