@@ -172,6 +172,9 @@ pub async fn make(
     job: &Job<'_>,
     options: &StoreOptions,
 ) -> Result<Plan, IngestError> {
+    let input = job.input;
+    // The input opens (or fails, naming it) before anything is written to the output.
+    let stream = items(input, options).await?;
     let claimed = output
         .create_json(CLAIM, &job.plan(0, 0))
         .await
@@ -195,8 +198,34 @@ pub async fn make(
             )));
         }
     }
-    let (input, samples_per_shard) = (job.input, job.samples_per_shard);
-    let mut stream = items(input, options).await?;
+    let planned = write_chunks(output, job, stream).await;
+    if claimed && matches!(planned, Err(_) | Ok((0, _))) {
+        // Nothing was planned: take the claim back, so that the output is as it was.
+        let _ = output.delete(CLAIM).await;
+    }
+    let (shards, total) = planned?;
+    if total == 0 {
+        return Err(IngestError::Config(format!(
+            "the input {} holds no image (looked for extensions {})",
+            input.url,
+            input.extensions.join(", ")
+        )));
+    }
+    let plan = job.plan(shards, total);
+    output
+        .put_json(PLAN, &plan)
+        .await
+        .map_err(IngestError::Output)?;
+    Ok(plan)
+}
+
+/// Writes the chunks of the items of `stream`; returns how many chunks and items.
+async fn write_chunks(
+    output: &Location,
+    job: &Job<'_>,
+    mut stream: impl futures::Stream<Item = Result<SourceItem, IngestError>> + Unpin,
+) -> Result<(u64, u64), IngestError> {
+    let samples_per_shard = job.samples_per_shard;
     let mut chunk = Vec::new();
     let mut shards = 0u64;
     let mut total = 0u64;
@@ -221,25 +250,13 @@ pub async fn make(
             .map_err(IngestError::Output)?;
         shards += 1;
     }
-    if total == 0 {
-        return Err(IngestError::Config(format!(
-            "the input {} holds no image (looked for extensions {})",
-            input.url,
-            input.extensions.join(", ")
-        )));
-    }
-    let plan = job.plan(shards, total);
-    output
-        .put_json(PLAN, &plan)
-        .await
-        .map_err(IngestError::Output)?;
     tracing::info!(
         items = total,
         shards,
         seconds = started.elapsed().as_secs_f64(),
         "planned"
     );
-    Ok(plan)
+    Ok((shards, total))
 }
 
 /// Waits for another partition (index 0) to store the plan.
@@ -381,5 +398,18 @@ mod tests {
         // The same job again (a rerun after a crash while planning) goes on.
         let plan = make(&output, &theirs, &options).await.unwrap();
         assert_eq!((plan.shards, plan.items), (1, 1));
+
+        // A planner that finds nothing to plan takes its claim back.
+        let empty_dir = dir.path().join("empty");
+        std::fs::create_dir(&empty_dir).unwrap();
+        let fresh_dir = dir.path().join("fresh");
+        let fresh = Location::open(fresh_dir.to_str().unwrap(), &options, true).unwrap();
+        let empty = spec(empty_dir.to_str().unwrap());
+        let message = make(&fresh, &job(&empty, 5, 1), &options)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("holds no image"), "{message}");
+        assert!(!fresh_dir.join(CLAIM).exists());
     }
 }
