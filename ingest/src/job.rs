@@ -452,6 +452,14 @@ struct JobState<'a> {
 }
 
 impl JobState<'_> {
+    /// A failed read or write of a local work file (in `--work-dir`), naming the folder.
+    fn work_file_error(&self, what: &str, error: &std::io::Error) -> IngestError {
+        IngestError::Local(format!(
+            "{what} in {}: {error}",
+            self.config.work_dir.display()
+        ))
+    }
+
     /// Makes one shard from its plan chunk, in a local file, for [`JobState::publish`].
     /// With `previous` (a completed shard's stats, for `--retry-failed`) the samples
     /// already in the shard are kept and only the listed failures are fetched again.
@@ -547,7 +555,7 @@ impl JobState<'_> {
                 spool
                     .write_all(image)
                     .and_then(|()| spool.write_all(json))
-                    .map_err(|e| IngestError::Local(format!("spool: {e}")))?;
+                    .map_err(|e| self.work_file_error("spool", &e))?;
                 spooled.push(Spooled {
                     plan_index,
                     key: sample.key.clone(),
@@ -642,7 +650,7 @@ impl JobState<'_> {
                     spool
                         .write_all(&image.bytes)
                         .and_then(|()| spool.write_all(&json))
-                        .map_err(|e| IngestError::Local(format!("spool: {e}")))?;
+                        .map_err(|e| self.work_file_error("spool", &e))?;
                     spooled.push(Spooled {
                         plan_index,
                         key,
@@ -670,7 +678,7 @@ impl JobState<'_> {
         let write_started = Instant::now();
         let spool_file = spool
             .into_inner()
-            .map_err(|e| IngestError::Local(format!("spool: {}", e.error())))?;
+            .map_err(|e| self.work_file_error("spool", e.error()))?;
         spooled.sort_by_key(|s| s.plan_index);
         let tar_file = tempfile::NamedTempFile::new_in(&self.config.work_dir).map_err(|e| {
             IngestError::Local(format!(
@@ -681,7 +689,7 @@ impl JobState<'_> {
         let tar_handle = tar_file
             .as_file()
             .try_clone()
-            .map_err(|e| IngestError::Local(format!("shard file: {e}")))?;
+            .map_err(|e| self.work_file_error("shard file", &e))?;
         let mut writer = ShardWriter::new(
             BufWriter::with_capacity(1 << 20, tar_handle),
             names.tar.clone(),
@@ -695,7 +703,7 @@ impl JobState<'_> {
             buf.resize(sample.image_len + sample.json_len, 0);
             spool_file
                 .read_exact_at(&mut buf, sample.offset)
-                .map_err(|e| IngestError::Local(format!("spool: {e}")))?;
+                .map_err(|e| self.work_file_error("spool", &e))?;
             let (image, json) = buf.split_at(sample.image_len);
             let sha = (sample.sha256 != [0; 32]).then(|| hex::encode(sample.sha256));
             writer
@@ -712,7 +720,7 @@ impl JobState<'_> {
         finished
             .out
             .into_inner()
-            .map_err(|e| IngestError::Local(format!("shard file: {}", e.error())))?;
+            .map_err(|e| self.work_file_error("shard file", e.error()))?;
         stats.successes = index.samples.len() as u64;
         progress.written += stats.successes;
         stats.bytes_out = index.bytes;

@@ -100,7 +100,8 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
         /// Samples shown.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         count: usize,
         /// Seed of the random choice: the same seed shows the same samples.
         #[arg(long, default_value_t = 0)]

@@ -543,6 +543,18 @@ fn grid_writes_a_png_of_the_expected_size() {
     keys.sort();
     assert_eq!(keys, ["a0", "a1", "a2", "b0", "b1", "b2"]);
     assert_eq!(image::open(&file).unwrap().width(), 3 * 18 + 2);
+
+    // No samples asked for: a usage error naming the flag (it said the dataset was empty).
+    let out = shards(&[
+        "grid",
+        path(&dir),
+        "-o",
+        file.to_str().unwrap(),
+        "--count",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "usage errors exit 1 in shards");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--count"));
 }
 
 #[test]
