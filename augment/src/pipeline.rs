@@ -819,6 +819,9 @@ impl Reader {
                 match outcome {
                     Ok(()) => return,
                     Err(ReadFailure::Receiver) => return,
+                    // Nobody reads this shard any more (the pipeline is stopping, and its
+                    // runtime cancels the reads in flight): no retry, and nothing to report.
+                    Err(_) if tx.is_closed() => return,
                     Err(ReadFailure::Damaged(reason)) => {
                         let _ = tx.send(ShardItem::Failed(reason)).await;
                         return;
