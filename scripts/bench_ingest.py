@@ -98,7 +98,7 @@ try:
     for round_number in range(args.repeats):
         rates = decode_rates()
         results["decode"]["rates"].append(max(rates.values()))
-        results["decode"]["paths"] = results["decode"].get("paths", []) + [max(rates, key=rates.get)]
+        results["decode"].setdefault("paths", []).append(max(rates, key=rates.get))
         results["floor"]["rates"].append(floor_rate())
         results["floor pair"]["rates"].append(floor_pair())
         results["floor threads"]["rates"].append(floor_rate(threads=2))

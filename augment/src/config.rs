@@ -122,6 +122,9 @@ fn default_std() -> [f32; 3] {
     [0.229, 0.224, 0.225]
 }
 
+/// The largest crop side, in pixels.
+pub const MAX_CROP_SIZE: u32 = 4096;
+
 /// The named recipes.
 pub const PRESETS: &[(&str, &str)] = &[
     (
@@ -189,9 +192,10 @@ impl AugmentConfig {
             return err("no crops".into());
         }
         for (i, g) in self.crops.iter().enumerate() {
-            if g.count == 0 || g.count > 64 || g.size == 0 || g.size > 4096 {
+            if g.count == 0 || g.count > 64 || g.size == 0 || g.size > MAX_CROP_SIZE {
                 return err(format!(
-                    "crops[{i}]: count {} and size {} must be positive (count <= 64, size <= 4096)",
+                    "crops[{i}]: count {} and size {} must be positive (count <= 64, size <= \
+                     {MAX_CROP_SIZE})",
                     g.count, g.size
                 ));
             }

@@ -398,14 +398,19 @@ impl Resolver {
         }
     }
 
-    /// The store and path of an item's URL.
-    pub fn resolve(&self, url: &str) -> Result<(Location, Path), String> {
+    /// The store and path of an item's URL, and for a `file:` URL the local file it names.
+    pub fn resolve(
+        &self,
+        url: &str,
+    ) -> Result<(Location, Path, Option<std::path::PathBuf>), String> {
         let parsed = url::Url::parse(url).map_err(|e| format!("bad URL: {e}"))?;
+        let mut local_file = None;
         let (base, path) = if parsed.scheme() == "file" {
             let file = parsed
                 .to_file_path()
                 .map_err(|()| "not a local path".to_string())?;
             let path = Path::from_absolute_path(&file).map_err(|e| e.to_string())?;
+            local_file = Some(file);
             ("/".to_string(), path)
         } else {
             let (base, object) = shards::store::split_object_url(url).map_err(|e| e.to_string())?;
@@ -416,11 +421,11 @@ impl Resolver {
         };
         let mut locations = self.locations.lock().expect("resolver lock");
         if let Some(location) = locations.get(&base) {
-            return Ok((location.clone(), path));
+            return Ok((location.clone(), path, local_file));
         }
         let location = Location::open(&base, &self.options, false).map_err(|e| e.to_string())?;
         locations.insert(base, location.clone());
-        Ok((location, path))
+        Ok((location, path, local_file))
     }
 }
 

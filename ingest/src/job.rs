@@ -823,17 +823,13 @@ impl JobState<'_> {
                 bytes_in,
                 fetch: fetch_started.elapsed(),
             };
-        let (location, path) = match self.resolver.resolve(&item.url) {
+        let (location, path, local_file) = match self.resolver.resolve(&item.url) {
             Ok(resolved) => resolved,
             Err(message) => return fail("bad_url", message, 0, &item),
         };
         // A local name that is not a regular file is refused before it is opened: opening a
         // FIFO waits for a writer that may never come, and would hold its shard for ever.
-        if let Some(file) = url::Url::parse(&item.url)
-            .ok()
-            .filter(|u| u.scheme() == "file")
-            .and_then(|u| u.to_file_path().ok())
-        {
+        if let Some(file) = local_file {
             let kind = tokio::task::spawn_blocking(move || std::fs::metadata(file)).await;
             if let Ok(Ok(metadata)) = kind
                 && !metadata.is_file()

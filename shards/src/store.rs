@@ -81,6 +81,13 @@ pub struct Location {
     pub url: String,
 }
 
+/// A JSON document as stored: pretty-printed, with a final newline.
+fn json_document<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(value).expect("documents serialize");
+    bytes.push(b'\n');
+    bytes
+}
+
 impl std::fmt::Debug for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Location").field("url", &self.url).finish()
@@ -297,9 +304,7 @@ impl Location {
         name: &str,
         value: &T,
     ) -> Result<(), StoreError> {
-        let mut bytes = serde_json::to_vec_pretty(value).expect("documents serialize");
-        bytes.push(b'\n');
-        self.put_bytes(name, bytes).await
+        self.put_bytes(name, json_document(value)).await
     }
 
     /// Writes a JSON document only if nothing is stored under `name` yet, atomically where
@@ -312,8 +317,7 @@ impl Location {
         value: &T,
     ) -> Result<bool, StoreError> {
         let path = self.child(name);
-        let mut bytes = serde_json::to_vec_pretty(value).expect("documents serialize");
-        bytes.push(b'\n');
+        let bytes = Bytes::from(json_document(value));
         let options = PutOptions {
             mode: PutMode::Create,
             ..PutOptions::default()

@@ -458,16 +458,19 @@ impl CheckpointStore {
             };
             // Training never writes a non-finite value (`crate::train` checks before saving),
             // so one here means the file was damaged after it was written.
-            let files = [(MODEL, &model), (OPTIMIZER, &optimizer)];
+            let queue_file: Vec<(String, Tensor)> = queue
+                .iter()
+                .map(|q| ("queue".to_owned(), q.shallow_clone()))
+                .collect();
+            let files = [
+                (MODEL, &model),
+                (OPTIMIZER, &optimizer),
+                (QUEUE, &queue_file),
+            ];
             for (file, tensors) in files {
                 if let Some(name) = first_non_finite(tensors) {
                     return Err(non_finite(&format!("{url}/{file}"), name));
                 }
-            }
-            if let Some(queue) = &queue
-                && first_non_finite(&[("queue".to_owned(), queue.shallow_clone())]).is_some()
-            {
-                return Err(non_finite(&format!("{url}/{QUEUE}"), "queue"));
             }
             Ok(Checkpoint {
                 url,

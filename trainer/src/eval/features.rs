@@ -28,7 +28,7 @@ use crate::train::{SwavModel, init_seed};
 const MAX_PIXELS: u64 = 64_000_000;
 
 /// The largest center crop: the largest crop training takes.
-pub const MAX_CROP: u32 = 4096;
+pub const MAX_CROP: u32 = augment::config::MAX_CROP_SIZE;
 
 /// The largest resized shorter side.
 pub const MAX_RESIZE: u32 = 8192;
