@@ -50,7 +50,10 @@ proptest! {
                 prop_assert_eq!(processed.width.min(processed.height), expected_short);
                 let expected_long = f64::from(width.max(height)) * f64::from(expected_short) / f64::from(short);
                 prop_assert!((f64::from(processed.width.max(processed.height)) - expected_long).abs() <= 1.0);
-                prop_assert_eq!(processed.width >= processed.height, width >= height);
+                // The orientation is kept, though two sides that differ by less than the
+                // scale factor may round to one length (941x942 capped at 96 is 96x96).
+                prop_assert!(processed.width.cmp(&processed.height) == width.cmp(&height)
+                    || processed.width == processed.height);
                 prop_assert_eq!((processed.original_width, processed.original_height), (width, height));
             }
         }
