@@ -388,6 +388,20 @@ impl Location {
         Ok(())
     }
 
+    /// Writes a small object and deletes it again, to find out before long work that results
+    /// can be stored here (a read-only bucket, credentials that may only read, a full or
+    /// read-only disk). The object's name starts with `.write-check-` and is unique to this
+    /// process and moment.
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos());
+        let name = format!(".write-check-{}-{nanos}", std::process::id());
+        self.put_bytes(&name, Bytes::from_static(b"seer-rs write check\n"))
+            .await?;
+        self.delete(&name).await
+    }
+
     /// Deletes an object; a missing one is fine.
     pub async fn delete(&self, name: &str) -> Result<(), StoreError> {
         let path = self.child(name);
@@ -444,6 +458,30 @@ mod tests {
                 .collect(),
             ..StoreOptions::default()
         }
+    }
+
+    #[test]
+    fn a_write_check_leaves_nothing_and_names_a_location_that_cannot_be_written() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("out");
+        let location =
+            Location::open(folder.to_str().unwrap(), &StoreOptions::default(), true).unwrap();
+        runtime.block_on(location.check_writable()).unwrap();
+        assert_eq!(std::fs::read_dir(&folder).unwrap().count(), 0);
+
+        // The folder replaced by a file: nothing can be written under it any more.
+        std::fs::remove_dir(&folder).unwrap();
+        std::fs::write(&folder, b"not a folder").unwrap();
+        let message = runtime
+            .block_on(location.check_writable())
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains(folder.to_str().unwrap()), "{message}");
+        assert!(message.contains(".write-check-"), "{message}");
     }
 
     #[test]

@@ -88,6 +88,15 @@ pub enum CheckpointError {
         #[source]
         source: std::io::Error,
     },
+    /// A trial write before training found that checkpoints cannot be stored here.
+    #[error("checkpoints cannot be written to {url}: {source}")]
+    NotWritable {
+        /// The checkpoint root.
+        url: String,
+        /// The store's refusal (boxed: it is large, and this error is rare).
+        #[source]
+        source: Box<shards::StoreError>,
+    },
     /// A checkpoint that does not fit the model, or a malformed one.
     #[error("{url}: {reason}")]
     Invalid {
@@ -261,6 +270,18 @@ impl CheckpointStore {
             location: Location::open(url, options, create)?,
             runtime,
         })
+    }
+
+    /// Writes and deletes a small object, so that a root that cannot take checkpoints (a
+    /// read-only bucket or disk, credentials that may only read) stops a run before it trains,
+    /// not at its first checkpoint hours later.
+    pub fn check_writable(&self) -> Result<(), CheckpointError> {
+        self.runtime
+            .block_on(self.location.check_writable())
+            .map_err(|source| CheckpointError::NotWritable {
+                url: self.location.url.clone(),
+                source: Box::new(source),
+            })
     }
 
     /// The root's URL.

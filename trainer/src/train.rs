@@ -516,6 +516,9 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
             }
         },
     };
+    if leader {
+        checkpoints.check_writable()?;
+    }
     if let Some(checkpoint) = resume_from {
         restore_variables(&model.vs, &checkpoint.model, &checkpoint.url)?;
         optimizer

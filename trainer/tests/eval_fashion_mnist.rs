@@ -393,6 +393,17 @@ fn bad_input_gets_a_clear_error_and_the_train_exit_codes() {
     args.extend(["--config", config, "--pool", "0"]);
     fails(&args, 2, "--pool");
     fails(&common("no-such-checkpoint"), 1, "no-such-checkpoint");
+    // A report that could not be written is found before the features are extracted.
+    let mut args = common("pixels");
+    args.extend(["--crop", "28", "--output", dir.to_str().unwrap()]);
+    fails(&args, 2, "is a folder: name the report's file");
+    let blocker = dir.join("a-file");
+    std::fs::write(&blocker, b"").unwrap();
+    let under_a_file = blocker.join("report.json");
+    let mut args = common("pixels");
+    args.extend(["--crop", "28", "--output", under_a_file.to_str().unwrap()]);
+    fails(&args, 1, blocker.to_str().unwrap());
+    assert!(!under_a_file.exists());
     let missing = dir.join("missing");
     let mut args = common("pixels");
     args.extend(["--crop", "28"]);

@@ -336,6 +336,7 @@ pub fn run(command: EvalCommand) -> Result<serde_json::Value, EvalError> {
         .output
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("eval-{protocol}.json")));
+    check_output(&output)?;
     let trunk_spec = trunk_of(common)?;
     if common.pool > 1 && matches!(trunk_spec, Trunk::Pixels) {
         return Err(EvalError::usage(
@@ -459,6 +460,25 @@ fn confusion_path(output: &Path) -> PathBuf {
         .file_stem()
         .map_or_else(|| "eval".into(), |s| s.to_string_lossy().into_owned());
     output.with_file_name(format!("{stem}-confusion.png"))
+}
+
+/// Finds an `--output` the report could not be written to before the features are extracted
+/// (minutes to hours of work): a folder at that path, or a folder for it that cannot be
+/// created or written (a temporary file is made in it and removed).
+fn check_output(output: &Path) -> Result<(), EvalError> {
+    if output.is_dir() {
+        return Err(EvalError::usage(
+            "--output",
+            format!("{} is a folder: name the report's file", output.display()),
+        ));
+    }
+    let parent = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| EvalError::file(parent, e))?;
+    tempfile::NamedTempFile::new_in(parent).map_err(|e| EvalError::file(parent, e))?;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
