@@ -872,6 +872,10 @@ impl JobState<'_> {
                     }
                 }
             };
+            // Refused, not failed: asking again only costs the pauses.
+            if is_permission_denied(&error) {
+                return fail("permission_denied", error.to_string(), 0, &item);
+            }
             if attempt == FETCH_ATTEMPTS {
                 return fail(
                     "fetch",
@@ -992,4 +996,26 @@ pub async fn merge(
         .await
         .map_err(IngestError::Output)?;
     Ok(merged)
+}
+
+/// Whether a store refused access (HTTP 401 or 403, or a local file the process may not read):
+/// an answer that does not change when asked again.
+fn is_permission_denied(error: &object_store::Error) -> bool {
+    if matches!(
+        error,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
+    ) {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }

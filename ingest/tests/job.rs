@@ -734,6 +734,87 @@ fn list_of_http_urls_is_fetched_from_a_plain_web_server() {
 }
 
 #[test]
+fn a_source_the_store_refuses_fails_at_once_as_permission_denied() {
+    // A web server that serves the small photo set and answers 403 under /forbidden/ (as a
+    // bucket does to credentials that may not read there).
+    let script = r#"
+import functools, http.server, sys
+
+class Refusing(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        if self.path.startswith("/forbidden/"):
+            self.send_error(403)
+        else:
+            super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+handler = functools.partial(Refusing, directory=sys.argv[2])
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_forever()
+"#;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let folder = small_photos().join("endless-sky");
+    let mut server = Command::new("python3")
+        .args(["-c", script, &port.to_string()])
+        .arg(&folder)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let name = std::fs::read_dir(&folder)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    let name = name.to_string_lossy();
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("urls.txt");
+    let text =
+        format!("http://127.0.0.1:{port}/{name}\nhttp://127.0.0.1:{port}/forbidden/{name}\n");
+    std::fs::write(&list, text).unwrap();
+    let out = dir.path().join("out");
+    let output = ingest()
+        .arg("run")
+        .arg(&list)
+        .arg("--list")
+        .arg("-o")
+        .arg(&out)
+        .args(["--no-progress", "--json"])
+        .output()
+        .unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (summary["written"].as_u64(), summary["failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{summary}"
+    );
+    let stats: ShardStats =
+        serde_json::from_slice(&std::fs::read(out.join("data-000000_stats.json")).unwrap())
+            .unwrap();
+    assert_eq!(stats.failures.len(), 1);
+    let failure = &stats.failures[0];
+    assert_eq!(failure.reason, "permission_denied", "{failure:?}");
+    assert!(failure.url.contains("/forbidden/"), "{failure:?}");
+    assert!(
+        !failure.message.contains("attempts"),
+        "asked once: {failure:?}"
+    );
+}
+
+#[test]
 fn a_job_that_fails_before_writing_leaves_no_output_folder_behind() {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("new/out");
