@@ -170,9 +170,12 @@ pub struct Progress {
     pub shards_total: u64,
 }
 
+/// How often progress is reported while no source finishes.
+const HEARTBEAT: Duration = Duration::from_secs(10);
+
 /// Receives progress; the CLI draws a bar or logs from it.
 pub trait Reporter: Send + Sync {
-    /// Called often (after each source); keep it cheap.
+    /// Called often (after each source, and every 10 s while none finishes); keep it cheap.
     fn progress(&self, progress: &Progress);
     /// Called once per shard published.
     fn shard_done(&self, _stats: &ShardStats) {}
@@ -577,7 +580,22 @@ impl JobState<'_> {
                 .map(|(plan_index, item)| self.fetch_and_process(plan_index, item)),
         )
         .buffer_unordered(self.config.fetch_concurrency);
-        while let Some(outcome) = results.next().await {
+        // Progress goes out as sources finish, and also on a clock: when every source in
+        // flight is stalled (a slow server, a long retry), the log still shows the job alive.
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.reset();
+        loop {
+            let outcome = tokio::select! {
+                outcome = results.next() => match outcome {
+                    Some(outcome) => outcome,
+                    None => break,
+                },
+                _ = heartbeat.tick() => {
+                    self.reporter.progress(progress);
+                    continue;
+                }
+            };
             progress.items_done += 1;
             let seen = self.counters.seen.fetch_add(1, Ordering::Relaxed) + 1;
             match outcome {

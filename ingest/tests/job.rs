@@ -733,66 +733,100 @@ fn list_of_http_urls_is_fetched_from_a_plain_web_server() {
     );
 }
 
-#[test]
-fn a_source_the_store_refuses_fails_at_once_as_permission_denied() {
-    // A web server that serves the small photo set and answers 403 under /forbidden/ (as a
-    // bucket does to credentials that may not read there).
-    let script = r#"
-import functools, http.server, sys
+/// A web server over `folder` that answers 403 under `/forbidden/` (as a bucket does to
+/// credentials that may not read there) and serves files under `/slow/` after 15 s; the
+/// server is killed when the handle is dropped.
+struct TestServer {
+    child: std::process::Child,
+    port: u16,
+}
 
-class Refusing(http.server.SimpleHTTPRequestHandler):
+impl TestServer {
+    const SCRIPT: &str = r#"
+import functools, http.server, sys, time
+
+class Server(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):
         if self.path.startswith("/forbidden/"):
             self.send_error(403)
-        else:
-            super().do_GET()
+            return
+        if self.path.startswith("/slow/"):
+            time.sleep(15)
+            self.path = self.path[len("/slow"):]
+        super().do_GET()
 
     def log_message(self, *args):
         pass
 
-handler = functools.partial(Refusing, directory=sys.argv[2])
+handler = functools.partial(Server, directory=sys.argv[2])
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_forever()
 "#;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let folder = small_photos().join("endless-sky");
-    let mut server = Command::new("python3")
-        .args(["-c", script, &port.to_string()])
-        .arg(&folder)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the server did not start");
-        std::thread::sleep(Duration::from_millis(50));
+
+    fn start(folder: &Path) -> TestServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .args(["-c", Self::SCRIPT, &port.to_string()])
+            .arg(folder)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        TestServer { child, port }
     }
-    let name = std::fs::read_dir(&folder)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .file_name();
-    let name = name.to_string_lossy();
-    let dir = tempfile::tempdir().unwrap();
-    let list = dir.path().join("urls.txt");
-    let text =
-        format!("http://127.0.0.1:{port}/{name}\nhttp://127.0.0.1:{port}/forbidden/{name}\n");
-    std::fs::write(&list, text).unwrap();
-    let out = dir.path().join("out");
-    let output = ingest()
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `ingest run LIST --list -o OUT --no-progress --json` on `urls`, logging at `info`
+/// (JSON lines); returns the output.
+fn ingest_list(dir: &Path, urls: &[String]) -> std::process::Output {
+    let list = dir.join("urls.txt");
+    std::fs::write(&list, urls.join("\n") + "\n").unwrap();
+    ingest()
+        .env("RUST_LOG", "info")
         .arg("run")
         .arg(&list)
         .arg("--list")
         .arg("-o")
-        .arg(&out)
+        .arg(dir.join("out"))
         .args(["--no-progress", "--json"])
         .output()
+        .unwrap()
+}
+
+fn first_small_photo_name() -> String {
+    let entry = std::fs::read_dir(small_photos().join("endless-sky"))
+        .unwrap()
+        .next()
+        .unwrap()
         .unwrap();
-    server.kill().unwrap();
-    server.wait().unwrap();
+    entry.file_name().to_string_lossy().into_owned()
+}
+
+#[test]
+fn a_source_the_store_refuses_fails_at_once_as_permission_denied() {
+    let server = TestServer::start(&small_photos().join("endless-sky"));
+    let (port, name) = (server.port, first_small_photo_name());
+    let dir = tempfile::tempdir().unwrap();
+    let output = ingest_list(
+        dir.path(),
+        &[
+            format!("http://127.0.0.1:{port}/{name}"),
+            format!("http://127.0.0.1:{port}/forbidden/{name}"),
+        ],
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
@@ -801,9 +835,10 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_
         (Some(1), Some(1)),
         "{summary}"
     );
-    let stats: ShardStats =
-        serde_json::from_slice(&std::fs::read(out.join("data-000000_stats.json")).unwrap())
-            .unwrap();
+    let stats: ShardStats = serde_json::from_slice(
+        &std::fs::read(dir.path().join("out/data-000000_stats.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(stats.failures.len(), 1);
     let failure = &stats.failures[0];
     assert_eq!(failure.reason, "permission_denied", "{failure:?}");
@@ -811,6 +846,31 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_
     assert!(
         !failure.message.contains("attempts"),
         "asked once: {failure:?}"
+    );
+}
+
+#[test]
+fn progress_is_logged_while_every_source_in_flight_is_stalled() {
+    let server = TestServer::start(&small_photos().join("endless-sky"));
+    let (port, name) = (server.port, first_small_photo_name());
+    let dir = tempfile::tempdir().unwrap();
+    let output = ingest_list(
+        dir.path(),
+        &[
+            format!("http://127.0.0.1:{port}/{name}"),
+            format!("http://127.0.0.1:{port}/slow/{name}"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    // A line logged while the slow source was in flight: one of two done.
+    assert!(
+        stderr
+            .lines()
+            .any(|line| line.contains(r#""message":"progress""#)
+                && line.contains(r#""done":1,"#)
+                && line.contains(r#""total":2,"#)),
+        "{stderr}"
     );
 }
 
