@@ -789,46 +789,42 @@ impl Drop for TestServer {
     }
 }
 
-/// Runs `ingest run LIST --list -o OUT --no-progress --json` on `urls`, logging at `info`
-/// (JSON lines); returns the output.
-fn ingest_list(dir: &Path, urls: &[String]) -> std::process::Output {
-    let list = dir.join("urls.txt");
-    std::fs::write(&list, urls.join("\n") + "\n").unwrap();
-    ingest()
+/// Runs `ingest run LIST --list -o OUT --no-progress --json`, logging at `info` (JSON lines),
+/// on one photo of the small set served by a [`TestServer`] twice: plainly, and under
+/// `/{special}/`. Expects the job to succeed; returns its folder (`out` inside) and output.
+fn ingest_plain_and(special: &str) -> (tempfile::TempDir, std::process::Output) {
+    let folder = small_photos().join("endless-sky");
+    let server = TestServer::start(&folder);
+    let entry = std::fs::read_dir(&folder).unwrap().next().unwrap().unwrap();
+    let (port, name) = (server.port, entry.file_name());
+    let name = name.to_string_lossy();
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("urls.txt");
+    let urls =
+        format!("http://127.0.0.1:{port}/{name}\nhttp://127.0.0.1:{port}/{special}/{name}\n");
+    std::fs::write(&list, urls).unwrap();
+    let output = ingest()
         .env("RUST_LOG", "info")
         .arg("run")
         .arg(&list)
         .arg("--list")
         .arg("-o")
-        .arg(dir.join("out"))
+        .arg(dir.path().join("out"))
         .args(["--no-progress", "--json"])
         .output()
-        .unwrap()
-}
-
-fn first_small_photo_name() -> String {
-    let entry = std::fs::read_dir(small_photos().join("endless-sky"))
-        .unwrap()
-        .next()
-        .unwrap()
         .unwrap();
-    entry.file_name().to_string_lossy().into_owned()
+    drop(server);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (dir, output)
 }
 
 #[test]
 fn a_source_the_store_refuses_fails_at_once_as_permission_denied() {
-    let server = TestServer::start(&small_photos().join("endless-sky"));
-    let (port, name) = (server.port, first_small_photo_name());
-    let dir = tempfile::tempdir().unwrap();
-    let output = ingest_list(
-        dir.path(),
-        &[
-            format!("http://127.0.0.1:{port}/{name}"),
-            format!("http://127.0.0.1:{port}/forbidden/{name}"),
-        ],
-    );
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
+    let (dir, output) = ingest_plain_and("forbidden");
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(
         (summary["written"].as_u64(), summary["failed"].as_u64()),
@@ -851,18 +847,8 @@ fn a_source_the_store_refuses_fails_at_once_as_permission_denied() {
 
 #[test]
 fn progress_is_logged_while_every_source_in_flight_is_stalled() {
-    let server = TestServer::start(&small_photos().join("endless-sky"));
-    let (port, name) = (server.port, first_small_photo_name());
-    let dir = tempfile::tempdir().unwrap();
-    let output = ingest_list(
-        dir.path(),
-        &[
-            format!("http://127.0.0.1:{port}/{name}"),
-            format!("http://127.0.0.1:{port}/slow/{name}"),
-        ],
-    );
+    let (_dir, output) = ingest_plain_and("slow");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
     // A line logged while the slow source was in flight: one of two done.
     assert!(
         stderr
