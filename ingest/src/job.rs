@@ -1009,11 +1009,62 @@ pub async fn merge(
             if missing.len() > 10 { ", ..." } else { "" }
         )));
     }
+    check_stored_shards(&output, &merged).await?;
     output
         .put_json(MANIFEST, &merged)
         .await
         .map_err(IngestError::Output)?;
     Ok(merged)
+}
+
+/// Checks, with one listing, that every shard of `manifest` is stored at the size its
+/// partition recorded: a shard that is gone, or that another run rewrote or that was cut short,
+/// must not be published. (Its bytes are not hashed here: `shards verify` does that.)
+async fn check_stored_shards(output: &Location, manifest: &Manifest) -> Result<(), IngestError> {
+    let mut stored = BTreeMap::new();
+    let mut listing = output.store.list(Some(&output.prefix));
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(|source| IngestError::Listing {
+            url: output.url.clone(),
+            source,
+        })?;
+        let name = meta
+            .location
+            .as_ref()
+            .strip_prefix(output.prefix.as_ref())
+            .unwrap_or(meta.location.as_ref())
+            .trim_start_matches('/')
+            .to_string();
+        stored.insert(name, meta.size);
+    }
+    let wrong: Vec<String> = manifest
+        .shards
+        .iter()
+        .filter_map(|shard| match stored.get(&shard.name) {
+            None => Some(format!("{} is missing", shard.name)),
+            Some(&size) if size != shard.bytes => Some(format!(
+                "{} holds {size} bytes, its partition wrote {}",
+                shard.name, shard.bytes
+            )),
+            Some(_) => None,
+        })
+        .collect();
+    if wrong.is_empty() {
+        return Ok(());
+    }
+    Err(IngestError::Config(format!(
+        "{} of the {} shards do not match their partitions' manifests ({}{}); rerun the \
+         partitions that wrote them, then merge again",
+        wrong.len(),
+        manifest.shards.len(),
+        wrong
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; "),
+        if wrong.len() > 10 { "; ..." } else { "" }
+    )))
 }
 
 /// Whether a store refused access (HTTP 401 or 403, or a local file the process may not read):

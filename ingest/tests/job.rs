@@ -507,6 +507,26 @@ fn partitions_write_disjoint_shards_and_merge_to_the_single_run() {
         "{stderr}"
     );
     assert!(tars(parts.path()) == before, "the shards were rewritten");
+
+    // A shard cut short, or gone, after its partition finished: merge refuses to publish it.
+    let shard = parts.path().join(&b.shards[0].name);
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let other = parts.path().join(&b.shards[1].name);
+    std::fs::remove_file(&other).unwrap();
+    std::fs::remove_file(parts.path().join("manifest.json")).unwrap();
+    let output = ingest().arg("merge").arg(parts.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    let cut = format!(
+        "{} holds {} bytes, its partition wrote {}",
+        b.shards[0].name,
+        bytes.len() / 2,
+        bytes.len()
+    );
+    let gone = format!("{} is missing", b.shards[1].name);
+    assert!(stderr.contains(&cut) && stderr.contains(&gone), "{stderr}");
+    assert!(!parts.path().join("manifest.json").exists(), "{stderr}");
 }
 
 fn max_child_rss_kib() -> i64 {
