@@ -6,9 +6,9 @@
 //! `ProcessGroupNCCL` (CUDA tensors, with the `nccl` feature) on a prefix of that store. A
 //! process group implements [`Collective`], so the SwAV loss runs its distributed Sinkhorn on it
 //! unchanged; [`GradientReducer`] averages gradients in buckets of a set size (few large
-//! all-reduces are much faster than many small ones); [`sync_batch_norm`] is SyncBatchNorm as a
-//! custom autograd function of the bridge, whose forward and backward sum their statistics
-//! over a group.
+//! all-reduces are much faster than many small ones); [`ProcessGroup::sync_batch_norm`] is
+//! SyncBatchNorm as a custom autograd function of the bridge, whose forward and backward sum
+//! their statistics over a group.
 //!
 //! **Failures.** Every operation waits at most the group's timeout. The fallible methods
 //! ([`ProcessGroup::all_reduce`], ...) return [`DistError`]; the [`Collective`] methods, which
