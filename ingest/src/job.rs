@@ -962,21 +962,8 @@ pub async fn merge(
         .ok_or_else(|| {
             IngestError::Config(format!("{} has no plan: no ingest ran there", output.url))
         })?;
-    let parts_prefix = output.child("_parts");
-    let mut listing = output.store.list(Some(&parts_prefix));
     let mut parts = Vec::new();
-    while let Some(meta) = listing.next().await {
-        let meta = meta.map_err(|source| IngestError::Listing {
-            url: output.url.clone(),
-            source,
-        })?;
-        let name = meta
-            .location
-            .as_ref()
-            .strip_prefix(output.prefix.as_ref())
-            .unwrap_or(meta.location.as_ref())
-            .trim_start_matches('/')
-            .to_string();
+    for (name, _) in list_objects(&output, Some("_parts")).await? {
         if name.ends_with(".json") {
             let part = output
                 .get_json::<Manifest>(&name)
@@ -1017,12 +1004,15 @@ pub async fn merge(
     Ok(merged)
 }
 
-/// Checks, with one listing, that every shard of `manifest` is stored at the size its
-/// partition recorded: a shard that is gone, or that another run rewrote or that was cut short,
-/// must not be published. (Its bytes are not hashed here: `shards verify` does that.)
-async fn check_stored_shards(output: &Location, manifest: &Manifest) -> Result<(), IngestError> {
-    let mut stored = BTreeMap::new();
-    let mut listing = output.store.list(Some(&output.prefix));
+/// Every object under `output` (under its folder `under`, when given): names relative to
+/// `output`, and sizes.
+async fn list_objects(
+    output: &Location,
+    under: Option<&str>,
+) -> Result<Vec<(String, u64)>, IngestError> {
+    let prefix = under.map_or_else(|| output.prefix.clone(), |folder| output.child(folder));
+    let mut listing = output.store.list(Some(&prefix));
+    let mut objects = Vec::new();
     while let Some(meta) = listing.next().await {
         let meta = meta.map_err(|source| IngestError::Listing {
             url: output.url.clone(),
@@ -1035,8 +1025,16 @@ async fn check_stored_shards(output: &Location, manifest: &Manifest) -> Result<(
             .unwrap_or(meta.location.as_ref())
             .trim_start_matches('/')
             .to_string();
-        stored.insert(name, meta.size);
+        objects.push((name, meta.size));
     }
+    Ok(objects)
+}
+
+/// Checks, with one listing, that every shard of `manifest` is stored at the size its
+/// partition recorded: a shard that is gone, or that another run rewrote or that was cut short,
+/// must not be published. (Its bytes are not hashed here: `shards verify` does that.)
+async fn check_stored_shards(output: &Location, manifest: &Manifest) -> Result<(), IngestError> {
+    let stored: BTreeMap<String, u64> = list_objects(output, None).await?.into_iter().collect();
     let wrong: Vec<String> = manifest
         .shards
         .iter()
