@@ -892,12 +892,12 @@ impl JobState<'_> {
             };
             // Refused, not failed: asking again only costs the pauses.
             if is_permission_denied(&error) {
-                return fail("permission_denied", error.to_string(), 0, &item);
+                return fail("permission_denied", with_causes(&error), 0, &item);
             }
             if attempt == FETCH_ATTEMPTS {
                 return fail(
                     "fetch",
-                    format!("{error} (after {attempt} attempts)"),
+                    format!("{} (after {attempt} attempts)", with_causes(&error)),
                     0,
                     &item,
                 );
@@ -1065,6 +1065,23 @@ async fn check_stored_shards(output: &Location, manifest: &Manifest) -> Result<(
     )))
 }
 
+/// An error's text followed by its causes' (those it does not already include): the HTTP
+/// client's errors say "error sending request" and keep the reason (a timeout, a reset, too
+/// many redirects) in their sources.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
 /// Whether a store refused access (HTTP 401 or 403, or a local file the process may not read):
 /// an answer that does not change when asked again.
 fn is_permission_denied(error: &object_store::Error) -> bool {
@@ -1085,4 +1102,45 @@ fn is_permission_denied(error: &object_store::Error) -> bool {
         source = cause.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that, like the HTTP client's, keeps its reason in its source.
+    #[derive(Debug)]
+    struct Sending(std::io::Error);
+
+    impl std::fmt::Display for Sending {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("error sending request")
+        }
+    }
+
+    impl std::error::Error for Sending {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn failure_messages_carry_the_causes_their_errors_hide() {
+        let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "operation timed out");
+        let error = object_store::Error::Generic {
+            store: "HTTP",
+            source: Box::new(Sending(timeout)),
+        };
+        let message = with_causes(&error);
+        assert!(
+            message.contains("error sending request: operation timed out"),
+            "{message}"
+        );
+        // A cause the text already holds is not repeated.
+        assert_eq!(
+            message.matches("error sending request").count(),
+            1,
+            "{message}"
+        );
+    }
 }

@@ -866,6 +866,47 @@ fn a_source_the_store_refuses_fails_at_once_as_permission_denied() {
 }
 
 #[test]
+fn a_url_too_long_for_a_request_fails_alone_instead_of_crashing_the_job() {
+    // Before the check, the HTTP client under object_store panicked on it: exit 101, and
+    // every rerun of the job again.
+    let photo = std::fs::read_dir(small_photos().join("endless-sky"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("urls.txt");
+    let long = format!("http://127.0.0.1:9/{}.jpg", "L".repeat(70_000));
+    std::fs::write(&list, format!("{}\n{long}\n", photo.display())).unwrap();
+    let out = dir.path().join("out");
+    let output = run_ok(
+        ingest()
+            .arg("run")
+            .arg(&list)
+            .arg("--list")
+            .arg("-o")
+            .arg(&out)
+            .args(["--no-progress", "--json"]),
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (summary["written"].as_u64(), summary["failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{summary}"
+    );
+    let stats: ShardStats =
+        serde_json::from_slice(&std::fs::read(out.join("data-000000_stats.json")).unwrap())
+            .unwrap();
+    assert_eq!(stats.failures[0].reason, "bad_url");
+    assert!(
+        stats.failures[0].message.contains("once encoded"),
+        "{:?}",
+        stats.failures[0].message
+    );
+}
+
+#[test]
 fn progress_is_logged_while_every_source_in_flight_is_stalled() {
     let (_dir, output) = ingest_plain_and("slow");
     let stderr = String::from_utf8_lossy(&output.stderr);
