@@ -19,8 +19,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
+use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shards::meta::{FORMAT_VERSION, MANIFEST};
@@ -358,6 +360,13 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         config,
         output: &output,
         resolver: Arc::new(Resolver::new(config.store.clone())),
+        http: reqwest::Client::builder()
+            .timeout(config.store.timeout)
+            .connect_timeout(config.store.connect_timeout)
+            .redirect(reqwest::redirect::Policy::limited(10))
+            .user_agent(concat!("seer-rs-ingest/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| IngestError::Local(format!("starting the HTTP client: {e}")))?,
         cpu: CpuPool::new("ingest-cpu", config.workers).map_err(|e| {
             IngestError::Local(format!("starting {} CPU threads: {e}", config.workers))
         })?,
@@ -449,6 +458,7 @@ struct JobState<'a> {
     config: &'a JobConfig,
     output: &'a Location,
     resolver: Arc<Resolver>,
+    http: reqwest::Client,
     cpu: CpuPool,
     counters: Arc<Counters>,
     reporter: &'a dyn Reporter,
@@ -461,6 +471,90 @@ impl JobState<'_> {
             "{what} in {}: {error}",
             self.config.work_dir.display()
         ))
+    }
+
+    /// One read of an object from its store.
+    async fn store_get(&self, location: &Location, path: &Path) -> Fetched {
+        let result = match location.store.get(path).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Fetched::NotFound,
+            Err(error) => return Fetched::from_store_error(&error),
+        };
+        let meta = result.meta.clone();
+        let cap = self.config.image.max_input_bytes;
+        if meta.size > cap {
+            // Refused from the object's size alone, before reading its bytes.
+            return Fetched::TooLarge(format!(
+                "input is {} bytes, more than the {cap}-byte cap",
+                meta.size
+            ));
+        }
+        match result.bytes().await {
+            Ok(bytes) => Fetched::Bytes(meta, bytes),
+            Err(error) => Fetched::from_store_error(&error),
+        }
+    }
+
+    /// One plain GET of an http(s) URL, query included, read up to the input byte cap.
+    async fn http_get(&self, url: &str, path: &Path) -> Fetched {
+        use reqwest::StatusCode;
+        let cap = self.config.image.max_input_bytes;
+        let mut response = match self.http.get(url).send().await {
+            Ok(response) => response,
+            Err(error) => return Fetched::Failed(with_causes(&error)),
+        };
+        let status = response.status();
+        match status {
+            StatusCode::NOT_FOUND | StatusCode::GONE => return Fetched::NotFound,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Fetched::Denied(format!("the server answered {status}"));
+            }
+            _ if !status.is_success() => {
+                return Fetched::Failed(format!("the server answered {status}"));
+            }
+            _ => {}
+        }
+        if let Some(length) = response.content_length()
+            && length > cap
+        {
+            return Fetched::TooLarge(format!(
+                "input is {length} bytes, more than the {cap}-byte cap"
+            ));
+        }
+        let header = |name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|value: &reqwest::header::HeaderValue| value.to_str().ok())
+                .map(str::to_owned)
+        };
+        let e_tag = header(reqwest::header::ETAG);
+        let last_modified = header(reqwest::header::LAST_MODIFIED)
+            .and_then(|date| chrono::DateTime::parse_from_rfc2822(&date).ok())
+            .map_or_else(chrono::Utc::now, |date| date.with_timezone(&chrono::Utc));
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if (body.len() + chunk.len()) as u64 > cap {
+                        return Fetched::TooLarge(format!(
+                            "input is more than the {cap}-byte cap (the server sent no length)"
+                        ));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(error) => return Fetched::Failed(with_causes(&error)),
+            }
+        }
+        let meta = object_store::ObjectMeta {
+            location: path.clone(),
+            last_modified,
+            size: body.len() as u64,
+            e_tag,
+            version: None,
+        };
+        Fetched::Bytes(meta, Bytes::from(body))
     }
 
     /// Makes one shard from its plan chunk, in a local file, for [`JobState::publish`].
@@ -868,41 +962,30 @@ impl JobState<'_> {
         // costs time, not samples.
         const FETCH_ATTEMPTS: u32 = 4;
         let mut attempt = 1;
+        let is_http = item.url.starts_with("http://") || item.url.starts_with("https://");
         let (meta, bytes) = loop {
-            let error = match location.store.get(&path).await {
-                Err(object_store::Error::NotFound { .. }) => {
-                    return fail("not_found", "no such object".into(), 0, &item);
-                }
-                Err(e) => e,
-                Ok(result) => {
-                    let meta = result.meta.clone();
-                    if meta.size > self.config.image.max_input_bytes {
-                        // Refused from the object's size alone, before reading its bytes.
-                        let message = format!(
-                            "input is {} bytes, more than the {}-byte cap",
-                            meta.size, self.config.image.max_input_bytes
-                        );
-                        return fail("too_large_bytes", message, 0, &item);
-                    }
-                    match result.bytes().await {
-                        Ok(bytes) => break (meta, bytes),
-                        Err(e) => e,
-                    }
-                }
+            let fetched = if is_http {
+                self.http_get(&item.url, &path).await
+            } else {
+                self.store_get(&location, &path).await
             };
-            // Refused, not failed: asking again only costs the pauses.
-            if is_permission_denied(&error) {
-                return fail("permission_denied", with_causes(&error), 0, &item);
-            }
+            let message = match fetched {
+                Fetched::Bytes(meta, bytes) => break (meta, bytes),
+                Fetched::NotFound => return fail("not_found", "no such object".into(), 0, &item),
+                Fetched::TooLarge(message) => return fail("too_large_bytes", message, 0, &item),
+                // Refused, not failed: asking again only costs the pauses.
+                Fetched::Denied(message) => return fail("permission_denied", message, 0, &item),
+                Fetched::Failed(message) => message,
+            };
             if attempt == FETCH_ATTEMPTS {
                 return fail(
                     "fetch",
-                    format!("{} (after {attempt} attempts)", with_causes(&error)),
+                    format!("{message} (after {attempt} attempts)"),
                     0,
                     &item,
                 );
             }
-            tracing::debug!(url = %item.url, attempt, %error, "fetch failed; trying again");
+            tracing::debug!(url = %item.url, attempt, %message, "fetch failed; trying again");
             tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
             attempt += 1;
         };
@@ -1063,6 +1146,30 @@ async fn check_stored_shards(output: &Location, manifest: &Manifest) -> Result<(
             .join("; "),
         if wrong.len() > 10 { "; ..." } else { "" }
     )))
+}
+
+/// What one read of a source gave.
+enum Fetched {
+    /// The object and its bytes.
+    Bytes(object_store::ObjectMeta, Bytes),
+    /// The store has no such object.
+    NotFound,
+    /// Over the input byte cap.
+    TooLarge(String),
+    /// The store refused access.
+    Denied(String),
+    /// Anything else: worth another try.
+    Failed(String),
+}
+
+impl Fetched {
+    fn from_store_error(error: &object_store::Error) -> Fetched {
+        if is_permission_denied(error) {
+            Fetched::Denied(with_causes(error))
+        } else {
+            Fetched::Failed(with_causes(error))
+        }
+    }
 }
 
 /// An error's text followed by its causes' (those it does not already include): the HTTP

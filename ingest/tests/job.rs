@@ -754,8 +754,10 @@ fn list_of_http_urls_is_fetched_from_a_plain_web_server() {
 }
 
 /// A web server over `folder` that answers 403 under `/forbidden/` (as a bucket does to
-/// credentials that may not read there) and serves files under `/slow/` after 15 s; the
-/// server is killed when the handle is dropped.
+/// credentials that may not read there), serves files under `/slow/` after 15 s, under
+/// `/signed/` only with the query `?sig=abc` (as a presigned URL), and under `/nolength/`
+/// without a Content-Length (as dynamic servers do); the server is killed when the handle is
+/// dropped.
 struct TestServer {
     child: std::process::Child,
     port: u16,
@@ -773,6 +775,21 @@ class Server(http.server.SimpleHTTPRequestHandler):
         if self.path.startswith("/slow/"):
             time.sleep(15)
             self.path = self.path[len("/slow"):]
+        if self.path.startswith("/signed/"):
+            name, _, query = self.path[len("/signed"):].partition("?")
+            if query != "sig=abc":
+                self.send_error(403)
+                return
+            self.path = name
+        if self.path.startswith("/nolength/"):
+            with open(self.translate_path(self.path[len("/nolength"):]), "rb") as file:
+                body = file.read()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+            return
         super().do_GET()
 
     def log_message(self, *args):
@@ -820,8 +837,10 @@ fn ingest_plain_and(special: &str) -> (tempfile::TempDir, std::process::Output) 
     let name = name.to_string_lossy();
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("urls.txt");
-    let urls =
-        format!("http://127.0.0.1:{port}/{name}\nhttp://127.0.0.1:{port}/{special}/{name}\n");
+    let query = if special == "signed" { "?sig=abc" } else { "" };
+    let urls = format!(
+        "http://127.0.0.1:{port}/{name}\nhttp://127.0.0.1:{port}/{special}/{name}{query}\n"
+    );
     std::fs::write(&list, urls).unwrap();
     let output = ingest()
         .env("RUST_LOG", "info")
@@ -904,6 +923,20 @@ fn a_url_too_long_for_a_request_fails_alone_instead_of_crashing_the_job() {
         "{:?}",
         stats.failures[0].message
     );
+}
+
+#[test]
+fn http_sources_keep_their_query_and_may_omit_the_length() {
+    for special in ["signed", "nolength"] {
+        let (_dir, output) = ingest_plain_and(special);
+        let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        // The same bytes twice: the second copy is fetched, and dropped as a duplicate.
+        assert_eq!(
+            (summary["failed"].as_u64(), summary["duplicates"].as_u64()),
+            (Some(0), Some(1)),
+            "{special}: {summary}"
+        );
+    }
 }
 
 #[test]
