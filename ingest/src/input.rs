@@ -1,7 +1,7 @@
 //! Where the images come from: a listed object-store prefix or a list file.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use futures::stream::{BoxStream, StreamExt};
 use object_store::ObjectStoreExt;
@@ -386,11 +386,35 @@ fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
 /// 1 KiB, browsers at 64 KiB), below what an HTTP request line can carry.
 pub const MAX_URL_BYTES: usize = 32 * 1024;
 
-/// Opens the stores that items' URLs point into, once per bucket or host.
+/// Where an item's bytes are read from.
+#[derive(Debug)]
+pub enum Source {
+    /// An object in a store, and for a `file:` URL the local file it names.
+    Store {
+        /// The bucket, host or local root.
+        location: Location,
+        /// The object in it.
+        path: Path,
+        /// The file a `file:` URL names.
+        local_file: Option<std::path::PathBuf>,
+    },
+    /// An http(s) URL, read with a plain GET of the URL as given: object_store's HTTP store
+    /// speaks WebDAV, which drops a URL's query and needs a Content-Length.
+    Http {
+        /// The job's HTTP client.
+        client: reqwest::Client,
+        /// The URL's path, for the object's metadata.
+        path: Path,
+    },
+}
+
+/// Opens the stores that items' URLs point into, once per bucket or host, and the HTTP
+/// client, on first use.
 #[derive(Default)]
 pub struct Resolver {
     options: StoreOptions,
     locations: Mutex<HashMap<String, Location>>,
+    http: OnceLock<Result<reqwest::Client, String>>,
 }
 
 impl Resolver {
@@ -398,15 +422,12 @@ impl Resolver {
     pub fn new(options: StoreOptions) -> Self {
         Self {
             options,
-            locations: Mutex::default(),
+            ..Self::default()
         }
     }
 
-    /// The store and path of an item's URL, and for a `file:` URL the local file it names.
-    pub fn resolve(
-        &self,
-        url: &str,
-    ) -> Result<(Location, Path, Option<std::path::PathBuf>), String> {
+    /// Where an item's URL is read from.
+    pub fn resolve(&self, url: &str) -> Result<Source, String> {
         let parsed = url::Url::parse(url).map_err(|e| format!("bad URL: {e}"))?;
         // The HTTP client under object_store panics on a request line it cannot hold (about
         // 64 KiB); a URL this long is a broken line of a list, not an object anyone stores.
@@ -416,28 +437,56 @@ impl Resolver {
                 parsed.as_str().len()
             ));
         }
-        let mut local_file = None;
-        let (base, path) = if parsed.scheme() == "file" {
+        if parsed.scheme() == "file" {
             let file = parsed
                 .to_file_path()
                 .map_err(|()| "not a local path".to_string())?;
             let path = Path::from_absolute_path(&file).map_err(|e| e.to_string())?;
-            local_file = Some(file);
-            ("/".to_string(), path)
-        } else {
-            let (base, object) = shards::store::split_object_url(url).map_err(|e| e.to_string())?;
-            (
-                base,
-                Path::from_url_path(&object).map_err(|e| e.to_string())?,
-            )
-        };
-        let mut locations = self.locations.lock().expect("resolver lock");
-        if let Some(location) = locations.get(&base) {
-            return Ok((location.clone(), path, local_file));
+            return Ok(Source::Store {
+                location: self.location("/")?,
+                path,
+                local_file: Some(file),
+            });
         }
-        let location = Location::open(&base, &self.options, false).map_err(|e| e.to_string())?;
-        locations.insert(base, location.clone());
-        Ok((location, path, local_file))
+        let (base, object) = shards::store::split_object_url(url).map_err(|e| e.to_string())?;
+        let path = Path::from_url_path(&object).map_err(|e| e.to_string())?;
+        if matches!(parsed.scheme(), "http" | "https") {
+            return Ok(Source::Http {
+                client: self.http_client()?,
+                path,
+            });
+        }
+        Ok(Source::Store {
+            location: self.location(&base)?,
+            path,
+            local_file: None,
+        })
+    }
+
+    /// The store at `base`, opened on first use.
+    fn location(&self, base: &str) -> Result<Location, String> {
+        let mut locations = self.locations.lock().expect("resolver lock");
+        if let Some(location) = locations.get(base) {
+            return Ok(location.clone());
+        }
+        let location = Location::open(base, &self.options, false).map_err(|e| e.to_string())?;
+        locations.insert(base.to_string(), location.clone());
+        Ok(location)
+    }
+
+    /// The HTTP client, built on first use with the stores' timeouts.
+    fn http_client(&self) -> Result<reqwest::Client, String> {
+        self.http
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .timeout(self.options.timeout)
+                    .connect_timeout(self.options.connect_timeout)
+                    .redirect(reqwest::redirect::Policy::limited(10))
+                    .user_agent(concat!("seer-rs-ingest/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .map_err(|e| format!("starting the HTTP client: {e}"))
+            })
+            .clone()
     }
 }
 

@@ -32,7 +32,7 @@ use shards::{
 };
 
 use crate::image::{ImageConfig, ProcessedImage, process_image};
-use crate::input::{InputSpec, Resolver, SourceItem};
+use crate::input::{InputSpec, Resolver, Source, SourceItem};
 use crate::pool::CpuPool;
 use crate::{IngestError, plan};
 
@@ -360,13 +360,6 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         config,
         output: &output,
         resolver: Arc::new(Resolver::new(config.store.clone())),
-        http: reqwest::Client::builder()
-            .timeout(config.store.timeout)
-            .connect_timeout(config.store.connect_timeout)
-            .redirect(reqwest::redirect::Policy::limited(10))
-            .user_agent(concat!("seer-rs-ingest/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| IngestError::Local(format!("starting the HTTP client: {e}")))?,
         cpu: CpuPool::new("ingest-cpu", config.workers).map_err(|e| {
             IngestError::Local(format!("starting {} CPU threads: {e}", config.workers))
         })?,
@@ -458,7 +451,6 @@ struct JobState<'a> {
     config: &'a JobConfig,
     output: &'a Location,
     resolver: Arc<Resolver>,
-    http: reqwest::Client,
     cpu: CpuPool,
     counters: Arc<Counters>,
     reporter: &'a dyn Reporter,
@@ -496,10 +488,10 @@ impl JobState<'_> {
     }
 
     /// One plain GET of an http(s) URL, query included, read up to the input byte cap.
-    async fn http_get(&self, url: &str, path: &Path) -> Fetched {
+    async fn http_get(&self, client: &reqwest::Client, url: &str, path: &Path) -> Fetched {
         use reqwest::StatusCode;
         let cap = self.config.image.max_input_bytes;
-        let mut response = match self.http.get(url).send().await {
+        let mut response = match client.get(url).send().await {
             Ok(response) => response,
             Err(error) => return Fetched::Failed(with_causes(&error)),
         };
@@ -935,13 +927,18 @@ impl JobState<'_> {
                 bytes_in,
                 fetch: fetch_started.elapsed(),
             };
-        let (location, path, local_file) = match self.resolver.resolve(&item.url) {
-            Ok(resolved) => resolved,
+        let source = match self.resolver.resolve(&item.url) {
+            Ok(source) => source,
             Err(message) => return fail("bad_url", message, 0, &item),
         };
         // A local name that is not a regular file is refused before it is opened: opening a
         // FIFO waits for a writer that may never come, and would hold its shard for ever.
-        if let Some(file) = local_file {
+        if let Source::Store {
+            local_file: Some(file),
+            ..
+        } = &source
+        {
+            let file = file.clone();
             let kind = tokio::task::spawn_blocking(move || std::fs::metadata(file)).await;
             if let Ok(Ok(metadata)) = kind
                 && !metadata.is_file()
@@ -962,12 +959,10 @@ impl JobState<'_> {
         // costs time, not samples.
         const FETCH_ATTEMPTS: u32 = 4;
         let mut attempt = 1;
-        let is_http = item.url.starts_with("http://") || item.url.starts_with("https://");
         let (meta, bytes) = loop {
-            let fetched = if is_http {
-                self.http_get(&item.url, &path).await
-            } else {
-                self.store_get(&location, &path).await
+            let fetched = match &source {
+                Source::Http { client, path } => self.http_get(client, &item.url, path).await,
+                Source::Store { location, path, .. } => self.store_get(location, path).await,
             };
             let message = match fetched {
                 Fetched::Bytes(meta, bytes) => break (meta, bytes),
