@@ -1065,13 +1065,11 @@ pub async fn merge(
         .filter(|name| !merged.shards.iter().any(|s| &s.name == name))
         .collect();
     if !missing.is_empty() && !allow_incomplete {
-        let shown: Vec<_> = missing.iter().take(10).cloned().collect();
         return Err(IngestError::Config(format!(
-            "{} of {} planned shards are not complete yet ({}{}); rerun their partitions, or merge with --allow-incomplete",
+            "{} of {} planned shards are not complete yet ({}); rerun their partitions, or merge with --allow-incomplete",
             missing.len(),
             plan.shards,
-            shown.join(", "),
-            if missing.len() > 10 { ", ..." } else { "" }
+            first_ten(&missing, ", "),
         )));
     }
     check_stored_shards(&output, &merged).await?;
@@ -1129,17 +1127,11 @@ async fn check_stored_shards(output: &Location, manifest: &Manifest) -> Result<(
         return Ok(());
     }
     Err(IngestError::Config(format!(
-        "{} of the {} shards do not match their partitions' manifests ({}{}); rerun the \
+        "{} of the {} shards do not match their partitions' manifests ({}); rerun the \
          partitions that wrote them, then merge again",
         wrong.len(),
         manifest.shards.len(),
-        wrong
-            .iter()
-            .take(10)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("; "),
-        if wrong.len() > 10 { "; ..." } else { "" }
+        first_ten(&wrong, "; "),
     )))
 }
 
@@ -1167,19 +1159,24 @@ impl Fetched {
     }
 }
 
+/// The causes of `error`, nearest first.
+fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(error.source(), |cause| cause.source())
+}
+
 /// An error's text followed by its causes' (those it does not already include): the HTTP
 /// client's errors say "error sending request" and keep the reason (a timeout, a reset, too
 /// many redirects) in their sources.
-fn with_causes(error: &dyn std::error::Error) -> String {
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
     let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
+    for cause in causes(error) {
         let text = cause.to_string();
         if !message.contains(&text) {
             message.push_str(": ");
             message.push_str(&text);
         }
-        source = cause.source();
     }
     message
 }
@@ -1187,23 +1184,30 @@ fn with_causes(error: &dyn std::error::Error) -> String {
 /// Whether a store refused access (HTTP 401 or 403, or a local file the process may not read):
 /// an answer that does not change when asked again.
 fn is_permission_denied(error: &object_store::Error) -> bool {
-    if matches!(
+    matches!(
         error,
         object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
-    ) {
-        return true;
-    }
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if cause
+    ) || causes(error).any(|cause| {
+        cause
             .downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
-        {
-            return true;
-        }
-        source = cause.source();
+    })
+}
+
+/// The first ten of `items` joined with `separator`, and the separator and "..." after them
+/// when there are more: for messages that name what is wrong without flooding the terminal.
+fn first_ten(items: &[String], separator: &str) -> String {
+    let mut text = items
+        .iter()
+        .take(10)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(separator);
+    if items.len() > 10 {
+        text.push_str(separator);
+        text.push_str("...");
     }
-    false
+    text
 }
 
 #[cfg(test)]
