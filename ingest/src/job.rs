@@ -1060,9 +1060,10 @@ pub async fn merge(
     {
         merged = single;
     }
+    let merged_names: HashSet<&str> = merged.shards.iter().map(|s| s.name.as_str()).collect();
     let missing: Vec<String> = (0..plan.shards)
         .map(|id| ShardNames::new(&plan.shard_prefix, id).tar)
-        .filter(|name| !merged.shards.iter().any(|s| &s.name == name))
+        .filter(|name| !merged_names.contains(name.as_str()))
         .collect();
     if !missing.is_empty() && !allow_incomplete {
         return Err(IngestError::Config(format!(
