@@ -527,6 +527,22 @@ fn partitions_write_disjoint_shards_and_merge_to_the_single_run() {
     let gone = format!("{} is missing", b.shards[1].name);
     assert!(stderr.contains(&cut) && stderr.contains(&gone), "{stderr}");
     assert!(!parts.path().join("manifest.json").exists(), "{stderr}");
+
+    // A partition whose manifest is gone has not finished: its shards are named as missing.
+    let part = parts.path().join("_parts/manifest-00001-of-00002.json");
+    let lost: Manifest = serde_json::from_slice(&std::fs::read(&part).unwrap()).unwrap();
+    std::fs::remove_file(&part).unwrap();
+    let output = ingest().arg("merge").arg(parts.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{} of {} planned shards are not complete yet",
+            lost.shards.len(),
+            b.shards.len()
+        )) && stderr.contains(&lost.shards[0].name),
+        "{stderr}"
+    );
 }
 
 fn max_child_rss_kib() -> i64 {
