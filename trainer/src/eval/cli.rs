@@ -336,7 +336,6 @@ pub fn run(command: EvalCommand) -> Result<serde_json::Value, EvalError> {
         .output
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("eval-{protocol}.json")));
-    check_output(&output)?;
     let trunk_spec = trunk_of(common)?;
     if common.pool > 1 && matches!(trunk_spec, Trunk::Pixels) {
         return Err(EvalError::usage(
@@ -368,6 +367,9 @@ pub fn run(command: EvalCommand) -> Result<serde_json::Value, EvalError> {
         pool: common.pool,
         store,
     };
+    // After every check of the arguments (a usage error creates no folder), before the
+    // features are extracted.
+    check_output(&output)?;
     let cache = common.cache_dir.as_ref().map(FeatureCache::new);
     let started = Instant::now();
     let train = super::features::features_of(&common.train, &trunk, &options, cache.as_ref())?;
