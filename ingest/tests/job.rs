@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use seer_tests::WebServer;
 use shards::{Manifest, SampleMeta, SampleReader, ShardIndex, ShardStats};
 
 mod common;
@@ -14,6 +15,11 @@ use common::run_ok;
 
 fn ingest() -> Command {
     common::ingest_with_env(&[])
+}
+
+/// The stats of the first shard of a local dataset.
+fn first_shard_stats(dir: &Path) -> ShardStats {
+    serde_json::from_slice(&std::fs::read(dir.join("data-000000_stats.json")).unwrap()).unwrap()
 }
 
 /// All samples of a local dataset: key -> (metadata, image bytes), checked against index and manifest.
@@ -337,9 +343,7 @@ fn list_file_with_labels_and_retry_of_failed_samples() {
         (summary["written"].as_u64(), summary["failed"].as_u64()),
         (Some(4), Some(1))
     );
-    let stats: ShardStats =
-        serde_json::from_slice(&std::fs::read(out.join("data-000000_stats.json")).unwrap())
-            .unwrap();
+    let stats = first_shard_stats(&out);
     assert_eq!(stats.failures.len(), 1);
     assert_eq!(stats.failures[0].reason, "not_found");
     assert!(stats.failures[0].url.ends_with("late.jpg"));
@@ -370,9 +374,7 @@ fn list_file_with_labels_and_retry_of_failed_samples() {
         .find(|(m, _)| m.url.ends_with("late.jpg"))
         .unwrap();
     assert_eq!(late_sample.0.cls.as_deref(), Some("late"));
-    let stats: ShardStats =
-        serde_json::from_slice(&std::fs::read(out.join("data-000000_stats.json")).unwrap())
-            .unwrap();
+    let stats = first_shard_stats(&out);
     assert_eq!(
         (stats.successes, stats.failed, stats.failures.len()),
         (5, 0, 0)
@@ -423,9 +425,7 @@ fn a_list_naming_a_fifo_or_a_folder_finishes_and_counts_them() {
         (Some(2), Some(2)),
         "{summary}"
     );
-    let stats: ShardStats =
-        serde_json::from_slice(&std::fs::read(out.join("data-000000_stats.json")).unwrap())
-            .unwrap();
+    let stats = first_shard_stats(&out);
     let reasons: BTreeSet<_> = stats.failures.iter().map(|f| f.reason.as_str()).collect();
     assert_eq!(reasons, BTreeSet::from(["not_a_file"]));
 }
@@ -701,60 +701,18 @@ fn too_many_failures_stop_the_job_with_a_clear_message_and_keep_completed_shards
 
 #[test]
 fn list_of_http_urls_is_fetched_from_a_plain_web_server() {
-    // Python's standard http.server on a free loopback port serves the small photo set.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            "--bind",
-            "127.0.0.1",
-            &port.to_string(),
-            "--directory",
-        ])
-        .arg(small_photos().join("endless-sky"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "http.server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Python's standard web server on a free loopback port serves the small photo set.
+    let server = WebServer::start(&small_photos().join("endless-sky"));
+    let url = server.url();
     let names: Vec<String> = std::fs::read_dir(small_photos().join("endless-sky"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let list = dir.path().join("urls.txt");
-    let mut text: String = names
-        .iter()
-        .map(|n| format!("http://127.0.0.1:{port}/{n}\n"))
-        .collect();
-    text.push_str(&format!("http://127.0.0.1:{port}/missing.jpg\n"));
-    std::fs::write(&list, text).unwrap();
+    let mut text: String = names.iter().map(|n| format!("{url}/{n}\n")).collect();
+    text.push_str(&format!("{url}/missing.jpg\n"));
+    let (dir, output) = ingest_list(&text);
+    drop(server);
     let out = dir.path().join("out");
-    let output = ingest()
-        .arg("run")
-        .arg(&list)
-        .arg("--list")
-        .arg("-o")
-        .arg(&out)
-        .args(["--no-progress", "--json"])
-        .output()
-        .unwrap();
-    server.kill().unwrap();
-    server.wait().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(
         (summary["written"].as_u64(), summary["failed"].as_u64()),
@@ -765,116 +723,41 @@ fn list_of_http_urls_is_fetched_from_a_plain_web_server() {
     assert!(
         samples
             .values()
-            .all(|(m, _)| m.url.starts_with(&format!("http://127.0.0.1:{port}/")))
+            .all(|(m, _)| m.url.starts_with(&format!("{url}/")))
     );
 }
 
-/// A web server over `folder` that answers 403 under `/forbidden/` (as a bucket does to
-/// credentials that may not read there), serves files under `/slow/` after 15 s, under
-/// `/signed/` only with the query `?sig=abc` (as a presigned URL), and under `/nolength/`
-/// without a Content-Length (as dynamic servers do); the server is killed when the handle is
-/// dropped.
-struct TestServer {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl TestServer {
-    const SCRIPT: &str = r#"
-import functools, http.server, sys, time
-
-class Server(http.server.SimpleHTTPRequestHandler):
-    def do_GET(self):
-        if self.path.startswith("/forbidden/"):
-            self.send_error(403)
-            return
-        if self.path.startswith("/slow/"):
-            time.sleep(15)
-            self.path = self.path[len("/slow"):]
-        if self.path.startswith("/signed/"):
-            name, _, query = self.path[len("/signed"):].partition("?")
-            if query != "sig=abc":
-                self.send_error(403)
-                return
-            self.path = name
-        if self.path.startswith("/nolength/"):
-            with open(self.translate_path(self.path[len("/nolength"):]), "rb") as file:
-                body = file.read()
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.end_headers()
-            self.wfile.write(body)
-            self.close_connection = True
-            return
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-handler = functools.partial(Server, directory=sys.argv[2])
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_forever()
-"#;
-
-    fn start(folder: &Path) -> TestServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("python3")
-            .args(["-c", Self::SCRIPT, &port.to_string()])
-            .arg(folder)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        TestServer { child, port }
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs `ingest run LIST --list -o OUT --no-progress --json`, logging at `info` (JSON lines),
-/// on one photo of the small set served by a [`TestServer`] twice: plainly, and under
-/// `/{special}/`. Expects the job to succeed; returns its folder (`out` inside) and output.
-fn ingest_plain_and(special: &str) -> (tempfile::TempDir, std::process::Output) {
-    let folder = small_photos().join("endless-sky");
-    let server = TestServer::start(&folder);
-    let entry = std::fs::read_dir(&folder).unwrap().next().unwrap().unwrap();
-    let (port, name) = (server.port, entry.file_name());
-    let name = name.to_string_lossy();
+/// Runs `ingest run LIST --list -o OUT --no-progress --json` on the list `text`, logging at
+/// `info` (JSON lines), and expects it to succeed; returns its folder (`out` inside) and output.
+fn ingest_list(text: &str) -> (tempfile::TempDir, std::process::Output) {
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("urls.txt");
-    let query = if special == "signed" { "?sig=abc" } else { "" };
-    let urls = format!(
-        "http://127.0.0.1:{port}/{name}\nhttp://127.0.0.1:{port}/{special}/{name}{query}\n"
-    );
-    std::fs::write(&list, urls).unwrap();
-    let output = ingest()
-        .env("RUST_LOG", "info")
-        .arg("run")
-        .arg(&list)
-        .arg("--list")
-        .arg("-o")
-        .arg(dir.path().join("out"))
-        .args(["--no-progress", "--json"])
-        .output()
-        .unwrap();
-    drop(server);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    std::fs::write(&list, text).unwrap();
+    let output = run_ok(
+        ingest()
+            .env("RUST_LOG", "info")
+            .arg("run")
+            .arg(&list)
+            .arg("--list")
+            .arg("-o")
+            .arg(dir.path().join("out"))
+            .args(["--no-progress", "--json"]),
     );
     (dir, output)
+}
+
+/// [`ingest_list`] on one photo of the small set served by a [`WebServer`] twice: plainly, and
+/// under `/{special}/` (one of its misbehaving paths).
+fn ingest_plain_and(special: &str) -> (tempfile::TempDir, std::process::Output) {
+    let folder = small_photos().join("endless-sky");
+    let server = WebServer::start(&folder);
+    let entry = std::fs::read_dir(&folder).unwrap().next().unwrap().unwrap();
+    let (url, name) = (server.url(), entry.file_name());
+    let name = name.to_string_lossy();
+    let query = if special == "signed" { "?sig=abc" } else { "" };
+    let result = ingest_list(&format!("{url}/{name}\n{url}/{special}/{name}{query}\n"));
+    drop(server);
+    result
 }
 
 #[test]
@@ -886,10 +769,7 @@ fn a_source_the_store_refuses_fails_at_once_as_permission_denied() {
         (Some(1), Some(1)),
         "{summary}"
     );
-    let stats: ShardStats = serde_json::from_slice(
-        &std::fs::read(dir.path().join("out/data-000000_stats.json")).unwrap(),
-    )
-    .unwrap();
+    let stats = first_shard_stats(&dir.path().join("out"));
     assert_eq!(stats.failures.len(), 1);
     let failure = &stats.failures[0];
     assert_eq!(failure.reason, "permission_denied", "{failure:?}");
@@ -910,29 +790,16 @@ fn a_url_too_long_for_a_request_fails_alone_instead_of_crashing_the_job() {
         .unwrap()
         .unwrap()
         .path();
-    let dir = tempfile::tempdir().unwrap();
-    let list = dir.path().join("urls.txt");
     let long = format!("http://127.0.0.1:9/{}.jpg", "L".repeat(70_000));
-    std::fs::write(&list, format!("{}\n{long}\n", photo.display())).unwrap();
+    let (dir, output) = ingest_list(&format!("{}\n{long}\n", photo.display()));
     let out = dir.path().join("out");
-    let output = run_ok(
-        ingest()
-            .arg("run")
-            .arg(&list)
-            .arg("--list")
-            .arg("-o")
-            .arg(&out)
-            .args(["--no-progress", "--json"]),
-    );
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(
         (summary["written"].as_u64(), summary["failed"].as_u64()),
         (Some(1), Some(1)),
         "{summary}"
     );
-    let stats: ShardStats =
-        serde_json::from_slice(&std::fs::read(out.join("data-000000_stats.json")).unwrap())
-            .unwrap();
+    let stats = first_shard_stats(&out);
     assert_eq!(stats.failures[0].reason, "bad_url");
     assert!(
         stats.failures[0].message.contains("once encoded"),

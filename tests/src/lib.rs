@@ -4,7 +4,8 @@
 //! Nothing here is mocked. Photos and hostile inputs come from the cache folder that
 //! `scripts/fetch-testdata.sh` fills (see [`testdata`]); S3 and Azure Blob servers are real
 //! programs that `scripts/install-test-servers.sh` installs and that each test starts on its own
-//! loopback port with its own data folder (see [`S3Server`] and [`AzuriteServer`]).
+//! loopback port with its own data folder (see [`S3Server`] and [`AzuriteServer`]); a plain
+//! web server with misbehaving paths is Python's standard one (see [`WebServer`]).
 //!
 //! Missing material is a failure, not a skip: every accessor panics with the command that
 //! provides it, so a test run can never pass by testing nothing.
@@ -36,6 +37,7 @@ pub mod upload;
 
 pub use servers::azurite::AzuriteServer;
 pub use servers::s3::S3Server;
+pub use servers::web::WebServer;
 pub use testdata::{
     PhotoEntry, cache_dir, fashion_mnist_dir, hostile_dir, photos_dir, photos_index,
     photos_small_dir, photos_small_index,

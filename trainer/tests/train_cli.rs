@@ -401,59 +401,13 @@ fn a_new_run_never_overwrites_an_earlier_one_and_a_failed_start_changes_nothing(
     );
 }
 
-/// A web server that has nothing and refuses every write (403), as a read-only bucket would;
-/// Python's standard library only, on a free loopback port.
-const READ_ONLY_SERVER: &str = r#"
-import http.server, sys
-
-class ReadOnly(http.server.BaseHTTPRequestHandler):
-    def answer(self, status):
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
-        self.send_response(status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def do_GET(self):
-        self.answer(404)
-
-    do_HEAD = do_PROPFIND = do_GET
-
-    def do_PUT(self):
-        self.answer(403)
-
-    do_DELETE = do_POST = do_PUT
-
-    def log_message(self, *args):
-        pass
-
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), ReadOnly).serve_forever()
-"#;
-
 #[test]
 fn a_checkpoint_root_that_cannot_be_written_stops_the_run_before_it_trains() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = KillOnDrop(
-        Command::new("python3")
-            .args(["-c", READ_ONLY_SERVER, &port.to_string()])
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(server.0.try_wait().unwrap().is_none(), "the server exited");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the server did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let url = format!("http://127.0.0.1:{port}/checkpoints");
+    // A web server over an empty folder: reads find nothing, and every write is refused (403),
+    // as in a read-only bucket.
+    let empty = tempfile::tempdir().unwrap();
+    let server = seer_tests::WebServer::start(empty.path());
+    let url = format!("{}/checkpoints", server.url());
     let dir = workspace();
     let set_url = format!("checkpoint.url={url}");
     let args = [
@@ -473,16 +427,6 @@ fn a_checkpoint_root_that_cannot_be_written_stops_the_run_before_it_trains() {
     );
     // Refused before the first step: the run's configuration was not even written.
     assert!(!dir.path().join("run/config.toml").exists(), "{stderr}");
-}
-
-/// A child process killed when the test ends, pass or fail.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -7,6 +7,7 @@
 
 pub mod azurite;
 pub mod s3;
+pub mod web;
 
 use std::fs::File;
 use std::io::Read;

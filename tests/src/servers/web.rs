@@ -1,0 +1,41 @@
+//! [`WebServer`]: a read-only web server over a folder, with paths that misbehave on purpose
+//! (`tests/python/web_server.py`: Python's standard library, nothing to install).
+
+use std::path::{Path, PathBuf};
+
+use super::{ServerProcess, path_argument, start_on_free_port};
+
+/// Python's standard web server over a folder, on a free loopback port, killed when the handle
+/// is dropped.
+///
+/// Beside the folder's files it answers 403 under `/forbidden/`, serves files under `/slow/`
+/// after 15 s, under `/signed/` only with the query `?sig=abc` (as a presigned URL) and under
+/// `/nolength/` without a Content-Length; it refuses every write with 403 and lists nothing.
+#[derive(Debug)]
+pub struct WebServer {
+    process: ServerProcess,
+}
+
+impl WebServer {
+    /// Starts a server over `folder` and waits until it accepts connections. Callable from
+    /// synchronous tests (it runs its own small runtime while it waits).
+    pub fn start(folder: &Path) -> WebServer {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/web_server.py");
+        let (script, folder) = (path_argument(&script), path_argument(folder));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime to wait for the server");
+        let process = runtime.block_on(start_on_free_port(
+            "web-server",
+            PathBuf::from("python3"),
+            |port| vec![script.clone(), port.to_string(), folder.clone()],
+        ));
+        WebServer { process }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.process.port)
+    }
+}
