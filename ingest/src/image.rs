@@ -33,7 +33,9 @@
 //! 5. **Encode** as JPEG with libjpeg-turbo at [`ImageConfig::jpeg_quality`], 4:2:0 chroma,
 //!    no metadata. Or, when the input is already a plain JPEG within limits and
 //!    [`ImageConfig::keep_original_jpeg`] is set, keep its bytes, minus its metadata
-//!    segments (removed losslessly).
+//!    segments (removed losslessly); a progressive one has its DCT coefficients rewritten as a
+//!    sequential JPEG, losslessly too (the same pixels, decoded several times faster in every
+//!    epoch).
 //! 6. **Hash**: a 64-bit DCT perceptual hash of the final pixels, for near-duplicate detection
 //!    with [`phash_distance`].
 //!
@@ -205,7 +207,9 @@ pub struct ProcessedImage {
     pub height: u32,
     /// 64-bit DCT perceptual hash of the stored pixels; compare with [`phash_distance`].
     pub phash: u64,
-    /// Whether `bytes` are the input's own JPEG data (metadata removed) rather than a re-encode.
+    /// Whether `bytes` are the input's own JPEG data (metadata removed; a progressive one's
+    /// coefficients rewritten as sequential) rather than a re-encode: either way they decode to
+    /// the input's pixels.
     pub kept_original: bool,
     pub timings: StageTimings,
 }
@@ -335,7 +339,8 @@ pub fn process_image(bytes: &[u8], config: &ImageConfig) -> Result<ProcessedImag
     let kept = match &decoded.keep_candidate {
         Some(_) if !config.keep_original_jpeg => None,
         Some(_) if target != (decoded.width, decoded.height) => None,
-        Some(_) => jpeg::strip_metadata(bytes),
+        Some(Frame::Progressive) => jpeg::to_sequential(bytes),
+        Some(Frame::Sequential) => jpeg::strip_metadata(bytes),
         None => None,
     };
     let kept_original = kept.is_some();
@@ -375,7 +380,23 @@ struct Decoded {
     original_height: u32,
     /// Set for JPEGs whose original bytes may be kept: plain 8-bit Huffman YCbCr or gray, no
     /// orientation to apply, decoded at full scale without any libjpeg warning.
-    keep_candidate: Option<()>,
+    keep_candidate: Option<Frame>,
+}
+
+/// How a kept JPEG's scans are coded, which decides how it is kept.
+#[derive(Debug, Clone, Copy)]
+enum Frame {
+    /// Baseline or extended sequential: kept as is, minus metadata.
+    Sequential,
+    /// Progressive: rewritten as sequential, losslessly.
+    Progressive,
+}
+
+/// A progressive JPEG rewritten as a sequential one from the same DCT coefficients, losslessly
+/// (what [`process_image`] stores for a progressive JPEG it keeps), without metadata; `None`
+/// when libjpeg-turbo refuses the input.
+pub fn progressive_to_sequential(bytes: &[u8]) -> Option<Vec<u8>> {
+    jpeg::to_sequential(bytes)
 }
 
 fn format_name(format: ImageFormat) -> &'static str {
@@ -563,8 +584,13 @@ fn decode_jpeg(bytes: &[u8], config: &ImageConfig) -> Result<Decoded, Rejection>
         && !header.is_arithmetic
         && !header.is_lossless
         && matches!(header.colorspace, Colorspace::YCbCr | Colorspace::Gray);
+    let frame = if markers.frame_marker == Some(0xC2) {
+        Frame::Progressive
+    } else {
+        Frame::Sequential
+    };
     let keep_candidate =
-        (plain && reduction == 1 && orientation == Orientation::NoTransforms).then_some(());
+        (plain && reduction == 1 && orientation == Orientation::NoTransforms).then_some(frame);
     Ok(Decoded {
         rgb: decoded.rgb,
         width: decoded.width,

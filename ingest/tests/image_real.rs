@@ -409,6 +409,73 @@ fn every_real_photo_gets_the_right_size() {
     assert!(checked > 100, "only {checked} photos found");
 }
 
+/// The start-of-frame marker of a JPEG (0xC0 baseline, 0xC1 extended, 0xC2 progressive, ...),
+/// from a plain walk of its segments.
+fn frame_marker(bytes: &[u8]) -> Option<u8> {
+    let mut at = 2;
+    while at + 4 <= bytes.len() && bytes[at] == 0xFF {
+        let marker = bytes[at + 1];
+        if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
+            return Some(marker);
+        }
+        at += 2 + usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]));
+    }
+    None
+}
+
+#[test]
+fn kept_jpegs_decode_to_their_own_pixels_and_none_stays_progressive() {
+    let config = ImageConfig::default();
+    let (mut kept, mut progressive) = (0, 0);
+    for path in files_under(&material("photos")) {
+        let bytes = std::fs::read(&path).expect("readable");
+        if frame_marker(&bytes).is_none() {
+            continue;
+        }
+        let Ok(processed) = process_image(&bytes, &config) else {
+            continue;
+        };
+        if !processed.kept_original {
+            continue;
+        }
+        let name = path.display();
+        kept += 1;
+        let frame = frame_marker(&processed.bytes);
+        assert!(
+            matches!(frame, Some(0xC0 | 0xC1)),
+            "{name}: frame {frame:02x?}"
+        );
+        if frame_marker(&bytes) == Some(0xC2) {
+            progressive += 1;
+            // Rewritten, and smaller than the original or about its size (the optimized
+            // Huffman tables of a sequential JPEG make up for most of what progressive
+            // coding saves).
+            assert!(
+                processed.bytes.len() < bytes.len() * 11 / 10,
+                "{name}: {} bytes from {}",
+                processed.bytes.len(),
+                bytes.len()
+            );
+        }
+        // By libjpeg-turbo, and by the `image` crate's decoder (zune-jpeg).
+        let turbo = |bytes: &[u8]| {
+            turbojpeg::decompress(bytes, turbojpeg::PixelFormat::RGB)
+                .expect("decodes")
+                .pixels
+        };
+        let zune = |bytes: &[u8]| image::load_from_memory(bytes).expect("decodes").into_rgb8();
+        assert!(
+            turbo(&processed.bytes) == turbo(&bytes) && zune(&processed.bytes) == zune(&bytes),
+            "{name}: the stored JPEG decodes to other pixels"
+        );
+    }
+    eprintln!("photos: {kept} kept as original, {progressive} of them progressive");
+    assert!(
+        progressive >= 10,
+        "only {progressive} progressive photos were kept"
+    );
+}
+
 #[test]
 fn phash_agrees_with_imagehash() {
     // `imagehash.phash(Image.open("hopper.jpg"))` with imagehash 4.3 and Pillow 13.

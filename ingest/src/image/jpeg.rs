@@ -1,5 +1,6 @@
 //! JPEG specifics: a bounds-checked marker walker (orientation, Adobe transform, frame type),
-//! lossless metadata stripping, and decoding through libjpeg-turbo.
+//! lossless metadata stripping, lossless rewriting of progressive JPEGs as sequential ones, and
+//! decoding through libjpeg-turbo.
 //!
 //! The walker only reads the segments before the first scan; it never trusts a length field
 //! without checking it against the buffer, so a hostile header can end the walk early but never
@@ -8,7 +9,10 @@
 use std::cell::RefCell;
 
 use image::metadata::Orientation;
-use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor};
+use turbojpeg::{
+    Colorspace, Decompressor, Image, PixelFormat, ScalingFactor, Transform, TransformOp,
+    Transformer,
+};
 
 /// The most progressive scans libjpeg-turbo may read before giving up. libjpeg-turbo's own
 /// documentation recommends a limit (it suggests 500) against progressive JPEGs crafted with
@@ -189,6 +193,32 @@ pub(crate) fn strip_metadata(bytes: &[u8]) -> Option<Vec<u8>> {
     }
     output.extend_from_slice(&bytes[scan_start?..]);
     Some(output)
+}
+
+thread_local! {
+    // As DECOMPRESSOR below, one libjpeg-turbo transform handle per thread.
+    static TRANSFORMER: RefCell<Option<Transformer>> = const { RefCell::new(None) };
+}
+
+/// Rewrites a progressive JPEG as a sequential (baseline) one with Huffman tables optimized for
+/// it, copying none of its extra markers (EXIF, ICC, comments): a lossless transcode of the
+/// quantized DCT coefficients (`jpegtran -optimize -copy none`), so every decoder gives the
+/// same pixels from both. libjpeg-turbo decodes a progressive JPEG about 3 times slower than
+/// the same coefficients coded sequentially (docs/benchmarks.md, "Progressive JPEGs stored
+/// sequential"), and a stored sample is decoded again in every epoch. `None` when
+/// libjpeg-turbo refuses.
+pub(crate) fn to_sequential(bytes: &[u8]) -> Option<Vec<u8>> {
+    TRANSFORMER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(Transformer::new().ok()?);
+        }
+        let transformer = slot.as_mut().expect("initialized just above");
+        let mut transform = Transform::op(TransformOp::None);
+        transform.optimize = true;
+        transform.copy_none = true;
+        transformer.transform_to_vec(&transform, bytes).ok()
+    })
 }
 
 /// Header facts libjpeg-turbo reports.
