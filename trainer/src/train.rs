@@ -481,6 +481,10 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
         None => run_dir.join("checkpoints").display().to_string(),
     };
     let checkpoints = CheckpointStore::open(&checkpoint_url, &options.store)?;
+    // Before loading a checkpoint to resume from, which can take minutes for a large model.
+    if leader {
+        checkpoints.check_writable()?;
+    }
     let resume_from = match &options.resume {
         // A fresh start where a run has published checkpoints would overwrite them one by one
         // and leave `latest` pointing into a mix of the two runs.
@@ -516,9 +520,6 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
             }
         },
     };
-    if leader {
-        checkpoints.check_writable()?;
-    }
     if let Some(checkpoint) = resume_from {
         restore_variables(&model.vs, &checkpoint.model, &checkpoint.url)?;
         optimizer
