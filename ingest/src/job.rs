@@ -493,17 +493,26 @@ impl JobState<'_> {
         let cap = self.config.image.max_input_bytes;
         let mut response = match client.get(url).send().await {
             Ok(response) => response,
+            // A redirect loop, or a chain longer than the client follows, stays so.
+            Err(error) if error.is_redirect() => return Fetched::Refused(with_causes(&error)),
             Err(error) => return Fetched::Failed(with_causes(&error)),
         };
         let status = response.status();
+        let answered = format!("the server answered {status}");
         match status {
             StatusCode::NOT_FOUND | StatusCode::GONE => return Fetched::NotFound,
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                return Fetched::Denied(format!("the server answered {status}"));
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Fetched::Denied(answered),
+            // A timeout, "too early", "too many requests" and server errors may pass; the
+            // server may say when to ask again.
+            StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_EARLY | StatusCode::TOO_MANY_REQUESTS => {
+                return Fetched::Busy(answered, retry_after(response.headers()));
             }
-            _ if !status.is_success() => {
-                return Fetched::Failed(format!("the server answered {status}"));
+            _ if status.is_server_error() => {
+                return Fetched::Busy(answered, retry_after(response.headers()));
             }
+            // Any other client error (400, 405, 414, 451, ...), or a redirect that was not
+            // followed, is the same answer next time.
+            _ if !status.is_success() => return Fetched::Refused(answered),
             _ => {}
         }
         if let Some(length) = response.content_length()
@@ -970,8 +979,11 @@ impl JobState<'_> {
                 Fetched::TooLarge(message) => return fail("too_large_bytes", message, 0, &item),
                 // Refused, not failed: asking again only costs the pauses.
                 Fetched::Denied(message) => return fail("permission_denied", message, 0, &item),
-                Fetched::Failed(message) => message,
+                Fetched::Refused(message) => return fail("fetch", message, 0, &item),
+                Fetched::Failed(message) => (message, None),
+                Fetched::Busy(message, wait) => (message, wait),
             };
+            let (message, asked_wait) = message;
             if attempt == FETCH_ATTEMPTS {
                 return fail(
                     "fetch",
@@ -980,8 +992,26 @@ impl JobState<'_> {
                     &item,
                 );
             }
-            tracing::debug!(url = %item.url, attempt, %message, "fetch failed; trying again");
-            tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+            // Retry-After is honored, but a source may not hold its place in the shard for
+            // longer than MAX_RETRY_AFTER: a server that asks for more is given up on now.
+            if let Some(wait) = asked_wait
+                && wait > MAX_RETRY_AFTER
+            {
+                return fail(
+                    "fetch",
+                    format!(
+                        "{message} and asks to wait {} s, more than the {} s a source may wait \
+                         (after {attempt} attempts)",
+                        wait.as_secs(),
+                        MAX_RETRY_AFTER.as_secs()
+                    ),
+                    0,
+                    &item,
+                );
+            }
+            let pause = Duration::from_millis(500 << attempt).max(asked_wait.unwrap_or_default());
+            tracing::debug!(url = %item.url, attempt, %message, ?pause, "fetch failed; trying again");
+            tokio::time::sleep(pause).await;
             attempt += 1;
         };
         let fetch = fetch_started.elapsed();
@@ -1146,8 +1176,32 @@ enum Fetched {
     TooLarge(String),
     /// The store refused access.
     Denied(String),
+    /// An answer that will not change when asked again (a client error, a redirect loop).
+    Refused(String),
+    /// An answer that may change (a server error, "too many requests"), with the wait the
+    /// server asked for in `Retry-After`, if any.
+    Busy(String, Option<Duration>),
     /// Anything else: worth another try.
     Failed(String),
+}
+
+/// The longest `Retry-After` a source waits for before its next attempt.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The wait a `Retry-After` header asks for: a number of seconds or an HTTP date (RFC 9110
+/// section 10.2.3); `None` when it is absent or unreadable, zero for a date in the past.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = date.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(wait.to_std().unwrap_or_default())
 }
 
 impl Fetched {
@@ -1229,6 +1283,29 @@ mod tests {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             Some(&self.0)
         }
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+            retry_after(&headers)
+        };
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+        assert_eq!(with("120"), Some(Duration::from_secs(120)));
+        assert_eq!(with(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(with("soon"), None);
+        assert_eq!(with("-3"), None);
+        // A date in the past: ask again without waiting longer.
+        assert_eq!(with("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        let ahead = (chrono::Utc::now() + chrono::TimeDelta::seconds(90)).to_rfc2822();
+        let wait = with(&ahead).unwrap();
+        assert!(
+            (Duration::from_secs(85)..=Duration::from_secs(90)).contains(&wait),
+            "{wait:?}"
+        );
     }
 
     #[test]

@@ -54,12 +54,33 @@ struct StoreArgs {
     /// Give up retrying a request after this many seconds.
     #[arg(long, default_value_t = 180)]
     retry_timeout: u64,
+    /// Give up on one request (connection to last byte) after this many seconds; a source
+    /// whose request timed out is fetched again (up to 4 attempts).
+    #[arg(long, value_name = "SECONDS", default_value_t = StoreOptions::default().timeout.as_secs_f64(), value_parser = positive_seconds)]
+    timeout: f64,
+    /// Give up connecting to a server after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = StoreOptions::default().connect_timeout.as_secs_f64(), value_parser = positive_seconds)]
+    connect_timeout: f64,
+}
+
+/// A number of seconds above zero, as a duration can hold it.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if seconds > 0.0 && Duration::try_from_secs_f64(seconds).is_ok() {
+        Ok(seconds)
+    } else {
+        Err(format!("{text} is not a number of seconds above 0"))
+    }
 }
 
 impl StoreArgs {
     fn options(&self) -> Result<StoreOptions> {
         let mut options = StoreOptions::default()
             .with_retries(self.retries, Duration::from_secs(self.retry_timeout));
+        options.timeout = Duration::from_secs_f64(self.timeout);
+        options.connect_timeout = Duration::from_secs_f64(self.connect_timeout);
         for pair in &self.store_options {
             let (key, value) = pair
                 .split_once('=')
@@ -207,14 +228,16 @@ impl Reporter for CliReporter {
         let mut last = self.last_log.lock().expect("log lock");
         if last.elapsed() >= Duration::from_secs(10) {
             *last = Instant::now();
-            let remaining = p.items_total.saturating_sub(p.items_done) as f64 / rate.max(1e-9);
+            // No estimate until a source has finished: the rate is still zero.
+            let remaining = p.items_total.saturating_sub(p.items_done) as f64 / rate;
+            let eta_s = remaining.is_finite().then(|| remaining.round());
             tracing::info!(
                 done = p.items_done,
                 total = p.items_total,
                 images_per_s = rate,
                 mb_per_s = mb_s,
                 failed = p.failed,
-                eta_s = remaining.round(),
+                eta_s,
                 "progress"
             );
         }

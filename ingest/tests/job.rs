@@ -730,6 +730,11 @@ fn list_of_http_urls_is_fetched_from_a_plain_web_server() {
 /// Runs `ingest run LIST --list -o OUT --no-progress --json` on the list `text`, logging at
 /// `info` (JSON lines), and expects it to succeed; returns its folder (`out` inside) and output.
 fn ingest_list(text: &str) -> (tempfile::TempDir, std::process::Output) {
+    ingest_list_with(text, &[])
+}
+
+/// [`ingest_list`] with more arguments.
+fn ingest_list_with(text: &str, args: &[&str]) -> (tempfile::TempDir, std::process::Output) {
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("urls.txt");
     std::fs::write(&list, text).unwrap();
@@ -741,7 +746,8 @@ fn ingest_list(text: &str) -> (tempfile::TempDir, std::process::Output) {
             .arg("--list")
             .arg("-o")
             .arg(dir.path().join("out"))
-            .args(["--no-progress", "--json"]),
+            .args(["--no-progress", "--json"])
+            .args(args),
     );
     (dir, output)
 }
@@ -749,13 +755,24 @@ fn ingest_list(text: &str) -> (tempfile::TempDir, std::process::Output) {
 /// [`ingest_list`] on one photo of the small set served by a [`WebServer`] twice: plainly, and
 /// under `/{special}/` (one of its misbehaving paths).
 fn ingest_plain_and(special: &str) -> (tempfile::TempDir, std::process::Output) {
+    ingest_plain_and_with(special, &[])
+}
+
+/// [`ingest_plain_and`] with more arguments.
+fn ingest_plain_and_with(
+    special: &str,
+    args: &[&str],
+) -> (tempfile::TempDir, std::process::Output) {
     let folder = small_photos().join("endless-sky");
     let server = WebServer::start(&folder);
     let entry = std::fs::read_dir(&folder).unwrap().next().unwrap().unwrap();
     let (url, name) = (server.url(), entry.file_name());
     let name = name.to_string_lossy();
     let query = if special == "signed" { "?sig=abc" } else { "" };
-    let result = ingest_list(&format!("{url}/{name}\n{url}/{special}/{name}{query}\n"));
+    let result = ingest_list_with(
+        &format!("{url}/{name}\n{url}/{special}/{name}{query}\n"),
+        args,
+    );
     drop(server);
     result
 }
@@ -819,6 +836,97 @@ fn http_sources_keep_their_query_and_may_omit_the_length() {
             (Some(0), Some(1)),
             "{special}: {summary}"
         );
+    }
+}
+
+/// The one failure of an [`ingest_plain_and`] run, after checking that the plain copy was
+/// written.
+fn the_failure(dir: &tempfile::TempDir, output: &std::process::Output) -> shards::meta::Failure {
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (summary["written"].as_u64(), summary["failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{summary}"
+    );
+    let mut stats = first_shard_stats(&dir.path().join("out"));
+    stats.failures.pop().unwrap()
+}
+
+#[test]
+fn a_client_error_fails_at_once_and_server_errors_are_retried() {
+    let (dir, output) = ingest_plain_and("status/451");
+    let failure = the_failure(&dir, &output);
+    assert_eq!(failure.reason, "fetch", "{failure:?}");
+    assert!(failure.message.contains("451"), "{failure:?}");
+    assert!(
+        !failure.message.contains("attempts"),
+        "asked once: {failure:?}"
+    );
+
+    let (dir, output) = ingest_plain_and("status/502");
+    let failure = the_failure(&dir, &output);
+    assert_eq!(failure.reason, "fetch", "{failure:?}");
+    assert!(failure.message.contains("502"), "{failure:?}");
+    assert!(failure.message.contains("after 4 attempts"), "{failure:?}");
+}
+
+#[test]
+fn a_busy_server_is_asked_again_after_the_wait_it_names() {
+    // The server answers 503 with Retry-After: 3 s (or the date 3 s ahead) once, then the
+    // photo: it is fetched, and dropped as a duplicate of the plain copy.
+    for special in ["busy", "busydate"] {
+        let started = Instant::now();
+        let (_dir, output) = ingest_plain_and(special);
+        let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(
+            (summary["failed"].as_u64(), summary["duplicates"].as_u64()),
+            (Some(0), Some(1)),
+            "{special}: {summary}"
+        );
+        // The first pause without Retry-After would be 1 s. A date has whole seconds, so
+        // it may name a moment up to 1 s nearer.
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "{special}: {:?}",
+            started.elapsed()
+        );
+    }
+    // A server that asks for an hour is given up on at once.
+    let started = Instant::now();
+    let (dir, output) = ingest_plain_and("toobusy");
+    let failure = the_failure(&dir, &output);
+    assert!(
+        failure
+            .message
+            .contains("asks to wait 3600 s, more than the 60 s"),
+        "{failure:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
+fn a_request_that_outlasts_timeout_is_tried_again_then_fails() {
+    // The slow path answers after 15 s; with --timeout 1 each of the 4 attempts gives up.
+    let started = Instant::now();
+    let (dir, output) = ingest_plain_and_with("slow", &["--timeout", "1"]);
+    let failure = the_failure(&dir, &output);
+    assert_eq!(failure.reason, "fetch", "{failure:?}");
+    assert!(failure.message.contains("timed out"), "{failure:?}");
+    assert!(failure.message.contains("after 4 attempts"), "{failure:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+
+    for bad in ["0", "-1", "soon"] {
+        let output = ingest()
+            .args(["run", "in", &format!("--timeout={bad}")])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("--timeout"), "{stderr}");
     }
 }
 

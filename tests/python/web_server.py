@@ -8,14 +8,25 @@ paths that misbehave on purpose.
 - /slow/NAME serves NAME after 15 s;
 - /signed/NAME serves NAME only with the query ?sig=abc, as a presigned URL;
 - /nolength/NAME serves NAME without a Content-Length, as dynamic servers do;
+- /status/CODE/NAME answers CODE (a client or server error);
+- /busy/NAME answers the first request for it 503 with `Retry-After: 3`, then serves NAME;
+- /busydate/NAME does the same with the wait as an HTTP date;
+- /toobusy/NAME always answers 429 with `Retry-After: 3600`;
 - PROPFIND (a WebDAV listing) answers 404: nothing is listed;
 - PUT, POST and DELETE answer 403: nothing can be written, as in a read-only bucket.
 """
 
+import email.utils
 import functools
 import http.server
+import re
 import sys
+import threading
 import time
+
+# Paths already answered "busy" once.
+busy_seen = set()
+busy_lock = threading.Lock()
 
 
 class Server(http.server.SimpleHTTPRequestHandler):
@@ -32,6 +43,23 @@ class Server(http.server.SimpleHTTPRequestHandler):
         if self.path.startswith("/forbidden/"):
             self.send_error(403)
             return
+        status = re.match(r"/status/(\d{3})/", self.path)
+        if status:
+            self.send_error(int(status.group(1)))
+            return
+        if self.path.startswith("/toobusy/"):
+            self.refuse(429, "3600")
+            return
+        for prefix in ("/busy/", "/busydate/"):
+            if self.path.startswith(prefix):
+                with busy_lock:
+                    first = self.path not in busy_seen
+                    busy_seen.add(self.path)
+                if first:
+                    wait = "3" if prefix == "/busy/" else email.utils.formatdate(time.time() + 3, usegmt=True)
+                    self.refuse(503, wait)
+                    return
+                self.path = self.path[len(prefix) - 1:]
         if self.path.startswith("/slow/"):
             time.sleep(15)
             self.path = self.path[len("/slow"):]
@@ -51,6 +79,12 @@ class Server(http.server.SimpleHTTPRequestHandler):
             self.close_connection = True
             return
         super().do_GET()
+
+    def refuse(self, status, retry_after):
+        self.send_response(status)
+        self.send_header("Retry-After", retry_after)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def do_PROPFIND(self):
         self.answer(404)
