@@ -984,13 +984,13 @@ impl JobState<'_> {
                 Fetched::Busy(message, wait) => (message, wait),
             };
             let (message, asked_wait) = message;
+            let attempts = if attempt == 1 {
+                "1 attempt".to_string()
+            } else {
+                format!("{attempt} attempts")
+            };
             if attempt == FETCH_ATTEMPTS {
-                return fail(
-                    "fetch",
-                    format!("{message} (after {attempt} attempts)"),
-                    0,
-                    &item,
-                );
+                return fail("fetch", format!("{message} (after {attempts})"), 0, &item);
             }
             // Retry-After is honored, but a source may not hold its place in the shard for
             // longer than MAX_RETRY_AFTER: a server that asks for more is given up on now.
@@ -1001,7 +1001,7 @@ impl JobState<'_> {
                     "fetch",
                     format!(
                         "{message} and asks to wait {} s, more than the {} s a source may wait \
-                         (after {attempt} attempts)",
+                         (after {attempts})",
                         wait.as_secs(),
                         MAX_RETRY_AFTER.as_secs()
                     ),

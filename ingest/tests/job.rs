@@ -892,32 +892,25 @@ fn a_busy_server_is_asked_again_after_the_wait_it_names() {
         );
     }
     // A server that asks for an hour is given up on at once.
-    let started = Instant::now();
     let (dir, output) = ingest_plain_and("toobusy");
     let failure = the_failure(&dir, &output);
     assert!(
-        failure
-            .message
-            .contains("asks to wait 3600 s, more than the 60 s"),
+        failure.message.contains(
+            "asks to wait 3600 s, more than the 60 s a source may wait (after 1 attempt)"
+        ),
         "{failure:?}"
     );
-    assert!(started.elapsed() < Duration::from_secs(60));
 }
 
 #[test]
 fn a_request_that_outlasts_timeout_is_tried_again_then_fails() {
-    // The slow path answers after 15 s; with --timeout 1 each of the 4 attempts gives up.
-    let started = Instant::now();
+    // The slow path answers after 15 s; with --timeout 1 each of the 4 attempts gives up
+    // (without the option the source would be fetched, and dropped as a duplicate).
     let (dir, output) = ingest_plain_and_with("slow", &["--timeout", "1"]);
     let failure = the_failure(&dir, &output);
     assert_eq!(failure.reason, "fetch", "{failure:?}");
     assert!(failure.message.contains("timed out"), "{failure:?}");
     assert!(failure.message.contains("after 4 attempts"), "{failure:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "{:?}",
-        started.elapsed()
-    );
 
     for bad in ["0", "-1", "soon"] {
         let output = ingest()
