@@ -339,7 +339,12 @@ pub fn process_image(bytes: &[u8], config: &ImageConfig) -> Result<ProcessedImag
     let kept = match &decoded.keep_candidate {
         Some(_) if !config.keep_original_jpeg => None,
         Some(_) if target != (decoded.width, decoded.height) => None,
-        Some(Frame::Progressive) => jpeg::to_sequential(bytes),
+        // The rewrite decodes to the same pixels unless the progressive scans left some
+        // coefficients incomplete: libjpeg-turbo then smooths blocks when decoding the
+        // progressive file, and never the sequential one. Such a file stays progressive.
+        Some(Frame::Progressive) => jpeg::to_sequential(bytes)
+            .filter(|sequential| jpeg::decodes_to(sequential, &rgb))
+            .or_else(|| jpeg::strip_metadata(bytes)),
         Some(Frame::Sequential) => jpeg::strip_metadata(bytes),
         None => None,
     };
@@ -902,6 +907,31 @@ mod tests {
                 .pixels()
                 .all(|pixel| pixel.0.iter().all(|&value| value >= 250))
         );
+    }
+
+    #[test]
+    fn a_progressive_jpeg_whose_rewrite_would_change_pixels_stays_progressive() {
+        // Its AC scans stop short of the last bit (tests/data/README.md): libjpeg-turbo
+        // smooths its blocks, and would not smooth a sequential rewrite's.
+        let original = include_bytes!("../tests/data/progressive-incomplete.jpg");
+        let rewrite = jpeg::to_sequential(original).expect("libjpeg-turbo rewrites it");
+        let decode = |bytes: &[u8]| {
+            turbojpeg::decompress(bytes, turbojpeg::PixelFormat::RGB)
+                .unwrap()
+                .pixels
+        };
+        assert_ne!(
+            decode(&rewrite),
+            decode(original),
+            "the file no longer shows the case"
+        );
+        let processed = process_image(original, &ImageConfig::default()).unwrap();
+        assert!(processed.kept_original);
+        assert_eq!(
+            jpeg::read_markers(&processed.bytes).frame_marker,
+            Some(0xC2)
+        );
+        assert_eq!(decode(&processed.bytes), decode(original));
     }
 
     #[test]

@@ -494,7 +494,11 @@ impl JobState<'_> {
         let mut response = match client.get(url).send().await {
             Ok(response) => response,
             // A redirect loop, or a chain longer than the client follows, stays so.
-            Err(error) if error.is_redirect() => return Fetched::Refused(with_causes(&error)),
+            // So does a redirect to a URL the client cannot follow (another scheme), which it
+            // reports as a request it could not build.
+            Err(error) if error.is_redirect() || error.is_builder() => {
+                return Fetched::Refused(with_causes(&error));
+            }
             Err(error) => return Fetched::Failed(with_causes(&error)),
         };
         let status = response.status();
@@ -1002,7 +1006,7 @@ impl JobState<'_> {
                     format!(
                         "{message} and asks to wait {} s, more than the {} s a source may wait \
                          (after {attempts})",
-                        wait.as_secs(),
+                        wait.as_secs_f64().ceil(),
                         MAX_RETRY_AFTER.as_secs()
                     ),
                     0,
@@ -1196,8 +1200,9 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .to_str()
         .ok()?
         .trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+    if !value.is_empty() && value.bytes().all(|byte| byte.is_ascii_digit()) {
+        // Seconds too many for a u64 are still too many to wait.
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
     }
     let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
     let wait = date.with_timezone(&chrono::Utc) - chrono::Utc::now();
@@ -1297,6 +1302,10 @@ mod tests {
         assert_eq!(with("120"), Some(Duration::from_secs(120)));
         assert_eq!(with(" 7 "), Some(Duration::from_secs(7)));
         assert_eq!(with("soon"), None);
+        assert_eq!(
+            with("99999999999999999999999"),
+            Some(Duration::from_secs(u64::MAX))
+        );
         assert_eq!(with("-3"), None);
         // A date in the past: ask again without waiting longer.
         assert_eq!(with("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));

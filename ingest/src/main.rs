@@ -54,8 +54,9 @@ struct StoreArgs {
     /// Give up retrying a request after this many seconds.
     #[arg(long, default_value_t = 180)]
     retry_timeout: u64,
-    /// Give up on one request (connection to last byte) after this many seconds; a source
-    /// whose request timed out is fetched again (up to 4 attempts).
+    /// Give up on one request (connection to last byte) after this many seconds: every request,
+    /// to sources and to the output store (an upload part included). A source whose request
+    /// timed out is fetched again (up to 4 attempts); an output request, retried as --retries says.
     #[arg(long, value_name = "SECONDS", default_value_t = StoreOptions::default().timeout.as_secs_f64(), value_parser = positive_seconds)]
     timeout: f64,
     /// Give up connecting to a server after this many seconds.
@@ -63,15 +64,18 @@ struct StoreArgs {
     connect_timeout: f64,
 }
 
-/// A number of seconds above zero, as a duration can hold it.
+/// A number of seconds from 1 ms to a day: less would fail every request, and more is no
+/// timeout at all.
 fn positive_seconds(text: &str) -> Result<f64, String> {
     let seconds: f64 = text
         .parse()
         .map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    if seconds > 0.0 && Duration::try_from_secs_f64(seconds).is_ok() {
+    if (0.001..=86_400.0).contains(&seconds) {
         Ok(seconds)
     } else {
-        Err(format!("{text} is not a number of seconds above 0"))
+        Err(format!(
+            "{text} seconds is out of range: give from 0.001 to 86400"
+        ))
     }
 }
 

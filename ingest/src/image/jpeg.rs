@@ -221,6 +221,15 @@ pub(crate) fn to_sequential(bytes: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
+/// Whether `bytes` decode at full scale, without any warning, to exactly `rgb`.
+pub(crate) fn decodes_to(bytes: &[u8], rgb: &[u8]) -> bool {
+    let Ok(header) = read_header(bytes) else {
+        return false;
+    };
+    decode(bytes, &header, 1, false)
+        .is_ok_and(|decoded| decoded.warning.is_none() && decoded.rgb == rgb)
+}
+
 /// Header facts libjpeg-turbo reports.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct JpegHeader {
