@@ -202,8 +202,9 @@ thread_local! {
 
 /// Rewrites a progressive JPEG as a sequential (baseline) one with Huffman tables optimized for
 /// it, copying none of its extra markers (EXIF, ICC, comments): a lossless transcode of the
-/// quantized DCT coefficients (`jpegtran -optimize -copy none`), so every decoder gives the
-/// same pixels from both. libjpeg-turbo decodes a progressive JPEG about 3 times slower than
+/// quantized DCT coefficients (`jpegtran -optimize -copy none`), so decoders give the same
+/// pixels from both, except where libjpeg-turbo smooths the blocks of a progressive JPEG whose
+/// scans left coefficients incomplete (the caller checks, with [`decodes_to`]). libjpeg-turbo decodes a progressive JPEG about 3 times slower than
 /// the same coefficients coded sequentially (docs/benchmarks.md, "Progressive JPEGs stored
 /// sequential"), and a stored sample is decoded again in every epoch. `None` when
 /// libjpeg-turbo refuses.
