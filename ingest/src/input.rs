@@ -474,20 +474,76 @@ impl Resolver {
         Ok(location)
     }
 
-    /// The HTTP client, built on first use with the stores' timeouts.
+    /// The HTTP client, built on first use.
     fn http_client(&self) -> Result<reqwest::Client, String> {
-        self.http
-            .get_or_init(|| {
-                reqwest::Client::builder()
-                    .timeout(self.options.timeout)
-                    .connect_timeout(self.options.connect_timeout)
-                    .redirect(reqwest::redirect::Policy::limited(10))
-                    .user_agent(concat!("seer-rs-ingest/", env!("CARGO_PKG_VERSION")))
-                    .build()
-                    .map_err(|e| format!("starting the HTTP client: {e}"))
-            })
-            .clone()
+        self.http.get_or_init(|| web_client(&self.options)).clone()
     }
+}
+
+/// The client that reads http(s) sources, with the stores' timeouts, at most 10 redirects, and
+/// the object_store client options among `options.options` that apply to a plain web client,
+/// under the same names: `proxy_url` (with `proxy_excludes`, a comma-separated list of hosts),
+/// `allow_invalid_certificates` and `user_agent`. The others name a store's settings and are
+/// left to the stores. Without `proxy_url`, the usual proxy variables of the environment apply
+/// (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`).
+pub fn web_client(options: &StoreOptions) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(options.timeout)
+        .connect_timeout(options.connect_timeout)
+        .redirect(reqwest::redirect::Policy::limited(10))
+        .user_agent(concat!("seer-rs-ingest/", env!("CARGO_PKG_VERSION")));
+    let option = |name: &str| {
+        options
+            .options
+            .iter()
+            .rev()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    };
+    let bad = |name: &str, value: &str, reason: String| {
+        format!("--store-option {name}={value}: {reason}")
+    };
+    // reqwest's own text is "builder error"; the reason is in its causes.
+    let with_causes = |error: reqwest::Error| {
+        let mut text = error.to_string();
+        let mut cause = std::error::Error::source(&error);
+        while let Some(inner) = cause {
+            let inner_text = inner.to_string();
+            if !text.contains(&inner_text) {
+                text.push_str(&format!(": {inner_text}"));
+            }
+            cause = inner.source();
+        }
+        text
+    };
+    if let Some(url) = option("proxy_url") {
+        let mut proxy =
+            reqwest::Proxy::all(url).map_err(|e| bad("proxy_url", url, with_causes(e)))?;
+        if let Some(excludes) = option("proxy_excludes") {
+            proxy = proxy.no_proxy(reqwest::NoProxy::from_string(excludes));
+        }
+        builder = builder.proxy(proxy);
+    }
+    if let Some(value) = option("allow_invalid_certificates") {
+        // object_store's spelling of a boolean.
+        let allow = match value.to_ascii_lowercase().as_str() {
+            "1" | "true" | "on" | "yes" | "y" => true,
+            "0" | "false" | "off" | "no" | "n" => false,
+            _ => {
+                let reason = "not a boolean (true or false)".to_string();
+                return Err(bad("allow_invalid_certificates", value, reason));
+            }
+        };
+        builder = builder.tls_danger_accept_invalid_certs(allow);
+    }
+    if let Some(agent) = option("user_agent") {
+        let header = reqwest::header::HeaderValue::from_str(agent)
+            .map_err(|e| bad("user_agent", agent, e.to_string()))?;
+        builder = builder.user_agent(header);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("starting the HTTP client: {}", with_causes(e)))
 }
 
 #[cfg(test)]

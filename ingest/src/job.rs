@@ -276,6 +276,9 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         .image
         .validate()
         .map_err(|e| IngestError::Config(e.to_string()))?;
+    // The web client's settings among the store options (a proxy URL, say) are checked here,
+    // not at the first web source, where every source would fail with the same message.
+    crate::input::web_client(&config.store).map_err(IngestError::Config)?;
     for (what, value) in [
         ("samples per shard", config.samples_per_shard),
         ("fetch concurrency", config.fetch_concurrency as u64),

@@ -903,6 +903,60 @@ fn a_busy_server_is_asked_again_after_the_wait_it_names() {
 }
 
 #[test]
+fn web_sources_follow_the_client_store_options() {
+    // The server serves /agent/ only to the agent named.
+    let (_dir, output) =
+        ingest_plain_and_with("agent", &["--store-option", "user_agent=seer-test-agent"]);
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (summary["failed"].as_u64(), summary["duplicates"].as_u64()),
+        (Some(0), Some(1)),
+        "{summary}"
+    );
+
+    // Through the server as a proxy, a host that cannot be reached (port 1) is read.
+    let folder = small_photos().join("endless-sky");
+    let server = WebServer::start(&folder);
+    let entry = std::fs::read_dir(&folder).unwrap().next().unwrap().unwrap();
+    let name = entry.file_name();
+    let proxy = format!("proxy_url={}", server.url());
+    let list = format!("http://127.0.0.1:1/viaproxy/{}\n", name.to_string_lossy());
+    let (_dir, output) = ingest_list_with(&list, &["--store-option", &proxy]);
+    drop(server);
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (summary["written"].as_u64(), summary["failed"].as_u64()),
+        (Some(1), Some(0)),
+        "{summary}"
+    );
+
+    // A proxy URL that cannot be one stops the job before it starts, named.
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("urls.txt");
+    std::fs::write(&list, "http://127.0.0.1:1/a.jpg\n").unwrap();
+    let output = ingest()
+        .arg("run")
+        .arg(&list)
+        .args([
+            "--list",
+            "--no-progress",
+            "--store-option",
+            "proxy_url=::bad",
+        ])
+        .arg("-o")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--store-option proxy_url=::bad: builder error: relative URL"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("out").exists(), "{stderr}");
+}
+
+#[test]
 fn a_request_that_outlasts_timeout_is_tried_again_then_fails() {
     // The slow path answers after 15 s; with --timeout 1 each of the 4 attempts gives up
     // (without the option the source would be fetched, and dropped as a duplicate).

@@ -12,6 +12,9 @@ paths that misbehave on purpose.
 - /busy/NAME answers the first request for it 503 with `Retry-After: 3`, then serves NAME;
 - /busydate/NAME does the same with the wait as an HTTP date;
 - /toobusy/NAME always answers 429 with `Retry-After: 3600`;
+- /agent/NAME serves NAME only to the User-Agent `seer-test-agent` (403 otherwise);
+- as an HTTP proxy, it serves NAME for any http://HOST/viaproxy/NAME, whatever HOST is;
+  /viaproxy/NAME asked of it directly, not as a proxy, answers 403;
 - PROPFIND (a WebDAV listing) answers 404: nothing is listed;
 - PUT, POST and DELETE answer 403: nothing can be written, as in a read-only bucket.
 """
@@ -40,6 +43,18 @@ class Server(http.server.SimpleHTTPRequestHandler):
         self.end_headers()
 
     def do_GET(self):
+        # A proxy is asked for absolute URLs; only /viaproxy/ paths are served that way.
+        proxied = re.match(r"http://[^/]+(/viaproxy/.*)", self.path)
+        if proxied:
+            self.path = proxied.group(1)[len("/viaproxy"):]
+        elif self.path.startswith("/viaproxy/"):
+            self.send_error(403)
+            return
+        if self.path.startswith("/agent/"):
+            if self.headers.get("User-Agent") != "seer-test-agent":
+                self.send_error(403)
+                return
+            self.path = self.path[len("/agent"):]
         if self.path.startswith("/forbidden/"):
             self.send_error(403)
             return
