@@ -448,14 +448,19 @@ impl Resolver {
                 local_file: Some(file),
             });
         }
-        let (base, object) = shards::store::split_object_url(url).map_err(|e| e.to_string())?;
-        let path = Path::from_url_path(&object).map_err(|e| e.to_string())?;
         if matches!(parsed.scheme(), "http" | "https") {
+            // The path only names the object in its metadata: a web URL's query (which may
+            // hold "//", as a URL passed to an image proxy does) and empty segments are no
+            // reason to refuse it.
+            let segments = parsed.path_segments().into_iter().flatten();
+            let path = Path::from_iter(segments.filter(|segment| !segment.is_empty()));
             return Ok(Source::Http {
                 client: self.http_client()?,
                 path,
             });
         }
+        let (base, object) = shards::store::split_object_url(url).map_err(|e| e.to_string())?;
+        let path = Path::from_url_path(&object).map_err(|e| e.to_string())?;
         Ok(Source::Store {
             location: self.location(&base)?,
             path,
@@ -558,6 +563,22 @@ mod tests {
         assert!(message.contains("36023 bytes once encoded"), "{message}");
         let fine = format!("http://127.0.0.1:9/{}.jpg", "a".repeat(4000));
         assert!(resolver.resolve(&fine).is_ok());
+    }
+
+    #[test]
+    fn web_urls_with_slashes_in_their_query_or_path_are_fetched_as_given() {
+        let resolver = Resolver::default();
+        for url in [
+            "http://127.0.0.1:9/img/p2.jpg?next=https%3A%2F%2Fcdn.example.com%2Fa.jpg",
+            "http://127.0.0.1:9/img/p2.jpg?next=https://cdn.example.com/a.jpg",
+            "https://127.0.0.1:9/a//b.jpg",
+        ] {
+            match resolver.resolve(url) {
+                Ok(Source::Http { path, .. }) => assert!(path.as_ref().ends_with(".jpg"), "{url}"),
+                Ok(_) => panic!("{url}: not read as a web source"),
+                Err(message) => panic!("{url}: {message}"),
+            }
+        }
     }
 
     #[test]

@@ -497,8 +497,8 @@ impl JobState<'_> {
         let mut response = match client.get(url).send().await {
             Ok(response) => response,
             // A redirect loop, or a chain longer than the client follows, stays so.
-            // So does a redirect to a URL the client cannot follow (another scheme), which it
-            // reports as a request it could not build.
+            // So does a redirect to a URL the client cannot follow (a scheme other than http
+            // and https), which it reports as a request it could not build.
             Err(error) if error.is_redirect() || error.is_builder() => {
                 return Fetched::Refused(with_causes(&error));
             }
@@ -517,8 +517,22 @@ impl JobState<'_> {
             _ if status.is_server_error() => {
                 return Fetched::Busy(answered, retry_after(response.headers()));
             }
-            // Any other client error (400, 405, 414, 451, ...), or a redirect that was not
-            // followed, is the same answer next time.
+            // A redirect the client did not follow (no usable Location: file:, data:, a
+            // broken URL) is the same answer next time; it names where it pointed.
+            _ if status.is_redirection() => {
+                let location = response
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+                return Fetched::Refused(match location {
+                    Some(location) => format!(
+                        "{answered}, a redirect to {location:?}, which is not followed (only \
+                         http and https URLs are)"
+                    ),
+                    None => answered,
+                });
+            }
+            // Any other client error (400, 405, 414, 451, ...) is the same answer next time.
             _ if !status.is_success() => return Fetched::Refused(answered),
             _ => {}
         }
@@ -1009,7 +1023,7 @@ impl JobState<'_> {
                     format!(
                         "{message} and asks to wait {} s, more than the {} s a source may wait \
                          (after {attempts})",
-                        wait.as_secs_f64().ceil(),
+                        wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
                         MAX_RETRY_AFTER.as_secs()
                     ),
                     0,

@@ -863,6 +863,16 @@ fn a_client_error_fails_at_once_and_server_errors_are_retried() {
         "asked once: {failure:?}"
     );
 
+    let (dir, output) = ingest_plain_and("tofile");
+    let failure = the_failure(&dir, &output);
+    assert_eq!(failure.reason, "fetch", "{failure:?}");
+    assert!(
+        failure
+            .message
+            .contains(r#"302 Found, a redirect to "file:///etc/passwd", which is not followed"#),
+        "{failure:?}"
+    );
+
     let (dir, output) = ingest_plain_and("status/502");
     let failure = the_failure(&dir, &output);
     assert_eq!(failure.reason, "fetch", "{failure:?}");

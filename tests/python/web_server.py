@@ -12,6 +12,7 @@ paths that misbehave on purpose.
 - /busy/NAME answers the first request for it 503 with `Retry-After: 3`, then serves NAME;
 - /busydate/NAME does the same with the wait as an HTTP date;
 - /toobusy/NAME always answers 429 with `Retry-After: 3600`;
+- /tofile/NAME redirects (302) to file:///etc/passwd, which a client must not follow;
 - /agent/NAME serves NAME only to the User-Agent `seer-test-agent` (403 otherwise);
 - as an HTTP proxy, it serves NAME for any http://HOST/viaproxy/NAME, whatever HOST is;
   /viaproxy/NAME asked of it directly, not as a proxy, answers 403;
@@ -61,6 +62,12 @@ class Server(http.server.SimpleHTTPRequestHandler):
         status = re.match(r"/status/(\d{3})/", self.path)
         if status:
             self.send_error(int(status.group(1)))
+            return
+        if self.path.startswith("/tofile/"):
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/passwd")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         if self.path.startswith("/toobusy/"):
             self.refuse(429, "3600")
