@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 
 use turbojpeg::{Decompressor, Image, PixelFormat, YuvImage};
 
+mod common;
+use common::median_and_range;
+
 const PATHS: [&str; 4] = ["turbo-rgb", "turbo-rgb-fast", "turbo-yuv", "zune"];
 
 struct Decoders {
@@ -72,16 +75,6 @@ impl Decoders {
                 .map_err(|e| e.to_string()),
         }
     }
-}
-
-fn median_and_range(values: &[f64]) -> (f64, f64, f64) {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    (
-        sorted[sorted.len() / 2],
-        sorted[0],
-        sorted[sorted.len() - 1],
-    )
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -13,28 +13,14 @@
 //! Prints images/s and input megapixels/s of the median pass, and the median per-image time
 //! of each stage over all passes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ingest::image::{ImageConfig, StageTimings, process_image};
 
-fn files_under(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                pending.push(path);
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    Ok(files)
-}
+mod common;
+use common::files_under;
 
 fn median(values: &mut [Duration]) -> Duration {
     values.sort();

@@ -12,28 +12,13 @@
 //! Prints the files' sizes, then per round the decode time per image of each version and their
 //! ratio, then the median and range over the rounds.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use turbojpeg::{Decompressor, Image, PixelFormat};
 
-/// Every file under `folder`, recursively, sorted.
-fn files_under(folder: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    let mut pending = vec![folder.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                pending.push(path);
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    Ok(files)
-}
+mod common;
+use common::{files_under, median_and_range};
 
 /// Whether the first start-of-frame marker says progressive (0xC2).
 fn is_progressive(bytes: &[u8]) -> bool {
@@ -62,16 +47,6 @@ fn decode(turbo: &mut Decompressor, jpeg: &[u8], rgb: &mut Vec<u8>) -> Result<()
         format: PixelFormat::RGB,
     };
     turbo.decompress(jpeg, image).map_err(|e| e.to_string())
-}
-
-fn median_and_range(values: &[f64]) -> (f64, f64, f64) {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    (
-        sorted[sorted.len() / 2],
-        sorted[0],
-        sorted[sorted.len() - 1],
-    )
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
