@@ -394,7 +394,9 @@ async fn run(args: RunArgs) -> Result<()> {
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "info",
+        // rustls logs every refused certificate as an error, once per attempt; the source's
+        // failure already says it, in its shard's stats.
+        0 => "info,rustls=off",
         1 => "debug",
         _ => "trace",
     };
