@@ -1,7 +1,7 @@
 //! Where the images come from: a listed object-store prefix or a list file.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use futures::stream::{BoxStream, StreamExt};
 use object_store::ObjectStoreExt;
@@ -9,7 +9,7 @@ use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 use shards::{Location, StoreOptions};
 
-use crate::IngestError;
+use crate::{IngestError, with_causes};
 
 /// One image to ingest, as planned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -408,22 +408,24 @@ pub enum Source {
     },
 }
 
-/// Opens the stores that items' URLs point into, once per bucket or host, and the HTTP
-/// client, on first use.
-#[derive(Default)]
+/// Opens the stores that items' URLs point into, once per bucket or host, on first use; reads
+/// web URLs with one client.
 pub struct Resolver {
     options: StoreOptions,
     locations: Mutex<HashMap<String, Location>>,
-    http: OnceLock<Result<reqwest::Client, String>>,
+    http: reqwest::Client,
 }
 
 impl Resolver {
-    /// A resolver whose stores use `options`.
-    pub fn new(options: StoreOptions) -> Self {
-        Self {
+    /// A resolver whose stores use `options`, and its web client (with the settings among
+    /// `options` that apply to one); fails, with the option named, when such a setting cannot
+    /// be used.
+    pub fn new(options: StoreOptions) -> Result<Self, String> {
+        Ok(Self {
+            http: web_client(&options)?,
             options,
-            ..Self::default()
-        }
+            locations: Mutex::default(),
+        })
     }
 
     /// Where an item's URL is read from.
@@ -455,7 +457,7 @@ impl Resolver {
             let segments = parsed.path_segments().into_iter().flatten();
             let path = Path::from_iter(segments.filter(|segment| !segment.is_empty()));
             return Ok(Source::Http {
-                client: self.http_client()?,
+                client: self.http.clone(),
                 path,
             });
         }
@@ -478,11 +480,6 @@ impl Resolver {
         locations.insert(base.to_string(), location.clone());
         Ok(location)
     }
-
-    /// The HTTP client, built on first use.
-    fn http_client(&self) -> Result<reqwest::Client, String> {
-        self.http.get_or_init(|| web_client(&self.options)).clone()
-    }
 }
 
 /// The client that reads http(s) sources, with the stores' timeouts, at most 10 redirects, and
@@ -491,7 +488,7 @@ impl Resolver {
 /// `allow_invalid_certificates` and `user_agent`. The others name a store's settings and are
 /// left to the stores. Without `proxy_url`, the usual proxy variables of the environment apply
 /// (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`).
-pub fn web_client(options: &StoreOptions) -> Result<reqwest::Client, String> {
+fn web_client(options: &StoreOptions) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .timeout(options.timeout)
         .connect_timeout(options.connect_timeout)
@@ -508,22 +505,9 @@ pub fn web_client(options: &StoreOptions) -> Result<reqwest::Client, String> {
     let bad = |name: &str, value: &str, reason: String| {
         format!("--store-option {name}={value}: {reason}")
     };
-    // reqwest's own text is "builder error"; the reason is in its causes.
-    let with_causes = |error: reqwest::Error| {
-        let mut text = error.to_string();
-        let mut cause = std::error::Error::source(&error);
-        while let Some(inner) = cause {
-            let inner_text = inner.to_string();
-            if !text.contains(&inner_text) {
-                text.push_str(&format!(": {inner_text}"));
-            }
-            cause = inner.source();
-        }
-        text
-    };
     if let Some(url) = option("proxy_url") {
         let mut proxy =
-            reqwest::Proxy::all(url).map_err(|e| bad("proxy_url", url, with_causes(e)))?;
+            reqwest::Proxy::all(url).map_err(|e| bad("proxy_url", url, with_causes(&e)))?;
         if let Some(excludes) = option("proxy_excludes") {
             proxy = proxy.no_proxy(reqwest::NoProxy::from_string(excludes));
         }
@@ -548,7 +532,7 @@ pub fn web_client(options: &StoreOptions) -> Result<reqwest::Client, String> {
     }
     builder
         .build()
-        .map_err(|e| format!("starting the HTTP client: {}", with_causes(e)))
+        .map_err(|e| format!("starting the HTTP client: {}", with_causes(&e)))
 }
 
 #[cfg(test)]
@@ -557,7 +541,7 @@ mod tests {
 
     #[test]
     fn a_url_too_long_for_a_request_is_refused_not_fetched() {
-        let resolver = Resolver::default();
+        let resolver = Resolver::new(StoreOptions::default()).unwrap();
         let long = format!("http://127.0.0.1:9/{}.jpg", "é".repeat(6000));
         let message = resolver.resolve(&long).unwrap_err();
         assert!(message.contains("36023 bytes once encoded"), "{message}");
@@ -567,7 +551,7 @@ mod tests {
 
     #[test]
     fn web_urls_with_slashes_in_their_query_or_path_are_fetched_as_given() {
-        let resolver = Resolver::default();
+        let resolver = Resolver::new(StoreOptions::default()).unwrap();
         for url in [
             "http://127.0.0.1:9/img/p2.jpg?next=https%3A%2F%2Fcdn.example.com%2Fa.jpg",
             "http://127.0.0.1:9/img/p2.jpg?next=https://cdn.example.com/a.jpg",

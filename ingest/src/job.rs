@@ -34,7 +34,7 @@ use shards::{
 use crate::image::{ImageConfig, ProcessedImage, process_image};
 use crate::input::{InputSpec, Resolver, Source, SourceItem};
 use crate::pool::CpuPool;
-use crate::{IngestError, plan};
+use crate::{IngestError, causes, plan, with_causes};
 
 /// Which share of the shards this worker makes: shards `id` with `id % count == index`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,9 +276,9 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         .image
         .validate()
         .map_err(|e| IngestError::Config(e.to_string()))?;
-    // The web client's settings among the store options (a proxy URL, say) are checked here,
-    // not at the first web source, where every source would fail with the same message.
-    crate::input::web_client(&config.store).map_err(IngestError::Config)?;
+    // Made here, so that a web client setting among the store options that cannot be used (a
+    // proxy URL, say) stops the job before it starts, rather than failing every web source.
+    let resolver = Resolver::new(config.store.clone()).map_err(IngestError::Config)?;
     for (what, value) in [
         ("samples per shard", config.samples_per_shard),
         ("fetch concurrency", config.fetch_concurrency as u64),
@@ -362,7 +362,7 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
     let job = JobState {
         config,
         output: &output,
-        resolver: Arc::new(Resolver::new(config.store.clone())),
+        resolver: Arc::new(resolver),
         cpu: CpuPool::new("ingest-cpu", config.workers).map_err(|e| {
             IngestError::Local(format!("starting {} CPU threads: {e}", config.workers))
         })?,
@@ -994,7 +994,7 @@ impl JobState<'_> {
                 Source::Http { client, path } => self.http_get(client, &item.url, path).await,
                 Source::Store { location, path, .. } => self.store_get(location, path).await,
             };
-            let message = match fetched {
+            let (message, asked_wait) = match fetched {
                 Fetched::Bytes(meta, bytes) => break (meta, bytes),
                 Fetched::NotFound => return fail("not_found", "no such object".into(), 0, &item),
                 Fetched::TooLarge(message) => return fail("too_large_bytes", message, 0, &item),
@@ -1004,7 +1004,6 @@ impl JobState<'_> {
                 Fetched::Failed(message) => (message, None),
                 Fetched::Busy(message, wait) => (message, wait),
             };
-            let (message, asked_wait) = message;
             let attempts = if attempt == 1 {
                 "1 attempt".to_string()
             } else {
@@ -1234,28 +1233,6 @@ impl Fetched {
             Fetched::Failed(with_causes(error))
         }
     }
-}
-
-/// The causes of `error`, nearest first.
-fn causes<'a>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
-    std::iter::successors(error.source(), |cause| cause.source())
-}
-
-/// An error's text followed by its causes' (those it does not already include): the HTTP
-/// client's errors say "error sending request" and keep the reason (a timeout, a reset, too
-/// many redirects) in their sources.
-fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = error.to_string();
-    for cause in causes(error) {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-    }
-    message
 }
 
 /// Whether a store refused access (HTTP 401 or 403, or a local file the process may not read):

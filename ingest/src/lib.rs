@@ -73,3 +73,25 @@ pub enum IngestError {
         detail: String,
     },
 }
+
+/// The causes of `error`, nearest first.
+pub(crate) fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(error.source(), |cause| cause.source())
+}
+
+/// An error's text followed by its causes' (those it does not already include): the HTTP
+/// client's errors say "error sending request" or "builder error" and keep the reason (a
+/// timeout, a reset, too many redirects, a malformed proxy URL) in their sources.
+pub(crate) fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    for cause in causes(error) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
+}
