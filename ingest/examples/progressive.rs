@@ -20,22 +20,6 @@ use turbojpeg::{Decompressor, Image, PixelFormat};
 mod common;
 use common::{files_under, median_and_range};
 
-/// Whether the first start-of-frame marker says progressive (0xC2).
-fn is_progressive(bytes: &[u8]) -> bool {
-    let mut at = 2;
-    if !bytes.starts_with(&[0xFF, 0xD8]) {
-        return false;
-    }
-    while at + 4 <= bytes.len() && bytes[at] == 0xFF {
-        let marker = bytes[at + 1];
-        if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
-            return marker == 0xC2;
-        }
-        at += 2 + usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]));
-    }
-    false
-}
-
 fn decode(turbo: &mut Decompressor, jpeg: &[u8], rgb: &mut Vec<u8>) -> Result<(), String> {
     let header = turbo.read_header(jpeg).map_err(|e| e.to_string())?;
     rgb.resize(header.width * header.height * 3, 0);
@@ -66,7 +50,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut pixels = 0usize;
     for path in files_under(&folder)? {
         let bytes = std::fs::read(&path)?;
-        if !is_progressive(&bytes) || decode(&mut turbo, &bytes, &mut first).is_err() {
+        if ingest::image::jpeg_frame_marker(&bytes) != Some(0xC2)
+            || decode(&mut turbo, &bytes, &mut first).is_err()
+        {
             continue;
         }
         let sequential = ingest::image::progressive_to_sequential(&bytes)

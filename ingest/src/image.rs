@@ -397,6 +397,12 @@ enum Frame {
     Progressive,
 }
 
+/// The start-of-frame marker of a JPEG (0xC0 baseline, 0xC1 extended sequential, 0xC2
+/// progressive, ...), read from its header segments; `None` when there is none to read.
+pub fn jpeg_frame_marker(bytes: &[u8]) -> Option<u8> {
+    jpeg::read_markers(bytes).frame_marker
+}
+
 /// A progressive JPEG rewritten as a sequential one from the same DCT coefficients, losslessly
 /// (what [`process_image`] stores for a progressive JPEG it keeps), without metadata; `None`
 /// when libjpeg-turbo refuses the input.

@@ -10,7 +10,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
-use ingest::image::{ImageConfig, ProcessedImage, Rejection, process_image};
+use ingest::image::{ImageConfig, ProcessedImage, Rejection, jpeg_frame_marker, process_image};
 
 struct CountingAllocator;
 
@@ -409,27 +409,13 @@ fn every_real_photo_gets_the_right_size() {
     assert!(checked > 100, "only {checked} photos found");
 }
 
-/// The start-of-frame marker of a JPEG (0xC0 baseline, 0xC1 extended, 0xC2 progressive, ...),
-/// from a plain walk of its segments.
-fn frame_marker(bytes: &[u8]) -> Option<u8> {
-    let mut at = 2;
-    while at + 4 <= bytes.len() && bytes[at] == 0xFF {
-        let marker = bytes[at + 1];
-        if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
-            return Some(marker);
-        }
-        at += 2 + usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]));
-    }
-    None
-}
-
 #[test]
 fn kept_jpegs_decode_to_their_own_pixels_and_none_stays_progressive() {
     let config = ImageConfig::default();
     let (mut kept, mut progressive) = (0, 0);
     for path in files_under(&material("photos")) {
         let bytes = std::fs::read(&path).expect("readable");
-        if frame_marker(&bytes).is_none() {
+        if jpeg_frame_marker(&bytes).is_none() {
             continue;
         }
         let Ok(processed) = process_image(&bytes, &config) else {
@@ -440,12 +426,12 @@ fn kept_jpegs_decode_to_their_own_pixels_and_none_stays_progressive() {
         }
         let name = path.display();
         kept += 1;
-        let frame = frame_marker(&processed.bytes);
+        let frame = jpeg_frame_marker(&processed.bytes);
         assert!(
             matches!(frame, Some(0xC0 | 0xC1)),
             "{name}: frame {frame:02x?}"
         );
-        if frame_marker(&bytes) == Some(0xC2) {
+        if jpeg_frame_marker(&bytes) == Some(0xC2) {
             progressive += 1;
             // Rewritten, and smaller than the original or about its size (the optimized
             // Huffman tables of a sequential JPEG make up for most of what progressive

@@ -777,18 +777,24 @@ fn ingest_plain_and_with(
     result
 }
 
-#[test]
-fn a_source_the_store_refuses_fails_at_once_as_permission_denied() {
-    let (dir, output) = ingest_plain_and("forbidden");
+/// The one failure of a run of two sources (an [`ingest_plain_and`] run, say), after checking
+/// that the other source was written.
+fn the_failure(dir: &tempfile::TempDir, output: &std::process::Output) -> shards::meta::Failure {
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(
         (summary["written"].as_u64(), summary["failed"].as_u64()),
         (Some(1), Some(1)),
         "{summary}"
     );
-    let stats = first_shard_stats(&dir.path().join("out"));
-    assert_eq!(stats.failures.len(), 1);
-    let failure = &stats.failures[0];
+    let mut stats = first_shard_stats(&dir.path().join("out"));
+    assert_eq!(stats.failures.len(), 1, "{:?}", stats.failures);
+    stats.failures.pop().unwrap()
+}
+
+#[test]
+fn a_source_the_store_refuses_fails_at_once_as_permission_denied() {
+    let (dir, output) = ingest_plain_and("forbidden");
+    let failure = the_failure(&dir, &output);
     assert_eq!(failure.reason, "permission_denied", "{failure:?}");
     assert!(failure.url.contains("/forbidden/"), "{failure:?}");
     assert!(
@@ -809,19 +815,12 @@ fn a_url_too_long_for_a_request_fails_alone_instead_of_crashing_the_job() {
         .path();
     let long = format!("http://127.0.0.1:9/{}.jpg", "L".repeat(70_000));
     let (dir, output) = ingest_list(&format!("{}\n{long}\n", photo.display()));
-    let out = dir.path().join("out");
-    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(
-        (summary["written"].as_u64(), summary["failed"].as_u64()),
-        (Some(1), Some(1)),
-        "{summary}"
-    );
-    let stats = first_shard_stats(&out);
-    assert_eq!(stats.failures[0].reason, "bad_url");
+    let failure = the_failure(&dir, &output);
+    assert_eq!(failure.reason, "bad_url");
     assert!(
-        stats.failures[0].message.contains("once encoded"),
+        failure.message.contains("once encoded"),
         "{:?}",
-        stats.failures[0].message
+        failure.message
     );
 }
 
@@ -837,19 +836,6 @@ fn http_sources_keep_their_query_and_may_omit_the_length() {
             "{special}: {summary}"
         );
     }
-}
-
-/// The one failure of an [`ingest_plain_and`] run, after checking that the plain copy was
-/// written.
-fn the_failure(dir: &tempfile::TempDir, output: &std::process::Output) -> shards::meta::Failure {
-    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(
-        (summary["written"].as_u64(), summary["failed"].as_u64()),
-        (Some(1), Some(1)),
-        "{summary}"
-    );
-    let mut stats = first_shard_stats(&dir.path().join("out"));
-    stats.failures.pop().unwrap()
 }
 
 #[test]

@@ -204,10 +204,10 @@ thread_local! {
 /// it, copying none of its extra markers (EXIF, ICC, comments): a lossless transcode of the
 /// quantized DCT coefficients (`jpegtran -optimize -copy none`), so decoders give the same
 /// pixels from both, except where libjpeg-turbo smooths the blocks of a progressive JPEG whose
-/// scans left coefficients incomplete (the caller checks, with [`decodes_to`]). libjpeg-turbo decodes a progressive JPEG about 3 times slower than
-/// the same coefficients coded sequentially (docs/benchmarks.md, "Progressive JPEGs stored
-/// sequential"), and a stored sample is decoded again in every epoch. `None` when
-/// libjpeg-turbo refuses.
+/// scans left coefficients incomplete (the caller checks, with [`decodes_to`]). libjpeg-turbo
+/// decodes a progressive JPEG about 3 times slower than the same coefficients coded
+/// sequentially (docs/benchmarks.md, "Progressive JPEGs stored sequential"), and a stored
+/// sample is decoded again in every epoch. `None` when libjpeg-turbo refuses.
 pub(crate) fn to_sequential(bytes: &[u8]) -> Option<Vec<u8>> {
     TRANSFORMER.with(|cell| {
         let mut slot = cell.borrow_mut();
