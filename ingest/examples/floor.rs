@@ -18,9 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ingest::image::{ImageConfig, StageTimings, process_image};
-
-mod common;
-use common::files_under;
+use seer_tests::files_under;
 
 fn median(values: &mut [Duration]) -> Duration {
     values.sort();

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use turbojpeg::{Decompressor, Image, PixelFormat};
 
 mod common;
-use common::{files_under, median_and_range};
+use common::median_and_range;
+use seer_tests::files_under;
 
 fn decode(turbo: &mut Decompressor, jpeg: &[u8], rgb: &mut Vec<u8>) -> Result<(), String> {
     let header = turbo.read_header(jpeg).map_err(|e| e.to_string())?;

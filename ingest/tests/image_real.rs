@@ -91,20 +91,7 @@ fn material(folder: &str) -> PathBuf {
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir).expect("readable folder") {
-            let path = entry.expect("readable entry").path();
-            if path.is_dir() {
-                pending.push(path);
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    files
+    seer_tests::files_under(dir).expect("readable folder")
 }
 
 /// A hostile file by its original name. The fetch script flattens origins into names like

@@ -42,4 +42,4 @@ pub use testdata::{
     PhotoEntry, cache_dir, fashion_mnist_dir, hostile_dir, photos_dir, photos_index,
     photos_small_dir, photos_small_index,
 };
-pub use upload::{UploadSummary, upload_dir};
+pub use upload::{UploadSummary, files_under, upload_dir};

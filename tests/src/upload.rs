@@ -76,8 +76,9 @@ pub async fn upload_dir(
     })
 }
 
-/// Every file under `root`, in sorted order.
-fn files_under(root: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// Every regular file under `root`, recursively, in sorted order (also the tests' and the
+/// ingest examples' walk over test material).
+pub fn files_under(root: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut pending = vec![root.to_path_buf()];
     while let Some(dir) = pending.pop() {
