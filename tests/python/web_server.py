@@ -34,12 +34,15 @@ busy_lock = threading.Lock()
 
 
 class Server(http.server.SimpleHTTPRequestHandler):
-    def answer(self, status):
+    def answer(self, status, headers=()):
+        """An empty answer with `status` and `headers` (name, value pairs)."""
         # Read any body first, so that the client sees the answer, not a reset connection.
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
         self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -64,13 +67,10 @@ class Server(http.server.SimpleHTTPRequestHandler):
             self.send_error(int(status.group(1)))
             return
         if self.path.startswith("/tofile/"):
-            self.send_response(302)
-            self.send_header("Location", "file:///etc/passwd")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self.answer(302, [("Location", "file:///etc/passwd")])
             return
         if self.path.startswith("/toobusy/"):
-            self.refuse(429, "3600")
+            self.answer(429, [("Retry-After", "3600")])
             return
         for prefix in ("/busy/", "/busydate/"):
             if self.path.startswith(prefix):
@@ -79,7 +79,7 @@ class Server(http.server.SimpleHTTPRequestHandler):
                     busy_seen.add(self.path)
                 if first:
                     wait = "3" if prefix == "/busy/" else email.utils.formatdate(time.time() + 3, usegmt=True)
-                    self.refuse(503, wait)
+                    self.answer(503, [("Retry-After", wait)])
                     return
                 self.path = self.path[len(prefix) - 1:]
         if self.path.startswith("/slow/"):
@@ -101,12 +101,6 @@ class Server(http.server.SimpleHTTPRequestHandler):
             self.close_connection = True
             return
         super().do_GET()
-
-    def refuse(self, status, retry_after):
-        self.send_response(status)
-        self.send_header("Retry-After", retry_after)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
 
     def do_PROPFIND(self):
         self.answer(404)
