@@ -791,6 +791,17 @@ fn the_failure(dir: &tempfile::TempDir, output: &std::process::Output) -> shards
     stats.failures.pop().unwrap()
 }
 
+/// Checks an [`ingest_plain_and`] run of `special` where both sources were fetched: the same
+/// bytes twice, so the second copy is dropped as a duplicate and nothing failed.
+fn assert_second_copy_was_a_duplicate(output: &std::process::Output, special: &str) {
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (summary["failed"].as_u64(), summary["duplicates"].as_u64()),
+        (Some(0), Some(1)),
+        "{special}: {summary}"
+    );
+}
+
 #[test]
 fn a_source_the_store_refuses_fails_at_once_as_permission_denied() {
     let (dir, output) = ingest_plain_and("forbidden");
@@ -828,13 +839,7 @@ fn a_url_too_long_for_a_request_fails_alone_instead_of_crashing_the_job() {
 fn http_sources_keep_their_query_and_may_omit_the_length() {
     for special in ["signed", "nolength"] {
         let (_dir, output) = ingest_plain_and(special);
-        let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-        // The same bytes twice: the second copy is fetched, and dropped as a duplicate.
-        assert_eq!(
-            (summary["failed"].as_u64(), summary["duplicates"].as_u64()),
-            (Some(0), Some(1)),
-            "{special}: {summary}"
-        );
+        assert_second_copy_was_a_duplicate(&output, special);
     }
 }
 
@@ -873,12 +878,7 @@ fn a_busy_server_is_asked_again_after_the_wait_it_names() {
     for special in ["busy", "busydate"] {
         let started = Instant::now();
         let (_dir, output) = ingest_plain_and(special);
-        let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-        assert_eq!(
-            (summary["failed"].as_u64(), summary["duplicates"].as_u64()),
-            (Some(0), Some(1)),
-            "{special}: {summary}"
-        );
+        assert_second_copy_was_a_duplicate(&output, special);
         // The first pause without Retry-After would be 1 s. A date has whole seconds, so
         // it may name a moment up to 1 s nearer.
         assert!(
@@ -903,12 +903,7 @@ fn web_sources_follow_the_client_store_options() {
     // The server serves /agent/ only to the agent named.
     let (_dir, output) =
         ingest_plain_and_with("agent", &["--store-option", "user_agent=seer-test-agent"]);
-    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(
-        (summary["failed"].as_u64(), summary["duplicates"].as_u64()),
-        (Some(0), Some(1)),
-        "{summary}"
-    );
+    assert_second_copy_was_a_duplicate(&output, "agent");
 
     // Through the server as a proxy, a host that cannot be reached (port 1) is read.
     let folder = small_photos().join("endless-sky");
