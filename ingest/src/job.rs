@@ -472,7 +472,9 @@ impl JobState<'_> {
     async fn store_get(&self, location: &Location, path: &Path) -> Fetched {
         let result = match location.store.get(path).await {
             Ok(result) => result,
-            Err(object_store::Error::NotFound { .. }) => return Fetched::NotFound,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Fetched::NotFound("no such object".into());
+            }
             Err(error) => return Fetched::from_store_error(&error),
         };
         let meta = result.meta.clone();
@@ -502,12 +504,31 @@ impl JobState<'_> {
             Err(error) if error.is_redirect() || error.is_builder() => {
                 return Fetched::Refused(with_causes(&error));
             }
+            // A server whose TLS the client refuses (a certificate it does not trust, a
+            // handshake it cannot complete) gives the same refusal next time.
+            Err(error) if tls_refusal(&error).is_some() => {
+                let mut message = with_causes(&error);
+                if matches!(
+                    tls_refusal(&error),
+                    Some(rustls::Error::InvalidCertificate(_))
+                ) {
+                    message.push_str(
+                        " (the store option allow_invalid_certificates=true accepts such a \
+                         certificate)",
+                    );
+                }
+                return Fetched::Refused(message);
+            }
             Err(error) => return Fetched::Failed(with_causes(&error)),
         };
         let status = response.status();
-        let answered = format!("the server answered {status}");
+        let mut answered = format!("the server answered {status}");
+        // After redirects the answer is the last URL's, which the message names.
+        if reqwest::Url::parse(url).ok().as_ref() != Some(response.url()) {
+            answered.push_str(&format!(" at {}, where it was redirected", response.url()));
+        }
         match status {
-            StatusCode::NOT_FOUND | StatusCode::GONE => return Fetched::NotFound,
+            StatusCode::NOT_FOUND | StatusCode::GONE => return Fetched::NotFound(answered),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Fetched::Denied(answered),
             // A timeout, "too early", "too many requests" and server errors may pass; the
             // server may say when to ask again.
@@ -552,8 +573,8 @@ impl JobState<'_> {
         };
         let e_tag = header(reqwest::header::ETAG);
         let last_modified = header(reqwest::header::LAST_MODIFIED)
-            .and_then(|date| chrono::DateTime::parse_from_rfc2822(&date).ok())
-            .map_or_else(chrono::Utc::now, |date| date.with_timezone(&chrono::Utc));
+            .and_then(|date| http_date(&date))
+            .map_or_else(chrono::Utc::now, chrono::DateTime::<chrono::Utc>::from);
         let mut body = Vec::new();
         loop {
             match response.chunk().await {
@@ -996,7 +1017,7 @@ impl JobState<'_> {
             };
             let (message, asked_wait) = match fetched {
                 Fetched::Bytes(meta, bytes) => break (meta, bytes),
-                Fetched::NotFound => return fail("not_found", "no such object".into(), 0, &item),
+                Fetched::NotFound(message) => return fail("not_found", message, 0, &item),
                 Fetched::TooLarge(message) => return fail("too_large_bytes", message, 0, &item),
                 // Refused, not failed: asking again only costs the pauses.
                 Fetched::Denied(message) => return fail("permission_denied", message, 0, &item),
@@ -1191,7 +1212,7 @@ enum Fetched {
     /// The object and its bytes.
     Bytes(object_store::ObjectMeta, Bytes),
     /// The store has no such object.
-    NotFound,
+    NotFound(String),
     /// Over the input byte cap.
     TooLarge(String),
     /// The store refused access.
@@ -1203,6 +1224,22 @@ enum Fetched {
     Busy(String, Option<Duration>),
     /// Anything else: worth another try.
     Failed(String),
+}
+
+/// The TLS error behind a failed request, if the client refused the server's TLS. The TLS
+/// library's errors travel inside `io::Error`s (nested ones), whose `source` skips them.
+fn tls_refusal<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    std::iter::once(error)
+        .chain(causes(error))
+        .find_map(|cause| {
+            let mut cause = cause;
+            loop {
+                if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+                    return Some(tls);
+                }
+                cause = cause.downcast_ref::<std::io::Error>()?.get_ref()?;
+            }
+        })
 }
 
 /// The longest `Retry-After` a source waits for before its next attempt.
@@ -1220,9 +1257,21 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         // Seconds too many for a u64 are still too many to wait.
         return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
     }
-    let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    let wait = date.with_timezone(&chrono::Utc) - chrono::Utc::now();
-    Some(wait.to_std().unwrap_or_default())
+    let date = http_date(value)?;
+    Some(
+        date.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+/// An HTTP date in any of the three formats HTTP has used, which a recipient must all read
+/// (RFC 9110 section 5.6.7), or in RFC 2822's wider syntax (a zone such as "+0000" instead of
+/// "GMT"), which some servers send.
+fn http_date(value: &str) -> Option<std::time::SystemTime> {
+    httpdate::parse_http_date(value).ok().or_else(|| {
+        let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+        Some(date.with_timezone(&chrono::Utc).into())
+    })
 }
 
 impl Fetched {
@@ -1303,6 +1352,21 @@ mod tests {
         assert_eq!(with("-3"), None);
         // A date in the past: ask again without waiting longer.
         assert_eq!(with("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        // The obsolete forms: RFC 850 and asctime.
+        assert_eq!(
+            with("Wednesday, 21-Oct-15 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(with("Wed Oct 21 07:28:00 2015"), Some(Duration::ZERO));
+        // asctime, ahead: "Sun Nov  6 08:49:37 1994".
+        let ahead = (chrono::Utc::now() + chrono::TimeDelta::seconds(90))
+            .format("%a %b %e %H:%M:%S %Y")
+            .to_string();
+        let wait = with(&ahead).unwrap();
+        assert!(
+            (Duration::from_secs(85)..=Duration::from_secs(90)).contains(&wait),
+            "{ahead}: {wait:?}"
+        );
         let ahead = (chrono::Utc::now() + chrono::TimeDelta::seconds(90)).to_rfc2822();
         let wait = with(&ahead).unwrap();
         assert!(

@@ -864,11 +864,72 @@ fn a_client_error_fails_at_once_and_server_errors_are_retried() {
         "{failure:?}"
     );
 
+    // Followed to a missing object, the failure names where the redirect led.
+    let (dir, output) = ingest_plain_and("moved/status/404");
+    let failure = the_failure(&dir, &output);
+    assert_eq!(failure.reason, "not_found", "{failure:?}");
+    let (listed, _) = failure.url.split_once("/moved").unwrap();
+    assert!(
+        failure
+            .message
+            .contains(&format!("404 Not Found at {listed}/status/404/"))
+            && failure.message.ends_with(", where it was redirected"),
+        "{failure:?}"
+    );
+
     let (dir, output) = ingest_plain_and("status/502");
     let failure = the_failure(&dir, &output);
     assert_eq!(failure.reason, "fetch", "{failure:?}");
     assert!(failure.message.contains("502"), "{failure:?}");
     assert!(failure.message.contains("after 4 attempts"), "{failure:?}");
+}
+
+#[test]
+fn a_certificate_the_client_does_not_trust_fails_at_once_unless_the_store_option_accepts_it() {
+    let folder = small_photos().join("endless-sky");
+    let name = std::fs::read_dir(&folder).unwrap().next().unwrap().unwrap();
+    let name = name.file_name();
+    let name = name.to_string_lossy();
+    let (https, http) = (WebServer::start_tls(&folder), WebServer::start(&folder));
+    // The photo over HTTPS, and another copy that asks the plain server for TLS.
+    let list = format!(
+        "{}/{name}\n{}/{name}\n",
+        https.url(),
+        http.url().replace("http://", "https://")
+    );
+
+    let (dir, output) = ingest_list(&list);
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["failed"].as_u64(), Some(2), "{summary}");
+    let failures = first_shard_stats(&dir.path().join("out")).failures;
+    let untrusted = failures.iter().find(|f| f.url.starts_with(&https.url()));
+    let untrusted = untrusted.unwrap_or_else(|| panic!("{failures:?}"));
+    for failure in &failures {
+        assert_eq!(failure.reason, "fetch", "{failure:?}");
+        assert!(
+            !failure.message.contains("attempts"),
+            "asked once: {failure:?}"
+        );
+    }
+    assert!(
+        untrusted.message.contains("invalid peer certificate")
+            && untrusted
+                .message
+                .contains("allow_invalid_certificates=true accepts"),
+        "{untrusted:?}"
+    );
+
+    // Told to accept it, the client fetches the photo (the plain server stays no TLS server).
+    let (_dir, output) = ingest_list_with(
+        &list,
+        &["--store-option", "allow_invalid_certificates=true"],
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (summary["written"].as_u64(), summary["failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{summary}"
+    );
 }
 
 #[test]

@@ -1,7 +1,13 @@
 """A web server for seer-rs's tests: Python's standard server over a folder, read-only, with
 paths that misbehave on purpose.
 
-    python3 web_server.py PORT FOLDER
+    python3 web_server.py PORT FOLDER [CERT KEY]
+
+With CERT and KEY (PEM files) it speaks HTTPS. tls/cert.pem and tls/key.pem are a self-signed
+certificate for 127.0.0.1 made for these tests (a client must refuse it unless told to accept
+invalid certificates), by `openssl req -x509 -newkey rsa:2048 -nodes -subj "/CN=seer-rs test
+server" -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" -addext
+"basicConstraints=critical,CA:FALSE" -days 36500 -keyout key.pem -out cert.pem`.
 
 - GET and HEAD serve FOLDER's files (404 for anything else, as for a missing object);
 - /forbidden/NAME answers 403, as a bucket does to credentials that may not read there;
@@ -13,6 +19,7 @@ paths that misbehave on purpose.
 - /busydate/NAME does the same with the wait as an HTTP date;
 - /toobusy/NAME always answers 429 with `Retry-After: 3600`;
 - /tofile/NAME redirects (302) to file:///etc/passwd, which a client must not follow;
+- /moved/PATH redirects (302) to /PATH on the same server;
 - /agent/NAME serves NAME only to the User-Agent `seer-test-agent` (403 otherwise);
 - as an HTTP proxy, it serves NAME for any http://HOST/viaproxy/NAME, whatever HOST is;
   /viaproxy/NAME asked of it directly, not as a proxy, answers 403;
@@ -24,6 +31,7 @@ import email.utils
 import functools
 import http.server
 import re
+import ssl
 import sys
 import threading
 import time
@@ -65,6 +73,9 @@ class Server(http.server.SimpleHTTPRequestHandler):
         status = re.match(r"/status/(\d{3})/", self.path)
         if status:
             self.send_error(int(status.group(1)))
+            return
+        if self.path.startswith("/moved/"):
+            self.answer(302, [("Location", self.path[len("/moved"):])])
             return
         if self.path.startswith("/tofile/"):
             self.answer(302, [("Location", "file:///etc/passwd")])
@@ -115,4 +126,11 @@ class Server(http.server.SimpleHTTPRequestHandler):
 
 
 handler = functools.partial(Server, directory=sys.argv[2])
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_forever()
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler)
+if len(sys.argv) > 3:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[3], sys.argv[4])
+    # The handshake happens in the request's thread, so a client that never completes one
+    # (the test's readiness probe) holds up no other.
+    server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+server.serve_forever()
