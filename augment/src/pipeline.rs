@@ -39,7 +39,8 @@
 //! that fails or stalls (no bytes for `read_timeout`) is retried `read_attempts` times, reopening
 //! the shard at the next unread sample; then the shard is reported and skipped. A broken shard
 //! (bad tar) is reported and skipped after the samples before the damage. An epoch in which no
-//! sample could be read stops the pipeline with an error. Dropping the [`Pipeline`] stops every
+//! sample could be read stops the pipeline with an error, and so do dropped batches in a row
+//! that hold two epochs of samples (as counted by the reader). Dropping the [`Pipeline`] stops every
 //! thread and joins them.
 
 use std::collections::{BTreeMap, HashMap};
@@ -365,10 +366,13 @@ pub struct Pipeline {
     results: Option<Receiver<WorkerResult>>,
     pending: BTreeMap<u64, Batch>,
     dropped: std::collections::BTreeSet<u64>,
-    /// Batches dropped in a row (none of their images decoded), and how many in a row make
-    /// the stream an error: as many as hold every sample of the dataset.
+    /// Batches dropped in a row (none of their images decoded): as many as hold two epochs of
+    /// samples make the stream an error (see [`Pipeline::dropped_two_epochs`]).
     dropped_in_a_row: u64,
-    max_dropped_in_a_row: u64,
+    /// The most samples the reader has read in one complete epoch (0 before the first one
+    /// ends); shared with the reader thread.
+    samples_read_per_epoch: Arc<AtomicU64>,
+    batch_size: u64,
     next_index: u64,
     stop: Arc<AtomicBool>,
     error: Arc<std::sync::Mutex<Option<PipelineError>>>,
@@ -422,6 +426,7 @@ impl Pipeline {
             },
         };
         let stop = Arc::new(AtomicBool::new(false));
+        let samples_read_per_epoch = Arc::new(AtomicU64::new(0));
         let error = Arc::new(std::sync::Mutex::new(None));
         let counters = Arc::new(Counters::default());
         let (job_tx, job_rx) = bounded::<BatchJob>(options.threads);
@@ -457,6 +462,7 @@ impl Pipeline {
             stop: stop.clone(),
             jobs: job_tx,
             index_cache: HashMap::new(),
+            samples_read_per_epoch: samples_read_per_epoch.clone(),
         };
         let reader_error = error.clone();
         let handle = std::thread::Builder::new()
@@ -476,17 +482,13 @@ impl Pipeline {
             })
             .map_err(|e| PipelineError::Thread(e.to_string()))?;
         threads.push(handle);
-        let max_dropped_in_a_row = dataset
-            .manifest
-            .total_samples()
-            .div_ceil(options.batch_size as u64)
-            .max(1);
         Ok(Self {
             results: Some(result_rx),
             pending: BTreeMap::new(),
             dropped: Default::default(),
             dropped_in_a_row: 0,
-            max_dropped_in_a_row,
+            samples_read_per_epoch,
+            batch_size: options.batch_size as u64,
             next_index,
             stop,
             error,
@@ -507,6 +509,22 @@ impl Pipeline {
     }
 }
 
+impl Pipeline {
+    /// Whether `dropped_in_a_row` batches hold two epochs of samples, by the most samples the
+    /// reader has read in a complete epoch; never before an epoch has ended, since a manifest
+    /// may claim more or fewer samples than its shards hold. Any two epochs' worth of
+    /// consecutive samples hold every sample of one epoch: each epoch's samples all leave the
+    /// shuffle buffer before the next epoch's come in.
+    fn dropped_two_epochs(&self) -> Option<u64> {
+        match self.samples_read_per_epoch.load(Ordering::Relaxed) {
+            0 => None,
+            epoch => (self.dropped_in_a_row.saturating_mul(self.batch_size)
+                >= epoch.saturating_mul(2))
+            .then_some(epoch),
+        }
+    }
+}
+
 impl Iterator for Pipeline {
     type Item = Result<Batch, PipelineError>;
 
@@ -520,15 +538,13 @@ impl Iterator for Pipeline {
             if self.dropped.remove(&self.next_index) {
                 self.next_index += 1;
                 self.dropped_in_a_row += 1;
-                if self.dropped_in_a_row >= self.max_dropped_in_a_row {
+                if let Some(epoch) = self.dropped_two_epochs() {
                     // Workers would go on dropping batches for ever: no image decodes.
                     self.results = None;
                     self.stop.store(true, Ordering::SeqCst);
                     return Some(Err(PipelineError::NoData(format!(
-                        "{}: no image decoded in {} batches in a row, as many samples as the dataset holds ({}): its images do not decode (see the warnings above)",
-                        self.dataset.location.url,
-                        self.dropped_in_a_row,
-                        self.dataset.manifest.total_samples()
+                        "{}: no image decoded in {} batches in a row, two epochs of samples ({epoch} per epoch): its images do not decode (see the warnings above)",
+                        self.dataset.location.url, self.dropped_in_a_row,
                     ))));
                 }
                 continue;
@@ -662,6 +678,8 @@ struct Reader {
     stop: Arc<AtomicBool>,
     jobs: Sender<BatchJob>,
     index_cache: HashMap<u32, Arc<ShardIndex>>,
+    /// [`Pipeline::samples_read_per_epoch`].
+    samples_read_per_epoch: Arc<AtomicU64>,
 }
 
 impl Reader {
@@ -752,6 +770,9 @@ impl Reader {
                     order.len()
                 )));
             }
+            // Before the next epoch's first sample can reach a batch.
+            self.samples_read_per_epoch
+                .fetch_max(samples_in_epoch, Ordering::Relaxed);
             state.epoch += 1;
             state.shard_position = 0;
             state.samples_taken = 0;
