@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use object_store::{GetOptions, GetRange, ObjectStore};
-use rand_core::SeedableRng;
+use rand_core::{RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::{Deserialize, Serialize};
 use shards::{Dataset, IndexEntry, ManifestShard, ShardIndex, ShardStream, StoreOptions};
@@ -625,6 +625,30 @@ fn check_resume(
             return mismatch(what, saved.to_string(), now.to_string());
         }
     }
+    if state.buffer.len() > options.shuffle_buffer.max(1) {
+        return Err(PipelineError::Resume(format!(
+            "the shuffle buffer holds {} samples, more than its size of {}",
+            state.buffer.len(),
+            options.shuffle_buffer
+        )));
+    }
+    // Counters that cannot step on: the epoch and batch numbers go up by one.
+    if state.epoch == u64::MAX || state.batches == u64::MAX {
+        return Err(PipelineError::Resume(format!(
+            "epoch {} and batch {} leave no room to count on",
+            state.epoch, state.batches
+        )));
+    }
+    // xoshiro256++ repeats its state only when that is all zeros, which it never reaches from
+    // a seed and from which it draws only zeros (the shuffle buffer would wait for ever).
+    let mut probe = state.rng.clone();
+    probe.next_u64();
+    if probe == state.rng {
+        return Err(PipelineError::Resume(
+            "the shuffle buffer's random generator state is all zeros, which no run produces"
+                .into(),
+        ));
+    }
     if let Some(bad) = state.buffer.iter().find(|r| r.shard as usize >= shards) {
         return Err(PipelineError::Resume(format!(
             "buffered sample refers to shard {} of {shards}",
@@ -650,7 +674,6 @@ pub fn rank_shards(shards: usize, seed: u64, epoch: u64, rank: usize, world: usi
 }
 
 fn uniform_below(rng: &mut Xoshiro256PlusPlus, n: usize) -> usize {
-    use rand_core::RngCore;
     loop {
         let product = u128::from(rng.next_u64()) * n as u128;
         if (product as u64) >= (n as u64).wrapping_neg() % n as u64 {
@@ -686,6 +709,7 @@ impl Reader {
     async fn run(&mut self, mut state: StreamState) -> Result<(), PipelineError> {
         let shard_count = self.dataset.manifest.shards.len();
         let mut buffer = self.refetch_buffer(&state).await?;
+        self.check_samples_taken(&state).await?;
         let mut batch: Vec<RawSample> = Vec::with_capacity(self.options.batch_size);
         let capacity = self.options.shuffle_buffer.max(1);
         loop {
@@ -868,6 +892,49 @@ impl Reader {
         rx
     }
 
+    /// Refuses a saved position that has taken more samples of its shard than the shard holds
+    /// (by its index): reading on from there would silently skip the rest of the shard.
+    async fn check_samples_taken(&mut self, state: &StreamState) -> Result<(), PipelineError> {
+        if state.samples_taken == 0 {
+            return Ok(());
+        }
+        let order = rank_shards(
+            self.dataset.manifest.shards.len(),
+            self.options.seed,
+            state.epoch,
+            self.options.rank,
+            self.options.world,
+        );
+        let Some(&shard_number) = order.get(state.shard_position) else {
+            return Ok(());
+        };
+        // An index that cannot be read now is the stream's to retry and report.
+        let Ok(index) = self.index_of(shard_number).await else {
+            return Ok(());
+        };
+        let shard = &self.dataset.manifest.shards[shard_number as usize];
+        if state.samples_taken as usize > index.samples.len() {
+            return Err(PipelineError::Resume(format!(
+                "{}: the saved position has taken {} samples of it, but its index holds {}",
+                shard.name,
+                state.samples_taken,
+                index.samples.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The index of shard `number` of the manifest, read once and kept.
+    async fn index_of(&mut self, number: u32) -> Result<Arc<ShardIndex>, PipelineError> {
+        if let Some(index) = self.index_cache.get(&number) {
+            return Ok(index.clone());
+        }
+        let shard = &self.dataset.manifest.shards[number as usize];
+        let index = Arc::new(self.dataset.index(shard).await?);
+        self.index_cache.insert(number, index.clone());
+        Ok(index)
+    }
+
     /// The samples of a saved shuffle buffer, refetched with one ranged read each.
     async fn refetch_buffer(
         &mut self,
@@ -875,15 +942,8 @@ impl Reader {
     ) -> Result<Vec<Buffered>, PipelineError> {
         let mut buffered = Vec::with_capacity(state.buffer.len());
         for reference in &state.buffer {
+            let index = self.index_of(reference.shard).await?;
             let shard = &self.dataset.manifest.shards[reference.shard as usize];
-            let index = match self.index_cache.get(&reference.shard) {
-                Some(index) => index.clone(),
-                None => {
-                    let index = Arc::new(self.dataset.index(shard).await?);
-                    self.index_cache.insert(reference.shard, index.clone());
-                    index
-                }
-            };
             let entry = index
                 .samples
                 .get(reference.ordinal as usize)

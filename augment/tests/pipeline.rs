@@ -264,6 +264,44 @@ fn resume_refuses_other_settings() {
 }
 
 #[test]
+fn resume_refuses_a_position_no_run_saves() {
+    let mut first = Pipeline::start(&url(dataset()), options(5, 1), None).unwrap();
+    let state = serde_json::to_value(&*take(&mut first, 1)[0].state).unwrap();
+    drop(first);
+    let start = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut edited = state.clone();
+        edit(&mut edited);
+        let edited: StreamState = serde_json::from_value(edited).unwrap();
+        match Pipeline::start(&url(dataset()), options(5, 1), Some(edited)) {
+            Err(error) => error.to_string(),
+            // Checks that need a shard's index come with the first batch.
+            Ok(mut pipeline) => match pipeline.next() {
+                Some(Err(error)) => error.to_string(),
+                other => panic!("accepted: {:?}", other.map(|b| b.map(|b| b.index))),
+            },
+        }
+    };
+    // A generator stuck at zero drew zeros for ever: the first batch never came.
+    let error = start(&|s| s["rng"]["s"] = serde_json::json!([0, 0, 0, 0]));
+    assert!(
+        error.contains("random generator state is all zeros"),
+        "{error}"
+    );
+    let error = start(&|s| s["epoch"] = serde_json::json!(u64::MAX));
+    assert!(error.contains("no room to count on"), "{error}");
+    let error = start(&|s| {
+        let buffer = s["buffer"].as_array().unwrap().clone();
+        s["buffer"] = serde_json::json!([buffer.clone(), buffer].concat());
+    });
+    assert!(error.contains("more than its size of 16"), "{error}");
+    let error = start(&|s| s["samples_taken"] = serde_json::json!(1_000_000));
+    assert!(
+        error.contains("has taken 1000000 samples of it, but its index holds"),
+        "{error}"
+    );
+}
+
+#[test]
 fn float_output_is_the_normalized_byte_output() {
     let mut o = options(4, 2);
     let bytes = take(

@@ -446,6 +446,19 @@ impl CheckpointStore {
                     ),
                 });
             }
+            // The folder is named for the step its state holds; a state edited or copied from
+            // elsewhere would resume at a step the weights do not belong to.
+            if let Some(step) = step_of(name)
+                && step != state.step
+            {
+                return Err(CheckpointError::Invalid {
+                    url: format!("{url}/{STATE}"),
+                    reason: format!(
+                        "it holds step {}, but its folder {name} is named for step {step}",
+                        state.step
+                    ),
+                });
+            }
             let config = self.location.get_bytes(&format!("{name}/{CONFIG}")).await?;
             let config =
                 String::from_utf8(config.to_vec()).map_err(|e| CheckpointError::Invalid {
@@ -688,6 +701,25 @@ mod tests {
         let folder = root.join("ckpt-00000030");
         let one = load_checkpoint(folder.to_str().unwrap(), &StoreOptions::default()).unwrap();
         assert_eq!(one.state.step, 30);
+        // A state whose step is not its folder's is refused, named.
+        let state_file = folder.join(STATE);
+        let text = std::fs::read_to_string(&state_file).unwrap();
+        let mut edited: serde_json::Value = serde_json::from_str(&text).unwrap();
+        edited["step"] = serde_json::json!(u64::MAX);
+        std::fs::write(&state_file, edited.to_string()).unwrap();
+        let message = load_checkpoint(folder.to_str().unwrap(), &StoreOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            message.contains("state.json")
+                && message.contains(
+                    "it holds step 18446744073709551615, but its folder ckpt-00000030 is named \
+                     for step 30"
+                ),
+            "{message}"
+        );
+        std::fs::write(&state_file, text).unwrap();
 
         let wrong = VarStore::new(Device::Cpu);
         let _other = (wrong.root() / "other").zeros("weight", &[3, 2]);

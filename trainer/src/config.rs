@@ -663,6 +663,9 @@ fn merge_tables(into: &mut toml::Table, from: toml::Table) {
 /// The top-level keys whose value may be a preset name instead of a table.
 const PRESET_KEYS: [&str; 2] = ["model", "augment"];
 
+/// The most Sinkhorn-Knopp iterations a config may ask for (SwAV uses 3, SEER 10).
+const MAX_SINKHORN_ITERATIONS: usize = 1000;
+
 /// One parsed `--set key.path=value`.
 fn apply_override(table: &mut toml::Table, argument: &str) -> Result<(), ConfigError> {
     let fail = |reason: &str| ConfigError::Override {
@@ -845,6 +848,13 @@ impl TrainConfig {
         }
         positive("head.batch_norm_eps", head.batch_norm_eps)?;
         non_negative("head.batch_norm_momentum", head.batch_norm_momentum)?;
+        // The running statistics are (1 - m) * running + m * batch: beyond 1 they diverge.
+        if head.batch_norm_momentum > 1.0 {
+            return bad(
+                "head.batch_norm_momentum",
+                format!("{:?} must be at most 1", head.batch_norm_momentum),
+            );
+        }
 
         self.augment
             .validate()
@@ -870,6 +880,16 @@ impl TrainConfig {
         positive("loss.epsilon", loss.epsilon)?;
         if loss.sinkhorn_iterations == 0 {
             return bad("loss.sinkhorn_iterations", "must be at least 1".into());
+        }
+        // SwAV uses 3; a step with billions would never end.
+        if loss.sinkhorn_iterations > MAX_SINKHORN_ITERATIONS {
+            return bad(
+                "loss.sinkhorn_iterations",
+                format!(
+                    "{} is more than {MAX_SINKHORN_ITERATIONS}",
+                    loss.sinkhorn_iterations
+                ),
+            );
         }
         if let Some(queue) = &loss.queue
             && queue.length < self.data.batch_size
@@ -1176,6 +1196,14 @@ mod tests {
             (&["head.output_dim=100000000000"], "head.output_dim: "),
             (&["head.hidden_dims=[100000000000]"], "head.hidden_dims: "),
             (&["distributed.timeout_s=1e30"], "more than a week"),
+            (
+                &["loss.sinkhorn_iterations=4294967296"],
+                "loss.sinkhorn_iterations: 4294967296 is more than 1000",
+            ),
+            (
+                &["head.batch_norm_momentum=1e300"],
+                "head.batch_norm_momentum: 1e300 must be at most 1",
+            ),
             (&["model.wa=1e30"], "stage widths of at most 65536 channels"),
             (&["data.batch_size"], "expected KEY.PATH=VALUE"),
             (&["data.url.x=1"], "url is a string, not a table"),
