@@ -78,7 +78,8 @@ const MIB: u64 = 1024 * 1024;
 
 /// Settings for [`process_image`]. `Default` gives the values ingest runs with; each field
 /// documents its default and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ImageConfig {
     /// Inputs larger than this are refused without being parsed. Default **50 MiB**: a 24 MP
     /// camera JPEG is 5-15 MB and a 6000x4000 wallpaper PNG about 40 MB; anything larger is

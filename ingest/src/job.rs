@@ -305,6 +305,7 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         samples_per_shard: config.samples_per_shard,
         shard_prefix: &config.shard_prefix,
         partitions: u64::from(config.partition.count),
+        image: &config.image,
     };
     let plan = match plan::existing(&output, &job).await? {
         Some(plan) => plan,
@@ -354,7 +355,7 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
     }
 
     let mut progress = Progress {
-        items_total: my_shards.iter().map(|&id| items_in_shard(&plan, id)).sum(),
+        items_total: my_shards.iter().map(|&id| plan.items_in_shard(id)).sum(),
         shards_total: my_shards.len() as u64,
         ..Progress::default()
     };
@@ -375,12 +376,12 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         let done = manifest.shards.iter().any(|s| s.name == names.tar);
         if done && !config.retry_failed {
             summary.shards_skipped += 1;
-            progress.items_done += items_in_shard(&plan, id);
+            progress.items_done += plan.items_in_shard(id);
             progress.shards_done += 1;
             reporter.progress(&progress);
             continue;
         }
-        let items = plan::chunk(&output, id).await?;
+        let items = plan::chunk(&output, &plan, id).await?;
         let kept = if done {
             let stats: ShardStats = output
                 .get_json(&names.stats)
@@ -438,12 +439,6 @@ fn add_stage_seconds(total: &mut StageSeconds, add: &StageSeconds) {
     total.resize += add.resize;
     total.encode += add.encode;
     total.write += add.write;
-}
-
-fn items_in_shard(plan: &plan::Plan, id: u64) -> u64 {
-    plan.items
-        .saturating_sub(id * plan.samples_per_shard)
-        .min(plan.samples_per_shard)
 }
 
 fn decode_sha(text: &str) -> Option<[u8; 32]> {

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use shards::{Location, StoreOptions};
 
 use crate::IngestError;
+use crate::image::ImageConfig;
 use crate::input::{InputSpec, SourceItem, items};
 
 /// The plan's summary document, `_plan/plan.json`.
@@ -46,6 +47,19 @@ pub struct Plan {
     /// before it was recorded, which then accept any).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitions: Option<u64>,
+    /// The per-image settings every shard is made with (absent in plans made before they were
+    /// recorded, which then accept any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageConfig>,
+}
+
+impl Plan {
+    /// The number of items the plan puts in shard `id`.
+    pub fn items_in_shard(&self, id: u64) -> u64 {
+        self.items
+            .saturating_sub(id.saturating_mul(self.samples_per_shard))
+            .min(self.samples_per_shard)
+    }
 }
 
 /// What makes a job: everything its plan and shards depend on.
@@ -59,6 +73,8 @@ pub struct Job<'a> {
     pub shard_prefix: &'a str,
     /// The number of partitions.
     pub partitions: u64,
+    /// The per-image settings.
+    pub image: &'a ImageConfig,
 }
 
 impl Job<'_> {
@@ -72,6 +88,7 @@ impl Job<'_> {
             shards,
             items,
             partitions: Some(self.partitions),
+            image: Some(self.image.clone()),
         }
     }
 }
@@ -161,6 +178,32 @@ fn differences(plan: &Plan, job: &Job<'_>) -> Vec<String> {
             "partitions (the N of --partition I/N)",
             partitions.to_string(),
             job.partitions.to_string(),
+        );
+    }
+    // Shards made with other image settings would mix two datasets under one manifest.
+    if let Some(planned) = &plan.image {
+        let now = job.image;
+        for (option, planned, now) in [
+            ("--max-bytes", planned.max_input_bytes, now.max_input_bytes),
+            ("--max-pixels", planned.max_pixels, now.max_pixels),
+            ("--min-side", planned.min_side.into(), now.min_side.into()),
+            (
+                "--max-short-side",
+                planned.max_short_side.into(),
+                now.max_short_side.into(),
+            ),
+            (
+                "--quality",
+                planned.jpeg_quality.into(),
+                now.jpeg_quality.into(),
+            ),
+        ] {
+            differ(option, planned.to_string(), now.to_string());
+        }
+        differ(
+            "--always-reencode",
+            (!planned.keep_original_jpeg).to_string(),
+            (!now.keep_original_jpeg).to_string(),
         );
     }
     out
@@ -294,24 +337,40 @@ pub async fn wait(
     }
 }
 
-/// Reads the items of shard `id`.
-pub async fn chunk(output: &Location, id: u64) -> Result<Vec<SourceItem>, IngestError> {
+/// Reads the items of shard `id`, which must be as many as the plan put there: a chunk cut
+/// short (at a line boundary, so every line still parses) would otherwise lose its sources
+/// without a trace.
+pub async fn chunk(
+    output: &Location,
+    plan: &Plan,
+    id: u64,
+) -> Result<Vec<SourceItem>, IngestError> {
     let name = chunk_name(id);
+    let url = || output.url_of(&output.child(&name));
     let bytes = output.get_bytes(&name).await.map_err(IngestError::Output)?;
-    bytes
+    let items = bytes
         .split(|&b| b == b'\n')
         .filter(|line| !line.is_empty())
         .enumerate()
         .map(|(i, line)| {
             serde_json::from_slice(line).map_err(|e| {
-                IngestError::Config(format!(
-                    "{} line {}: corrupt plan: {e}",
-                    output.url_of(&output.child(&name)),
-                    i + 1
-                ))
+                IngestError::Config(format!("{} line {}: corrupt plan: {e}", url(), i + 1))
             })
         })
-        .collect()
+        .collect::<Result<Vec<SourceItem>, _>>()?;
+    let planned = plan.items_in_shard(id);
+    if items.len() as u64 != planned {
+        return Err(IngestError::Config(format!(
+            "{}: corrupt plan: {} sources where the plan put {planned} ({} items in {} shards of \
+             {}); plan the job again into a new output",
+            url(),
+            items.len(),
+            plan.items,
+            plan.shards,
+            plan.samples_per_shard
+        )));
+    }
+    Ok(items)
 }
 
 #[cfg(test)]
@@ -330,12 +389,16 @@ mod tests {
         }
     }
 
+    static DEFAULT_IMAGE: std::sync::LazyLock<ImageConfig> =
+        std::sync::LazyLock::new(ImageConfig::default);
+
     fn job(input: &InputSpec, samples_per_shard: u64, partitions: u64) -> Job<'_> {
         Job {
             input,
             samples_per_shard,
             shard_prefix: "data",
             partitions,
+            image: &DEFAULT_IMAGE,
         }
     }
 
@@ -364,12 +427,78 @@ mod tests {
             ]
         );
         assert_eq!(differences(&plan, &job(&spec("elsewhere"), 10, 2)).len(), 1);
-        // A plan made before the count was recorded accepts any.
+        // Other image settings: shards of two kinds under one manifest.
+        let image = ImageConfig {
+            max_short_side: 100,
+            jpeg_quality: 20,
+            keep_original_jpeg: false,
+            ..ImageConfig::default()
+        };
+        let found = differences(
+            &plan,
+            &Job {
+                image: &image,
+                ..job(&input, 10, 2)
+            },
+        );
+        assert_eq!(
+            found,
+            [
+                "--max-short-side: 512 in the plan, 100 in this run",
+                "--quality: 90 in the plan, 20 in this run",
+                "--always-reencode: false in the plan, true in this run"
+            ]
+        );
+        // A plan made before the count and the image settings were recorded accepts any.
         let old = Plan {
             partitions: None,
+            image: None,
             ..plan
         };
         assert!(differences(&old, &job(&input, 10, 3)).is_empty());
+        assert!(
+            differences(
+                &old,
+                &Job {
+                    image: &image,
+                    ..job(&input, 10, 2)
+                }
+            )
+            .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_cut_short_is_a_corrupt_plan_not_lost_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let input_dir = dir.path().join("in");
+        std::fs::create_dir(&input_dir).unwrap();
+        for i in 0..5 {
+            std::fs::write(input_dir.join(format!("{i}.jpg")), b"not read").unwrap();
+        }
+        let options = StoreOptions::default();
+        let output_dir = dir.path().join("out");
+        let output = Location::open(output_dir.to_str().unwrap(), &options, true).unwrap();
+        let input = spec(input_dir.to_str().unwrap());
+        let plan = make(&output, &job(&input, 2, 1), &options).await.unwrap();
+        assert_eq!((plan.shards, plan.items), (3, 5));
+        assert_eq!(chunk(&output, &plan, 1).await.unwrap().len(), 2);
+        assert_eq!(chunk(&output, &plan, 2).await.unwrap().len(), 1);
+        // Cut after its first line: every line left still parses.
+        let path = output_dir.join(chunk_name(1));
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, &text[..=text.find('\n').unwrap()]).unwrap();
+        let message = chunk(&output, &plan, 1).await.unwrap_err().to_string();
+        assert!(
+            message.contains("000001.jsonl: corrupt plan: 1 sources where the plan put 2"),
+            "{message}"
+        );
+        std::fs::write(&path, "").unwrap();
+        let message = chunk(&output, &plan, 1).await.unwrap_err().to_string();
+        assert!(
+            message.contains("0 sources where the plan put 2"),
+            "{message}"
+        );
     }
 
     #[tokio::test]
