@@ -74,10 +74,36 @@ fn extension_of(name: &str) -> Option<String> {
     Some(ext.to_ascii_lowercase())
 }
 
-fn parent_folder(url_path: &str) -> Option<String> {
-    let mut parts = url_path.rsplit('/');
+/// The label of a listed object under `--labels-from-folders`: ImageFolder's convention, the
+/// first folder below the listed prefix (`root/CLASS/any/depth/x.jpg`); none for an object
+/// directly in the prefix.
+fn class_folder(prefix: &str, name: &str) -> Option<String> {
+    let relative = name.strip_prefix(prefix)?.trim_start_matches('/');
+    let (first, rest) = relative.split_once('/')?;
+    (!first.is_empty() && !rest.is_empty()).then(|| first.to_string())
+}
+
+/// The label of a list entry under `--labels-from-folders`: the name of the folder holding
+/// the file (a list has no root to count from), percent-decoded from a URL; none for a file
+/// at a web server's root or with no folder.
+fn parent_folder(entry: &str) -> Option<String> {
+    let path = match url::Url::parse(entry) {
+        Ok(url) if url.has_host() || url.scheme() == "file" => {
+            let segments: Vec<&str> = url.path_segments()?.collect();
+            let (_, folders) = segments.split_last()?;
+            let folder = folders.iter().rev().find(|s| !s.is_empty())?;
+            return Some(
+                percent_encoding::percent_decode_str(folder)
+                    .decode_utf8_lossy()
+                    .into_owned(),
+            );
+        }
+        // A plain path (a Windows drive letter parses as a scheme).
+        _ => entry,
+    };
+    let mut parts = path.rsplit('/');
     parts.next()?;
-    parts.next().filter(|p| !p.is_empty()).map(str::to_string)
+    parts.find(|p| !p.is_empty()).map(str::to_string)
 }
 
 /// Streams the input's items, in the order the store lists them (or the
@@ -122,7 +148,11 @@ fn listed_items(
                         return None;
                     }
                     let url = object_url(&location, &meta.location);
-                    let cls = if by_folder { parent_folder(name) } else { None };
+                    let cls = if by_folder {
+                        class_folder(location.prefix.as_ref(), name)
+                    } else {
+                        None
+                    };
                     Some(Ok(SourceItem { url, cls }))
                 }
             }
@@ -709,8 +739,33 @@ mod tests {
 
     #[test]
     fn folder_labels() {
+        // Listed: the first folder below the prefix, at any depth, as ImageFolder does.
+        let listed = |prefix, name| class_folder(prefix, name);
+        assert_eq!(
+            listed("data/train", "data/train/n01/images/a.jpg").as_deref(),
+            Some("n01")
+        );
+        assert_eq!(
+            listed("data/train", "data/train/cat/a.jpg").as_deref(),
+            Some("cat")
+        );
+        assert_eq!(listed("data/train", "data/train/a.jpg"), None);
+        assert_eq!(listed("", "cat/a.jpg").as_deref(), Some("cat"));
+        assert_eq!(listed("", "a.jpg"), None);
+        // A list: the folder holding the file, decoded.
         assert_eq!(parent_folder("photos/cats/a.jpg").as_deref(), Some("cats"));
         assert_eq!(parent_folder("a.jpg"), None);
+        assert_eq!(parent_folder("/data/cats//a.jpg").as_deref(), Some("cats"));
+        assert_eq!(
+            parent_folder("file:///data/a%20b/x.jpg").as_deref(),
+            Some("a b")
+        );
+        assert_eq!(
+            parent_folder("http://h:80/%C3%BCn%C3%AF/x.jpg?s=1").as_deref(),
+            Some("\u{fc}n\u{ef}")
+        );
+        assert_eq!(parent_folder("http://127.0.0.1:8080/x.jpg"), None);
+        assert_eq!(parent_folder("https://h/a//x.jpg").as_deref(), Some("a"));
         assert_eq!(extension_of("x/Y.JPEG").as_deref(), Some("jpeg"));
     }
 }

@@ -115,7 +115,8 @@ struct RunArgs {
     /// Column (CSV) or field (JSONL) holding each image's label.
     #[arg(long, conflicts_with = "labels_from_folders")]
     label_column: Option<String>,
-    /// Label each image with the name of its folder (ImageFolder's convention).
+    /// Label each image with the name of its folder (ImageFolder's convention: the first
+    /// folder below the input, at any depth; in a list file, the folder holding the file).
     #[arg(long)]
     labels_from_folders: bool,
     /// Extensions kept when listing a prefix (comma separated).
