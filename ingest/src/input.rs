@@ -187,11 +187,11 @@ async fn list_file_items(
 ) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
     use tokio::io::AsyncBufReadExt;
     let format = match spec.list_format {
-        ListFormat::Auto if spec.url.ends_with(".csv") => ListFormat::Csv,
+        ListFormat::Auto if spec.url.to_ascii_lowercase().ends_with(".csv") => ListFormat::Csv,
         ListFormat::Auto
             if [".jsonl", ".ndjson", ".json"]
                 .iter()
-                .any(|e| spec.url.ends_with(e)) =>
+                .any(|e| spec.url.to_ascii_lowercase().ends_with(e)) =>
         {
             ListFormat::Jsonl
         }
@@ -262,31 +262,19 @@ async fn list_file_items(
                 })
                 .transpose(),
         };
-        std::future::ready(
-            parsed.map(|item| {
-                item.and_then(|item| absolutize(item, &list_url, &list_url, line_number))
-            }),
-        )
+        std::future::ready(parsed.map(|item| item.map(absolutize)))
     });
     Ok(stream.boxed())
 }
 
-/// Relative paths in a list file are relative to the current folder, like a shell's.
-fn absolutize(
-    mut item: SourceItem,
-    _list_url: &str,
-    list: &str,
-    line: usize,
-) -> Result<SourceItem, IngestError> {
-    let url = shards::store::normalize_url(&item.url)
-        .map_err(|e| IngestError::ListFile {
-            url: list.to_string(),
-            line,
-            reason: e.to_string(),
-        })?
-        .to_string();
-    item.url = url.trim_end_matches('/').to_string();
-    Ok(item)
+/// Relative paths in a list file are relative to the current folder, like a shell's. A URL
+/// that cannot be read as one stays as written: it is that source's failure (`bad_url`, named
+/// when the shard is made), not the job's.
+fn absolutize(mut item: SourceItem) -> SourceItem {
+    if let Ok(url) = shards::store::normalize_url(&item.url) {
+        item.url = url.as_str().trim_end_matches('/').to_string();
+    }
+    item
 }
 
 fn parse_list_line(
@@ -309,9 +297,26 @@ fn parse_list_line(
         ListFormat::Csv => {
             let fields = split_csv_line(line)?;
             let Some(names) = header.as_ref() else {
+                if let Some(twice) = fields
+                    .iter()
+                    .enumerate()
+                    .find(|(i, name)| fields[..*i].contains(name))
+                    .map(|(_, name)| name)
+                {
+                    return Err(format!("the CSV header names the column {twice:?} twice"));
+                }
                 *header = Some(fields);
                 return Ok(None);
             };
+            // A row with more fields than the header (an unquoted comma in a label, say)
+            // would shift or cut its values.
+            if fields.len() != names.len() {
+                return Err(format!(
+                    "row has {} fields, the header {} (a field holding a comma must be quoted)",
+                    fields.len(),
+                    names.len()
+                ));
+            }
             let column = |name: &str| -> Result<usize, String> {
                 names.iter().position(|n| n == name).ok_or_else(|| {
                     format!(
@@ -637,6 +642,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("no column \"link\""), "{err}");
+        // An unquoted comma in a label: more fields than the header, refused.
+        let err = parse_list_line(
+            "s3://b/x.jpg,New York, NY",
+            ListFormat::Csv,
+            &mut header,
+            "url",
+            &labels,
+        )
+        .unwrap_err();
+        assert!(err.contains("row has 3 fields, the header 2"), "{err}");
+        let err =
+            parse_list_line("url,url", ListFormat::Csv, &mut None, "url", &labels).unwrap_err();
+        assert!(err.contains("names the column \"url\" twice"), "{err}");
     }
 
     #[test]

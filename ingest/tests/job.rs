@@ -817,6 +817,22 @@ fn a_source_the_store_refuses_fails_at_once_as_permission_denied() {
 }
 
 #[test]
+fn a_url_that_does_not_parse_fails_alone_as_bad_url_instead_of_stopping_the_plan() {
+    let photo = &photos_in("endless-sky", 1)[0];
+    for bad in [
+        "http://127.0.0.1:99999/x.jpg",
+        "http://[::1:8080/x.jpg",
+        "http://",
+    ] {
+        let (dir, output) = ingest_list(&format!("{}\n{bad}\n", photo.display()));
+        let failure = the_failure(&dir, &output);
+        assert_eq!(failure.reason, "bad_url", "{failure:?}");
+        assert_eq!(failure.url, bad);
+        assert!(failure.message.starts_with("bad URL: "), "{failure:?}");
+    }
+}
+
+#[test]
 fn a_url_too_long_for_a_request_fails_alone_instead_of_crashing_the_job() {
     // Before the check, the HTTP client under object_store panicked on it: exit 101, and
     // every rerun of the job again.
