@@ -292,6 +292,18 @@ async fn run(args: RunArgs) -> Result<()> {
         Some(p) => p,
         None => partition_from_env(args.partitions)?.unwrap_or_default(),
     };
+    // A count that this worker's partition does not use is a mistake somewhere: a missing
+    // index variable, or a --partition written for another job.
+    if let Some(count) = args.partitions
+        && count != config.partition.count
+    {
+        bail!(
+            "--partitions {count} (or INGEST_PARTITIONS) but this worker's partition is {}/{}: \
+             give --partition I/{count}, or run it where JOB_COMPLETION_INDEX is set",
+            config.partition.index,
+            config.partition.count
+        );
+    }
     config.fetch_concurrency = args.fetch_concurrency;
     if let Some(workers) = args.workers {
         config.workers = workers;

@@ -1079,3 +1079,46 @@ fn a_job_that_fails_before_writing_leaves_no_output_folder_behind() {
     assert!(stderr.contains("no-such-input"), "{stderr}");
     assert!(!dir.path().join("new").exists(), "{stderr}");
 }
+
+#[test]
+fn a_partition_count_this_worker_does_not_use_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out");
+    let run = |args: &[&str], index: Option<&str>| {
+        let mut command = ingest();
+        command
+            .env_remove("JOB_COMPLETION_INDEX")
+            .env_remove("INGEST_PARTITIONS")
+            .arg("run")
+            .arg(small_photos())
+            .arg("-o")
+            .arg(&output)
+            .arg("--no-progress")
+            .args(args);
+        if let Some(index) = index {
+            command.env("JOB_COMPLETION_INDEX", index);
+        }
+        let result = command.output().unwrap();
+        (
+            result.status.code(),
+            String::from_utf8_lossy(&result.stderr).into_owned(),
+        )
+    };
+    // No index: the worker would have run alone, as 0/1.
+    let (code, stderr) = run(&["--partitions=3"], None);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--partitions 3 (or INGEST_PARTITIONS) but this worker's partition is 0/1"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(&["--partition", "0/2", "--partitions", "3"], None);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("this worker's partition is 0/2"),
+        "{stderr}"
+    );
+    assert!(!output.exists());
+    // With the index the count belongs to, the job runs.
+    let (code, stderr) = run(&["--partitions", "1"], Some("0"));
+    assert_eq!(code, Some(0), "{stderr}");
+}
