@@ -277,8 +277,14 @@ async fn run(args: RunArgs) -> Result<()> {
         .collect();
     extensions.sort();
     extensions.dedup();
+    // A local path is kept absolute in the plan, so that a rerun from another folder that
+    // names another folder the same way is not taken for this job.
+    let url = match std::path::absolute(&args.input) {
+        Ok(path) if !args.input.contains("://") => path.to_string_lossy().into_owned(),
+        _ => args.input.clone(),
+    };
     let input = InputSpec {
-        url: args.input.clone(),
+        url,
         list: args.list,
         list_format: args.list_format,
         url_column: args.url_column.clone(),

@@ -1122,3 +1122,38 @@ fn a_partition_count_this_worker_does_not_use_is_refused_before_anything_is_writ
     let (code, stderr) = run(&["--partitions", "1"], Some("0"));
     assert_eq!(code, Some(0), "{stderr}");
 }
+
+#[test]
+fn a_relative_input_is_planned_as_the_folder_it_names_from_where_it_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = photos_in("endless-sky", 2);
+    for (parent, photo) in ["a", "b"].iter().zip(&photos) {
+        let folder = dir.path().join(parent).join("img");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::copy(photo, folder.join(photo.file_name().unwrap())).unwrap();
+    }
+    let output = dir.path().join("out");
+    let run = |from: &str| {
+        ingest()
+            .current_dir(dir.path().join(from))
+            .args(["run", "img", "-o"])
+            .arg(&output)
+            .arg("--no-progress")
+            .output()
+            .unwrap()
+    };
+    assert!(run("a").status.success());
+    // "img" from b is another folder: not a rerun of a's job.
+    let result = run("b");
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("already holds a plan for another job: input:")
+            && stderr.contains(&format!(
+                "{} in the plan",
+                dir.path().join("a/img").display()
+            )),
+        "{stderr}"
+    );
+    assert!(run("a").status.success());
+}
