@@ -5,8 +5,8 @@
 //! sample is appended to a local spool file as soon as it is ready, so memory
 //! holds only the samples in flight. When every source of the shard is done
 //! the samples are written to the shard in plan order (so a rerun gives the
-//! same bytes), exact duplicates are dropped (the earliest in plan order is
-//! kept), and the shard is published: tar, then index, then stats, then the
+//! same bytes), exact duplicates and sources listed twice are dropped (the
+//! earliest in plan order is kept), and the shard is published: tar, then index, then stats, then the
 //! manifest, each an atomic put. A shard is complete exactly when the
 //! manifest lists it; a crash anywhere before leaves at most an unlisted tar
 //! that the rerun overwrites.
@@ -325,8 +325,9 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         .filter(|id| id % u64::from(config.partition.count) == u64::from(config.partition.index))
         .collect();
 
-    // Exact duplicates are written once per job: remember what completed shards hold.
-    let mut seen_hashes: HashSet<[u8; 32]> = HashSet::new();
+    // Exact duplicates, and sources listed twice, are written once per job: remember what
+    // completed shards hold.
+    let mut seen = Seen::default();
     // The failure rate is the partition's, not this run's: a rerun after a stop for too many
     // failures must not carry on until it has seen the minimum again. (With --retry-failed the
     // earlier failures are fetched again, and counted when they are.)
@@ -345,13 +346,11 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
             .get_json(&names.index)
             .await
             .map_err(IngestError::Output)?;
-        seen_hashes.extend(
-            index
-                .samples
-                .iter()
-                .filter_map(|e| e.source_sha256.as_deref())
-                .filter_map(decode_sha),
-        );
+        for entry in &index.samples {
+            seen.hashes
+                .extend(entry.source_sha256.as_deref().and_then(decode_hex));
+            seen.keys.extend(decode_hex(&entry.key));
+        }
     }
 
     let mut progress = Progress {
@@ -400,7 +399,7 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         // A shard is published (uploaded, then listed in the manifest) while the next one is
         // made, so the CPU threads do not wait for uploads. Shards are still assembled,
         // deduplicated and listed one after the other, in order.
-        let making = job.make_shard(&names, items, kept, &mut seen_hashes, &mut progress);
+        let making = job.make_shard(&names, items, kept, &mut seen, &mut progress);
         let assembled = match publishing.take() {
             Some(previous) => {
                 let (assembled, published) = futures::join!(making, previous);
@@ -441,7 +440,17 @@ fn add_stage_seconds(total: &mut StageSeconds, add: &StageSeconds) {
     total.write += add.write;
 }
 
-fn decode_sha(text: &str) -> Option<[u8; 32]> {
+/// What this partition has written: the content hashes of its sources (exact duplicates are
+/// dropped) and its sample keys (a source listed twice is written once).
+#[derive(Default)]
+struct Seen {
+    hashes: HashSet<[u8; 32]>,
+    /// Keys as the 12 bytes their 24 hex digits spell ([`sample_key`]).
+    keys: HashSet<[u8; 12]>,
+}
+
+/// The `N` bytes that hex `text` spells (a SHA-256, a sample key), if it spells that many.
+fn decode_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
     hex::decode(text).ok()?.try_into().ok()
 }
 
@@ -603,7 +612,7 @@ impl JobState<'_> {
         names: &ShardNames,
         items: Vec<SourceItem>,
         previous: Option<ShardStats>,
-        seen_hashes: &mut HashSet<[u8; 32]>,
+        seen: &mut Seen,
         progress: &mut Progress,
     ) -> Result<Assembled, IngestError> {
         let started = Instant::now();
@@ -679,7 +688,7 @@ impl JobState<'_> {
                 let sha256 = entry
                     .source_sha256
                     .as_deref()
-                    .and_then(decode_sha)
+                    .and_then(decode_hex)
                     .unwrap_or_default();
                 let plan_index = *position.get(&sample.key).ok_or_else(|| {
                     IngestError::Config(format!(
@@ -701,7 +710,10 @@ impl JobState<'_> {
                     json_len: json.len(),
                 });
                 spool_len += (image.len() + json.len()) as u64;
-                seen_hashes.remove(&sha256);
+                seen.hashes.remove(&sha256);
+                if let Some(key) = decode_hex(&sample.key) {
+                    seen.keys.remove(&key);
+                }
             }
             todo.retain(|(_, item)| failed.contains(item.url.as_str()));
             progress.items_done += (items.len() - todo.len()) as u64;
@@ -846,7 +858,11 @@ impl JobState<'_> {
         );
         let mut buf = Vec::new();
         for sample in &spooled {
-            if sample.sha256 != [0; 32] && !seen_hashes.insert(sample.sha256) {
+            // A source listed twice has one key: it is written once (its content may even
+            // differ between the two fetches, as from a random-image endpoint).
+            if decode_hex(&sample.key).is_some_and(|key| !seen.keys.insert(key))
+                || sample.sha256 != [0; 32] && !seen.hashes.insert(sample.sha256)
+            {
                 stats.duplicates += 1;
                 continue;
             }

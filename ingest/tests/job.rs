@@ -1157,3 +1157,30 @@ fn a_relative_input_is_planned_as_the_folder_it_names_from_where_it_ran() {
     );
     assert!(run("a").status.success());
 }
+
+#[test]
+fn a_source_listed_twice_is_written_once_even_when_it_answers_other_bytes() {
+    let folder = small_photos().join("endless-sky");
+    let server = WebServer::start(&folder);
+    let name = std::fs::read_dir(&folder).unwrap().next().unwrap().unwrap();
+    let url = format!(
+        "{}/changing/{}",
+        server.url(),
+        name.file_name().to_string_lossy()
+    );
+    // Twice in one shard, and once more in the next.
+    let (dir, output) = ingest_list_with(
+        &format!("{url}\n{url}\n{url}\n"),
+        &["--samples-per-shard", "2"],
+    );
+    drop(server);
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (summary["written"].as_u64(), summary["duplicates"].as_u64()),
+        (Some(1), Some(2)),
+        "{summary}"
+    );
+    // One sample under the source's key (read_dataset refuses a key seen twice).
+    let samples = read_dataset(&dir.path().join("out"));
+    assert_eq!(samples.len(), 1);
+}

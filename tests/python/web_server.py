@@ -20,6 +20,8 @@ server" -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" -addext
 - /toobusy/NAME always answers 429 with `Retry-After: 3600`;
 - /tofile/NAME redirects (302) to file:///etc/passwd, which a client must not follow;
 - /moved/PATH redirects (302) to /PATH on the same server;
+- /changing/NAME serves NAME with bytes appended that differ on every request (after a JPEG's
+  end, where decoders stop), as an endpoint that answers another image each time;
 - /agent/NAME serves NAME only to the User-Agent `seer-test-agent` (403 otherwise);
 - as an HTTP proxy, it serves NAME for any http://HOST/viaproxy/NAME, whatever HOST is;
   /viaproxy/NAME asked of it directly, not as a proxy, answers 403;
@@ -102,6 +104,15 @@ class Server(http.server.SimpleHTTPRequestHandler):
                 self.send_error(403)
                 return
             self.path = name
+        if self.path.startswith("/changing/"):
+            with open(self.translate_path(self.path[len("/changing"):]), "rb") as file:
+                body = file.read() + str(time.time_ns()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.path.startswith("/nolength/"):
             with open(self.translate_path(self.path[len("/nolength"):]), "rb") as file:
                 body = file.read()
