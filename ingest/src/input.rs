@@ -206,12 +206,24 @@ async fn list_file_items(
     }
     if let Ok(url) = shards::store::normalize_url(&spec.url)
         && url.scheme() == "file"
-        && url.to_file_path().is_ok_and(|p| p.is_dir())
+        && let Ok(path) = url.to_file_path()
+        // A local path is normalized as a folder URL: the trailing slash must go for a file.
+        && let Ok(metadata) = std::fs::metadata(path.components().collect::<std::path::PathBuf>())
     {
-        return Err(IngestError::Config(format!(
-            "{}: is a folder; --list takes a list file (to ingest the images in a folder, name it without --list)",
-            spec.url
-        )));
+        if metadata.is_dir() {
+            return Err(IngestError::Config(format!(
+                "{}: is a folder; --list takes a list file (to ingest the images in a folder, name it without --list)",
+                spec.url
+            )));
+        }
+        // A pipe or a device cannot be read as an object (and a process substitution gives
+        // one): the plan may need to read the list again.
+        if !metadata.is_file() {
+            return Err(IngestError::Config(format!(
+                "{}: is not a regular file (a pipe or a device?); --list takes a list file: write the list to a file first",
+                spec.url
+            )));
+        }
     }
     let (base, object) = shards::store::split_object_url(&spec.url).map_err(IngestError::Input)?;
     let location = Location::open(&base, options, false).map_err(IngestError::Input)?;
@@ -361,7 +373,14 @@ fn parse_list_line(
             let text = |name: &str| -> Result<String, String> {
                 match value.get(name) {
                     Some(serde_json::Value::String(s)) => Ok(s.clone()),
-                    Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+                    // An integer is its digits; a fraction (5.0 beside 5 would make two
+                    // classes) or an integer too large for 64 bits (read as an inexact
+                    // float) is refused rather than guessed.
+                    Some(serde_json::Value::Number(n)) if !n.is_f64() => Ok(n.to_string()),
+                    Some(serde_json::Value::Number(n)) => Err(format!(
+                        "field {name:?} is the number {n}, not an integer of at most 64 bits: \
+                         give it as a string"
+                    )),
                     Some(_) => Err(format!("field {name:?} is not a string or number")),
                     None => Err(format!("no field {name:?}")),
                 }
@@ -669,6 +688,17 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(item.cls.as_deref(), Some("3"));
+        for number in ["5.0", "18446744073709551616"] {
+            let err = parse_list_line(
+                &format!(r#"{{"url": "https://h/a.png", "cls": {number}}}"#),
+                ListFormat::Jsonl,
+                &mut None,
+                "url",
+                &LabelSource::Column("cls".into()),
+            )
+            .unwrap_err();
+            assert!(err.contains("not an integer of at most 64 bits"), "{err}");
+        }
         assert!(
             parse_list_line("{", ListFormat::Jsonl, &mut None, "url", &LabelSource::None).is_err()
         );
@@ -725,6 +755,15 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("is a folder"), "{err}");
+        let fifo = dir.join("urls.fifo");
+        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string naming a path in a folder of ours.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        let err = items(&spec(&fifo, LabelSource::None), &options)
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("is not a regular file"), "{err}");
         let txt = dir.join("urls.txt");
         std::fs::write(&txt, "/a.jpg\n").unwrap();
         let err = items(&spec(&txt, LabelSource::Column("cls".into())), &options)
@@ -735,9 +774,11 @@ mod tests {
         // A spreadsheet's byte-order mark before the header; a .json name read as JSON Lines.
         let csv = dir.join("urls.csv");
         std::fs::write(&csv, "\u{feff}url,cls\n/a.jpg,cat\n").unwrap();
+        let upper = dir.join("URLS.CSV");
+        std::fs::write(&upper, "url,cls\n/a.jpg,cat\n").unwrap();
         let json = dir.join("urls.json");
         std::fs::write(&json, "{\"url\": \"/a.jpg\", \"cls\": \"cat\"}\n").unwrap();
-        for list in [csv, json] {
+        for list in [csv, upper, json] {
             let stream = items(&spec(&list, LabelSource::Column("cls".into())), &options)
                 .await
                 .unwrap();

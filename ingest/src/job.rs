@@ -1287,8 +1287,18 @@ fn http_date(value: &str) -> Option<std::time::SystemTime> {
 
 impl Fetched {
     fn from_store_error(error: &object_store::Error) -> Fetched {
+        let io_kind = |kind| {
+            causes(error).any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == kind)
+            })
+        };
         if is_permission_denied(error) {
             Fetched::Denied(with_causes(error))
+        } else if io_kind(std::io::ErrorKind::InvalidFilename) {
+            // A local name too long for the file system stays too long.
+            Fetched::Refused(with_causes(error))
         } else {
             Fetched::Failed(with_causes(error))
         }
@@ -1384,6 +1394,28 @@ mod tests {
             (Duration::from_secs(85)..=Duration::from_secs(90)).contains(&wait),
             "{wait:?}"
         );
+    }
+
+    #[test]
+    fn a_name_too_long_for_the_file_system_is_not_asked_again() {
+        let error = object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(Sending(std::io::Error::from_raw_os_error(
+                libc::ENAMETOOLONG,
+            ))),
+        };
+        assert!(matches!(
+            Fetched::from_store_error(&error),
+            Fetched::Refused(_)
+        ));
+        let error = object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(Sending(std::io::Error::from_raw_os_error(libc::EIO))),
+        };
+        assert!(matches!(
+            Fetched::from_store_error(&error),
+            Fetched::Failed(_)
+        ));
     }
 
     #[test]
