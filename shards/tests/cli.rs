@@ -353,6 +353,40 @@ fn verify_finds_a_truncated_shard() {
 }
 
 #[test]
+fn every_whole_sample_before_damage_is_read() {
+    let dir = good_dataset();
+    let tar = dir.path().join("data-000001.tar");
+    let bytes = std::fs::read(&tar).unwrap();
+    // Cut inside b2's image: b0 and b1 are whole.
+    let cut = read_index(dir.path(), "data-000001.tar").samples[2].members["png"].offset + 10;
+    std::fs::write(&tar, &bytes[..cut as usize]).unwrap();
+
+    let out = shards(&["verify", path(&dir)]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("data-000001.tar: truncated at byte {cut}")),
+        "{text}"
+    );
+    assert!(text.contains("verified 2 shards, 5 samples"), "{text}");
+    for command in ["stat", "dupes"] {
+        let out = shards(&[command, "--json", path(&dir)]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{command}: a shard is unreadable"
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let read = if command == "stat" {
+            "samples_read"
+        } else {
+            "samples"
+        };
+        assert_eq!(json[read], 5, "{command}: {json}");
+    }
+}
+
+#[test]
 fn verify_finds_a_manifest_count_mismatch() {
     let dir = good_dataset();
     let manifest_path = dir.path().join("manifest.json");

@@ -108,8 +108,7 @@ pub struct NoReporter;
 
 impl Reporter for NoReporter {}
 
-/// Image member extensions the project stores.
-pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+pub use crate::reader::IMAGE_EXTENSIONS;
 
 /// Largest width or height a stored image may have when decoded for checks
 /// (default 32768): ingest resizes far below this, so larger means corrupt.

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use super::{IMAGE_EXTENSIONS, Reporter, decode_image, default_jobs, human_bytes};
 use crate::Dataset;
 use crate::meta::{ManifestShard, MemberSpan, SampleMeta, ShardIndex};
-use crate::reader::{DEFAULT_MAX_MEMBER_SIZE, split_member_name};
+use crate::reader::{DEFAULT_MAX_MEMBER_SIZE, split_member_name, whole_at_damage};
 use crate::tar::{Member, TarParser, padding};
 
 /// How [`verify()`] runs.
@@ -282,6 +282,20 @@ impl ShardVerifier {
         }
     }
 
+    /// Damage was found: checks the sample being assembled if it is whole (see
+    /// [`whole_at_damage`]), and drops it otherwise.
+    fn finish_if_whole(&mut self, parser: &TarParser) {
+        if let Some(sample) = self.pending.take()
+            && whole_at_damage(
+                &sample.key,
+                sample.members.iter().map(|(ext, _, _)| ext.as_str()),
+                parser,
+            )
+        {
+            self.finish_sample(sample);
+        }
+    }
+
     fn finish_sample(&mut self, sample: Pending) {
         let position = self.keys.len();
         self.keys.push((sample.key.clone(), sample.offset));
@@ -535,7 +549,7 @@ async fn check_shard(
                     Ok(None) => break,
                     Err(e) => {
                         verifier.problem(None, None, e.to_string());
-                        verifier.pending = None;
+                        verifier.finish_if_whole(tar);
                         parser = None;
                         buf.clear();
                         break;
@@ -562,10 +576,13 @@ async fn check_shard(
             None => false,
         };
     // A sample cut short by an error is not checked: the error already names where.
-    if let Some(last) = verifier.pending.take()
-        && clean
-    {
-        verifier.finish_sample(last);
+    match &parser {
+        Some(tar) if !clean => verifier.finish_if_whole(tar),
+        _ => {
+            if let Some(last) = verifier.pending.take() {
+                verifier.finish_sample(last);
+            }
+        }
     }
     for job in verifier.jobs.drain(..) {
         decoding.push(tokio::task::spawn_blocking(move || job.run()));
