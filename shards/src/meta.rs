@@ -178,6 +178,23 @@ pub struct Manifest {
 /// Current version of every document above.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// Refuses a document version this build does not read: its fields may mean something else.
+fn check_version(version: u32) -> Result<(), String> {
+    if version != FORMAT_VERSION {
+        return Err(format!(
+            "format version {version}; this build reads version {FORMAT_VERSION}"
+        ));
+    }
+    Ok(())
+}
+
+impl ShardIndex {
+    /// Checks what serde cannot: a version this build reads.
+    pub fn check(&self) -> Result<(), String> {
+        check_version(self.version)
+    }
+}
+
 impl Manifest {
     /// Total samples over all shards (saturating; [`Manifest::check`] refuses a manifest whose
     /// totals overflow).
@@ -197,12 +214,7 @@ impl Manifest {
     /// Checks what serde cannot: a version this build reads, shard names that are plain
     /// `.tar` file names beside the manifest, each once, and totals that fit in 64 bits.
     pub fn check(&self) -> Result<(), String> {
-        if self.version != FORMAT_VERSION {
-            return Err(format!(
-                "format version {}; this build reads version {FORMAT_VERSION}",
-                self.version
-            ));
-        }
+        check_version(self.version)?;
         let mut names = std::collections::HashSet::new();
         let (mut samples, mut bytes) = (0u64, 0u64);
         for shard in &self.shards {
