@@ -48,11 +48,15 @@ impl Dataset {
         Ok(index)
     }
 
-    /// Reads a shard's stats.
+    /// Reads a shard's stats, refusing a version this build does not read.
     pub async fn stats(&self, shard: &ManifestShard) -> Result<ShardStats, StoreError> {
-        self.location
-            .get_json(&ShardNames::for_tar(&shard.name).stats)
-            .await
+        let name = ShardNames::for_tar(&shard.name).stats;
+        let stats: ShardStats = self.location.get_json(&name).await?;
+        stats.check().map_err(|reason| StoreError::BadDocument {
+            url: self.location.url_of(&self.location.child(&name)),
+            reason,
+        })?;
+        Ok(stats)
     }
 
     /// Streams a shard's samples.

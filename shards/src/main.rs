@@ -231,6 +231,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let progress = ProgressReporter::new(&cli, "stat");
             let report = inspect::stat(&dataset, jobs, progress.clone()).await;
             progress.finish();
+            let report = report?;
             print_report(&report, cli.json)?;
             fail_on_unreadable(&report.unreadable)?;
         }

@@ -195,6 +195,68 @@ impl ShardIndex {
     }
 }
 
+/// The reasons a source fails, as `failed_by_reason` and [`Failure::reason`] give them
+/// (`docs/format.md` says what each means; ingest gives no other).
+pub const FAILURE_REASONS: [&str; 13] = [
+    "bad_url",
+    "not_found",
+    "not_a_file",
+    "permission_denied",
+    "fetch",
+    "too_large_bytes",
+    "too_many_pixels",
+    "too_small",
+    "unsupported_format",
+    "undecodable",
+    "over_memory_limit",
+    "decoder_panic",
+    "encode_failed",
+];
+
+impl ShardStats {
+    /// Checks what serde cannot: a version this build reads.
+    pub fn check(&self) -> Result<(), String> {
+        check_version(self.version)
+    }
+
+    /// What disagrees within the stats, one line each naming the field: `failed` against the
+    /// sum of `failed_by_reason`, and reasons that [`FAILURE_REASONS`] does not hold. Empty
+    /// when nothing does.
+    pub fn inconsistencies(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let sum = self
+            .failed_by_reason
+            .values()
+            .try_fold(0u64, |total, &count| total.checked_add(count));
+        match sum {
+            None => found.push(format!(
+                "the counts in failed_by_reason add up to more than 64 bits hold; failed is {}",
+                self.failed
+            )),
+            Some(sum) if sum != self.failed => found.push(format!(
+                "failed is {}, the counts in failed_by_reason add up to {sum}",
+                self.failed
+            )),
+            Some(_) => {}
+        }
+        for reason in self.failed_by_reason.keys() {
+            if !FAILURE_REASONS.contains(&reason.as_str()) {
+                found.push(format!("failed_by_reason has an unknown reason {reason:?}"));
+            }
+        }
+        let unknown: std::collections::BTreeSet<&str> = self
+            .failures
+            .iter()
+            .map(|failure| failure.reason.as_str())
+            .filter(|reason| !FAILURE_REASONS.contains(reason))
+            .collect();
+        for reason in unknown {
+            found.push(format!("failures has an unknown reason {reason:?}"));
+        }
+        found
+    }
+}
+
 impl Manifest {
     /// Total samples over all shards (saturating; [`Manifest::check`] refuses a manifest whose
     /// totals overflow).
@@ -361,6 +423,48 @@ mod tests {
         };
         let err = Manifest::merge([("p0.json", &m1), ("p1.json", &m3)]).unwrap_err();
         assert!(err.contains("listed by p0.json and p1.json"), "{err}");
+    }
+
+    #[test]
+    fn stats_whose_failure_counts_disagree_are_found() {
+        let stats = |failed: u64, reasons: &[(&str, u64)]| ShardStats {
+            version: FORMAT_VERSION,
+            failed,
+            failed_by_reason: reasons.iter().map(|&(r, n)| (r.to_string(), n)).collect(),
+            failures: reasons
+                .iter()
+                .map(|&(r, _)| Failure {
+                    url: "file:///x".into(),
+                    reason: r.into(),
+                    message: "m".into(),
+                })
+                .collect(),
+            ..ShardStats::default()
+        };
+        assert!(stats(0, &[]).inconsistencies().is_empty());
+        assert!(
+            stats(3, &[("fetch", 1), ("undecodable", 2)])
+                .inconsistencies()
+                .is_empty()
+        );
+        assert_eq!(
+            stats(3, &[("fetch", 1)]).inconsistencies(),
+            ["failed is 3, the counts in failed_by_reason add up to 1"]
+        );
+        assert_eq!(
+            stats(3, &[("weird", u64::MAX), ("not_found", 5)]).inconsistencies(),
+            [
+                "the counts in failed_by_reason add up to more than 64 bits hold; failed is 3",
+                "failed_by_reason has an unknown reason \"weird\"",
+                "failures has an unknown reason \"weird\"",
+            ]
+        );
+        let mut other_version = stats(0, &[]);
+        other_version.version = 2;
+        assert_eq!(
+            other_version.check().unwrap_err(),
+            "format version 2; this build reads version 1"
+        );
     }
 
     #[test]

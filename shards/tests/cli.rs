@@ -386,6 +386,63 @@ fn every_whole_sample_before_damage_is_read() {
     }
 }
 
+/// Rewrites the stats file of `shard` in the dataset at `dir`.
+fn edit_stats(dir: &Path, shard: &str, change: impl FnOnce(&mut ShardStats)) {
+    let file = dir.join(ShardNames::for_tar(shard).stats);
+    let mut stats: ShardStats = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    change(&mut stats);
+    std::fs::write(&file, serde_json::to_vec(&stats).unwrap()).unwrap();
+}
+
+#[test]
+fn stats_whose_totals_overflow_are_an_error_naming_the_file() {
+    let dir = good_dataset();
+    edit_stats(dir.path(), "data-000000.tar", |s| s.count = u64::MAX);
+    let out = shards(&["stat", path(&dir)]);
+    assert_eq!(out.status.code(), Some(1));
+    let error = stderr(&out);
+    assert!(
+        error.contains("the stats files' count totals overflow at")
+            && error.contains("data-000001_stats.json"),
+        "{error}"
+    );
+
+    let dir = good_dataset();
+    for shard in ["data-000000.tar", "data-000001.tar"] {
+        edit_stats(dir.path(), shard, |s| {
+            s.failed_by_reason
+                .insert("undecodable".into(), u64::MAX / 2 + 1);
+        });
+    }
+    let out = shards(&["stat", path(&dir)]);
+    assert_eq!(out.status.code(), Some(1));
+    let error = stderr(&out);
+    assert!(
+        error.contains("the stats files' failed_by_reason \"undecodable\" totals overflow at")
+            && error.contains("data-000001_stats.json"),
+        "{error}"
+    );
+}
+
+#[test]
+fn verify_finds_stats_that_disagree_with_themselves() {
+    let dir = good_dataset();
+    edit_stats(dir.path(), "data-000001.tar", |s| {
+        s.failed = 3;
+        s.failed_by_reason.insert("weird".into(), 5);
+    });
+    let out = shards(&["verify", path(&dir)]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = stdout(&out);
+    for problem in [
+        "data-000001.tar: data-000001_stats.json: failed is 3, the counts in failed_by_reason add up to 7",
+        "data-000001.tar: data-000001_stats.json: failed_by_reason has an unknown reason \"weird\"",
+    ] {
+        assert!(text.contains(problem), "{problem}: {text}");
+    }
+    assert!(text.contains("2 problems"), "{text}");
+}
+
 #[test]
 fn verify_finds_a_manifest_count_mismatch() {
     let dir = good_dataset();

@@ -66,6 +66,14 @@ pub enum InspectError {
         /// Its shard.
         shard: String,
     },
+    /// The stats files' counts add up to more than 64 bits hold.
+    #[error("the stats files' {field} totals overflow at {url}")]
+    StatsOverflow {
+        /// The field, as the stats files name it.
+        field: String,
+        /// The stats file at which the total overflows.
+        url: String,
+    },
     /// The dataset's manifest lists no samples.
     #[error("{url} holds no samples")]
     Empty {

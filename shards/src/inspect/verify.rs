@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use super::{IMAGE_EXTENSIONS, Reporter, decode_image, default_jobs, human_bytes};
 use crate::Dataset;
-use crate::meta::{ManifestShard, MemberSpan, SampleMeta, ShardIndex};
+use crate::meta::{ManifestShard, MemberSpan, SampleMeta, ShardIndex, ShardNames};
 use crate::reader::{DEFAULT_MAX_MEMBER_SIZE, split_member_name, whole_at_damage};
 use crate::tar::{Member, TarParser, padding};
 
@@ -109,6 +109,8 @@ impl fmt::Display for VerifyReport {
 /// - the tar parses (strict ustar) to its end-of-archive marker;
 /// - the index and stats files read, and agree with the manifest and with
 ///   the actual offsets and sizes of every sample and member;
+/// - the stats agree with themselves (`failed` and `failed_by_reason`) and
+///   give only the failure reasons the format defines;
 /// - every sample has exactly one image member and a `KEY.json` that parses
 ///   as [`SampleMeta`] with the sample's key and the image's format;
 /// - every image decodes (with limits) to the size `KEY.json` gives;
@@ -498,17 +500,22 @@ async fn check_shard(
         Err(e) => verifier.problem(None, None, format!("index unreadable: {e}")),
     }
     match dataset.stats(shard).await {
-        Ok(stats) if stats.successes != shard.samples => {
-            verifier.problem(
-                None,
-                None,
-                format!(
-                    "stats give {} samples written, the manifest {}",
-                    stats.successes, shard.samples
-                ),
-            );
+        Ok(stats) => {
+            if stats.successes != shard.samples {
+                verifier.problem(
+                    None,
+                    None,
+                    format!(
+                        "stats give {} samples written, the manifest {}",
+                        stats.successes, shard.samples
+                    ),
+                );
+            }
+            let file = ShardNames::for_tar(&shard.name).stats;
+            for inconsistency in stats.inconsistencies() {
+                verifier.problem(None, None, format!("{file}: {inconsistency}"));
+            }
         }
-        Ok(_) => {}
         Err(e) => verifier.problem(None, None, format!("stats unreadable: {e}")),
     }
 
