@@ -290,6 +290,11 @@ impl Manifest {
                     "shard name {name:?} is not a .tar file name beside the manifest"
                 ));
             }
+            // Shard names are printed in every report: a newline or a terminal escape in one
+            // could fake or hide a line.
+            if name.chars().any(char::is_control) {
+                return Err(format!("shard name {name:?} holds a control character"));
+            }
             if !names.insert(name.as_str()) {
                 return Err(format!("shard {name} is listed twice"));
             }
@@ -491,6 +496,10 @@ mod tests {
             (
                 manifest(1, vec![shard("a.tar", 1), shard("a.tar", 1)]),
                 "listed twice",
+            ),
+            (
+                manifest(1, vec![shard("a\nverified: OK\n.tar", 1)]),
+                "holds a control character",
             ),
             (
                 manifest(1, vec![shard("a.tar", u64::MAX), shard("b.tar", 1)]),

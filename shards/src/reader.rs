@@ -9,9 +9,9 @@ use futures::stream::BoxStream;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 
-use crate::ShardError;
 use crate::meta::IndexEntry;
 use crate::tar::{Member, TarParser};
+use crate::{ShardError, printable};
 
 /// Extensions of the image members the project stores.
 pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
@@ -182,7 +182,9 @@ impl Assembler {
                 return Err(ShardError::Invalid {
                     shard: self.shard.clone(),
                     reason: format!(
-                        "sample {key} has two .{ext} members (the second at byte {})",
+                        "sample {} has two .{} members (the second at byte {})",
+                        printable(key),
+                        printable(ext),
                         member.header_offset
                     ),
                 });
@@ -360,7 +362,9 @@ pub async fn read_indexed_sample(
             shard: shard.to_string(),
             reason: format!(
                 "the index entry of sample {} (offset {}, size {}) runs past 2^64 bytes",
-                entry.key, entry.offset, entry.size
+                printable(&entry.key),
+                entry.offset,
+                entry.size
             ),
         })?;
     let bytes = store
@@ -401,13 +405,15 @@ pub fn parse_indexed_sample(
             .ok_or_else(|| {
                 invalid(format!(
                     "sample {} at byte {} ends inside a member",
-                    entry.key, entry.offset
+                    printable(&entry.key),
+                    entry.offset
                 ))
             })?;
         let (key, ext) = split_member_name(&member.name).ok_or_else(|| {
             invalid(format!(
                 "member {:?} of sample {} has no KEY.EXT name",
-                member.name, entry.key
+                member.name,
+                printable(&entry.key)
             ))
         })?;
         let span = entry.members.get(ext);
@@ -417,7 +423,9 @@ pub fn parse_indexed_sample(
         {
             return Err(invalid(format!(
                 "index entry for {} does not match member {:?} at byte {}",
-                entry.key, member.name, member.header_offset
+                printable(&entry.key),
+                member.name,
+                member.header_offset
             )));
         }
         sample.members.push((ext.to_string(), member.data));
@@ -425,7 +433,7 @@ pub fn parse_indexed_sample(
     if sample.members.len() != entry.members.len() {
         return Err(invalid(format!(
             "sample {} has {} members, its index entry {}",
-            entry.key,
+            printable(&entry.key),
             sample.members.len(),
             entry.members.len()
         )));

@@ -443,6 +443,79 @@ fn verify_finds_stats_that_disagree_with_themselves() {
     assert!(text.contains("2 problems"), "{text}");
 }
 
+/// Renames the first sample of `data-000000.tar` to `key`, which `ShardWriter` would refuse:
+/// rewrites its members' tar headers, its index entry and the manifest's checksum.
+fn rekey_first_sample(dir: &Path, key: &str) {
+    let tar = dir.join("data-000000.tar");
+    let mut bytes = std::fs::read(&tar).unwrap();
+    let mut index = read_index(dir, "data-000000.tar");
+    let entry = &mut index.samples[0];
+    for (ext, span) in &entry.members {
+        let header = &mut bytes[(span.offset - 512) as usize..span.offset as usize];
+        let name = format!("{key}.{ext}");
+        header[..100].fill(0);
+        header[..name.len()].copy_from_slice(name.as_bytes());
+        header[148..156].fill(b' ');
+        let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+        header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    }
+    entry.key = key.to_string();
+    std::fs::write(&tar, &bytes).unwrap();
+    std::fs::write(
+        dir.join(ShardNames::for_tar("data-000000.tar").index),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    let manifest_path = dir.join("manifest.json");
+    let mut manifest: Manifest =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    manifest.shards[0].sha256 = sha256_hex(&bytes);
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+}
+
+#[test]
+fn verify_finds_keys_that_break_the_key_rule_and_prints_them_escaped() {
+    let long = "a".repeat(90);
+    let fake = "x\nverified 1 shards, 4 samples: OK\n";
+    for (key, shown, reason) in [
+        (long.as_str(), long.as_str(), "longer than 80 characters"),
+        ("a b+c", "\"a b+c\"", "only ASCII letters"),
+        ("ключ", "\"ключ\"", "only ASCII letters"),
+        (
+            fake,
+            r#""x\nverified 1 shards, 4 samples: OK\n""#,
+            "only ASCII letters",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write_dataset(
+            dir.path(),
+            vec![vec![spec("k0", 1, "jpg"), spec("k1", 2, "png")]],
+        );
+        rekey_first_sample(dir.path(), key);
+        let out = shards(&["verify", path(&dir)]);
+        assert_eq!(out.status.code(), Some(2), "{key:?}");
+        let text = stdout(&out);
+        assert!(
+            text.contains(&format!(
+                "data-000000.tar: sample {shown} at byte 0: invalid key: {reason}"
+            )),
+            "{key:?}: {text}"
+        );
+        // Every line but the summary names the shard: no key breaks a line.
+        let lines: Vec<&str> = text.lines().collect();
+        let (summary, problems) = lines.split_last().unwrap();
+        assert!(
+            summary.starts_with("verified 1 shards, 2 samples"),
+            "{text}"
+        );
+        assert!(
+            problems.iter().all(|l| l.starts_with("data-000000.tar")),
+            "{text}"
+        );
+    }
+}
+
 #[test]
 fn verify_finds_a_manifest_count_mismatch() {
     let dir = good_dataset();

@@ -137,7 +137,7 @@ pub async fn grid(dataset: &Dataset, options: &GridOptions) -> Result<ContactShe
                     match decode_image(ext, data) {
                         Ok(image) => square_tile(&image.to_rgb8(), tile),
                         Err(e) => {
-                            tracing::warn!(key = %sample.key, error = %e, "image does not decode; its tile is left red");
+                            tracing::warn!(key = %crate::printable(&sample.key), error = %e, "image does not decode; its tile is left red");
                             None
                         }
                     }

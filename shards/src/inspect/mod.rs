@@ -59,7 +59,11 @@ pub enum InspectError {
         url: String,
     },
     /// A sample has no image member.
-    #[error("sample {key} in shard {shard} has no image member")]
+    #[error(
+        "sample {} in shard {} has no image member",
+        crate::printable(key),
+        crate::printable(shard)
+    )]
     NoImage {
         /// The sample's key.
         key: String,

@@ -10,8 +10,8 @@ use serde::Serialize;
 use super::histogram::{Histogram, Scale, Unit, fmt_categories};
 use super::scan::{sample_meta, scan_samples};
 use super::{InspectError, Reporter, human_bytes};
-use crate::Dataset;
 use crate::meta::ShardNames;
+use crate::{Dataset, printable};
 
 /// Most examples of unparsable `KEY.json` kept for the report.
 const MAX_EXAMPLES: usize = 10;
@@ -197,7 +197,9 @@ pub async fn stat(
             }
             Err(e) => {
                 tracing::warn!(shard = %shard.name, error = %e, "stats file unreadable");
-                report.stats_missing.push(format!("{}: {e}", shard.name));
+                report
+                    .stats_missing
+                    .push(format!("{}: {e}", printable(&shard.name)));
             }
         }
     }
@@ -227,8 +229,11 @@ pub async fn stat(
                 Err(reason) => {
                     acc.bad_json += 1;
                     if acc.bad_json_examples.len() < MAX_EXAMPLES {
-                        acc.bad_json_examples
-                            .push(format!("{}: {}: {reason}", shard.name, sample.key));
+                        acc.bad_json_examples.push(format!(
+                            "{}: {}: {reason}",
+                            printable(&shard.name),
+                            printable(&sample.key)
+                        ));
                     }
                 }
             }
@@ -275,7 +280,7 @@ impl fmt::Display for StatReport {
         if !self.failed_by_reason.is_empty() {
             writeln!(f, "failed by reason:")?;
             for (reason, count) in &self.failed_by_reason {
-                writeln!(f, "  {reason:<24} {count}")?;
+                writeln!(f, "  {:<24} {count}", printable(reason))?;
             }
         }
         if self.bad_json > 0 {

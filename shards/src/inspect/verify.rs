@@ -12,10 +12,10 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::{IMAGE_EXTENSIONS, Reporter, decode_image, default_jobs, human_bytes};
-use crate::Dataset;
 use crate::meta::{ManifestShard, MemberSpan, SampleMeta, ShardIndex, ShardNames};
 use crate::reader::{DEFAULT_MAX_MEMBER_SIZE, split_member_name, whole_at_damage};
 use crate::tar::{Member, TarParser, padding};
+use crate::{Dataset, printable, validate_key};
 
 /// How [`verify()`] runs.
 #[derive(Debug, Clone)]
@@ -53,7 +53,7 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.shard)?;
         if let Some(key) = &self.key {
-            write!(f, ": sample {key}")?;
+            write!(f, ": sample {}", printable(key))?;
         }
         if let Some(offset) = self.offset {
             write!(f, " at byte {offset}")?;
@@ -263,7 +263,11 @@ impl ShardVerifier {
                 self.problem(
                     Some(&key),
                     Some(offset),
-                    format!("second .{ext} member at byte {}", member.header_offset),
+                    format!(
+                        "second .{} member at byte {}",
+                        printable(ext),
+                        member.header_offset
+                    ),
                 );
                 return;
             }
@@ -302,6 +306,9 @@ impl ShardVerifier {
         let position = self.keys.len();
         self.keys.push((sample.key.clone(), sample.offset));
         let (key, offset) = (Some(sample.key.as_str()), Some(sample.offset));
+        if let Err(crate::ShardError::BadKey { reason, .. }) = validate_key(&sample.key) {
+            self.problem(key, offset, format!("invalid key: {reason}"));
+        }
 
         let entry = self
             .index
@@ -320,7 +327,9 @@ impl ShardVerifier {
                     offset,
                     format!(
                         "index entry {position} is {} at byte {}, the shard has {} here",
-                        entry.key, entry.offset, sample.key
+                        printable(&entry.key),
+                        entry.offset,
+                        printable(&sample.key)
                     ),
                 );
             }
@@ -356,7 +365,7 @@ impl ShardVerifier {
                     let describe = |spans: &BTreeMap<String, MemberSpan>| {
                         spans
                             .iter()
-                            .map(|(ext, s)| format!(".{ext} {}+{}", s.offset, s.size))
+                            .map(|(ext, s)| format!(".{} {}+{}", printable(ext), s.offset, s.size))
                             .collect::<Vec<_>>()
                             .join(", ")
                     };
