@@ -25,6 +25,7 @@
 //! ```
 
 pub mod dataset;
+pub mod decode;
 pub mod inspect;
 pub mod meta;
 pub mod reader;

@@ -567,6 +567,38 @@ fn verify_finds_wrong_dimensions_in_json() {
 }
 
 #[test]
+fn verify_refuses_the_images_the_training_pipeline_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    // A JPEG missing its last eighth: the `image` crate's decoder fills in the rest;
+    // libjpeg-turbo, which augment decodes with, refuses it.
+    let mut cut = spec("cut", 8, "jpg");
+    let keep = cut.bytes.len() - cut.bytes.len() / 8;
+    cut.bytes.truncate(keep);
+    assert!(image::load_from_memory(&cut.bytes).is_ok());
+    // A .png member holding a JPEG.
+    let mut misnamed = spec("misnamed", 9, "jpg");
+    misnamed.format = "png";
+    write_dataset(dir.path(), vec![vec![spec("ok0", 7, "jpg"), cut, misnamed]]);
+    let index = read_index(dir.path(), "data-000000.tar");
+    let out = shards(&["verify", path(&dir)]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = stdout(&out);
+    for problem in [
+        format!(
+            "data-000000.tar: sample cut at byte {}: image member .jpg does not decode: cannot decode image: TurboJPEG error: Premature end of JPEG file",
+            index.samples[1].offset
+        ),
+        format!(
+            "data-000000.tar: sample misnamed at byte {}: image member .png holds JPEG data",
+            index.samples[2].offset
+        ),
+    ] {
+        assert!(text.contains(&problem), "{problem}: {text}");
+    }
+    assert!(text.contains("2 problems"), "{text}");
+}
+
+#[test]
 fn verify_finds_keys_repeated_across_shards() {
     let dir = tempfile::tempdir().unwrap();
     write_dataset(

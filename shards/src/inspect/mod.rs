@@ -32,8 +32,6 @@ mod scan;
 mod stat;
 mod verify;
 
-use std::io::Cursor;
-
 pub use dupes::{DupeGroup, DupeMember, DupesOptions, DupesReport, NearDuplicateIndex, dupes};
 pub use grid::{ContactSheet, GridOptions, grid};
 pub use histogram::{Histogram, Scale};
@@ -126,26 +124,15 @@ pub use crate::reader::IMAGE_EXTENSIONS;
 /// (default 32768): ingest resizes far below this, so larger means corrupt.
 pub const MAX_DECODE_SIDE: u32 = 32_768;
 
-/// Largest allocation while decoding one image (default 1 GiB).
+/// Largest decoded image (RGB8) when decoded for checks (default 1 GiB).
 pub const MAX_DECODE_ALLOC: u64 = 1 << 30;
 
-/// Decodes image bytes whose member extension is `ext`, with size limits.
-pub fn decode_image(ext: &str, bytes: &[u8]) -> image::ImageResult<image::DynamicImage> {
-    let format = image::ImageFormat::from_extension(ext).ok_or_else(|| {
-        image::ImageError::Unsupported(image::error::UnsupportedError::from_format_and_kind(
-            image::error::ImageFormatHint::Name(ext.to_string()),
-            image::error::UnsupportedErrorKind::Format(image::error::ImageFormatHint::Name(
-                ext.to_string(),
-            )),
-        ))
-    })?;
-    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_DECODE_SIDE);
-    limits.max_image_height = Some(MAX_DECODE_SIDE);
-    limits.max_alloc = Some(MAX_DECODE_ALLOC);
-    reader.limits(limits);
-    reader.decode()
+/// The decoder [`verify()`] and [`grid()`] check images with: the one `augment` and the
+/// trainer's evaluation decode with ([`crate::decode`], libjpeg-turbo for JPEG), so that
+/// verify passes exactly the images they accept; refusing images over [`MAX_DECODE_SIDE`]
+/// a side or [`MAX_DECODE_ALLOC`] bytes of RGB8, from their header.
+pub fn check_decoder() -> crate::decode::Decoder {
+    crate::decode::Decoder::new(MAX_DECODE_ALLOC / 3).with_max_side(MAX_DECODE_SIDE)
 }
 
 /// `1536` -> `"1.5 KiB"`.

@@ -11,7 +11,7 @@ use object_store::ObjectStoreExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{IMAGE_EXTENSIONS, Reporter, decode_image, default_jobs, human_bytes};
+use super::{IMAGE_EXTENSIONS, Reporter, check_decoder, default_jobs, human_bytes};
 use crate::meta::{ManifestShard, MemberSpan, SampleMeta, ShardIndex, ShardNames};
 use crate::reader::{DEFAULT_MAX_MEMBER_SIZE, split_member_name, whole_at_damage};
 use crate::tar::{Member, TarParser, padding};
@@ -113,7 +113,10 @@ impl fmt::Display for VerifyReport {
 ///   give only the failure reasons the format defines;
 /// - every sample has exactly one image member and a `KEY.json` that parses
 ///   as [`SampleMeta`] with the sample's key and the image's format;
-/// - every image decodes (with limits) to the size `KEY.json` gives;
+/// - every image holds the format its extension names, and decodes with the
+///   training pipeline's decoder ([`check_decoder`](super::check_decoder):
+///   libjpeg-turbo for JPEG, which refuses a JPEG cut short) within limits, to
+///   the size `KEY.json` gives;
 /// - keys are unique across the dataset.
 ///
 /// Problems are collected, never returned as errors: one bad sample does not
@@ -200,17 +203,27 @@ struct DecodeJob {
 
 impl DecodeJob {
     fn run(self) -> Option<Problem> {
-        let message = match decode_image(&self.ext, &self.data) {
-            Err(e) => format!("image member .{} does not decode: {e}", self.ext),
-            Ok(image) => match self.expected {
-                Some((width, height)) if (image.width(), image.height()) != (width, height) => {
-                    format!(
-                        "image is {}x{}, KEY.json says {width}x{height}",
-                        image.width(),
-                        image.height()
-                    )
-                }
-                _ => return None,
+        // The decoder finds the format from the bytes, as augment's does; the format must
+        // still be the one the extension (and KEY.json) names.
+        let declared = image::ImageFormat::from_extension(&self.ext);
+        let found = image::guess_format(&self.data).ok();
+        let message = match (declared, found) {
+            (Some(declared), Some(found)) if declared != found => format!(
+                "image member .{} holds {} data",
+                self.ext,
+                format!("{found:?}").to_uppercase()
+            ),
+            _ => match check_decoder().decode(&self.data) {
+                Err(e) => format!("image member .{} does not decode: {e}", self.ext),
+                Ok(image) => match self.expected {
+                    Some((width, height)) if (image.width, image.height) != (width, height) => {
+                        format!(
+                            "image is {}x{}, KEY.json says {width}x{height}",
+                            image.width, image.height
+                        )
+                    }
+                    _ => return None,
+                },
             },
         };
         Some(Problem {
