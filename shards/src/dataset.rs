@@ -37,18 +37,26 @@ impl Dataset {
         self.location.child(&shard.name)
     }
 
-    /// Reads a shard's index.
+    /// Reads a shard's index, refusing a version this build does not read.
     pub async fn index(&self, shard: &ManifestShard) -> Result<ShardIndex, StoreError> {
-        self.location
-            .get_json(&ShardNames::for_tar(&shard.name).index)
-            .await
+        let name = ShardNames::for_tar(&shard.name).index;
+        let index: ShardIndex = self.location.get_json(&name).await?;
+        index.check().map_err(|reason| StoreError::BadDocument {
+            url: self.location.url_of(&self.location.child(&name)),
+            reason,
+        })?;
+        Ok(index)
     }
 
-    /// Reads a shard's stats.
+    /// Reads a shard's stats, refusing a version this build does not read.
     pub async fn stats(&self, shard: &ManifestShard) -> Result<ShardStats, StoreError> {
-        self.location
-            .get_json(&ShardNames::for_tar(&shard.name).stats)
-            .await
+        let name = ShardNames::for_tar(&shard.name).stats;
+        let stats: ShardStats = self.location.get_json(&name).await?;
+        stats.check().map_err(|reason| StoreError::BadDocument {
+            url: self.location.url_of(&self.location.child(&name)),
+            reason,
+        })?;
+        Ok(stats)
     }
 
     /// Streams a shard's samples.
@@ -78,5 +86,71 @@ impl Dataset {
             }
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ShardWriter;
+    use crate::meta::FORMAT_VERSION;
+
+    /// A dataset of one shard of one sample in a new folder; `edit` changes its index first.
+    fn one_shard_dataset(edit: impl FnOnce(&mut ShardIndex)) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ShardNames::new("data", 0);
+        let mut writer = ShardWriter::new(Vec::new(), names.tar.clone());
+        writer
+            .add(
+                "k0",
+                &[("jpg", b"x".as_slice()), ("json", b"{}".as_slice())],
+            )
+            .unwrap();
+        let mut finished = writer.finish().unwrap();
+        edit(&mut finished.index);
+        std::fs::write(dir.path().join(&names.tar), &finished.out).unwrap();
+        std::fs::write(
+            dir.path().join(&names.index),
+            serde_json::to_vec(&finished.index).unwrap(),
+        )
+        .unwrap();
+        let manifest = Manifest {
+            version: FORMAT_VERSION,
+            shards: vec![ManifestShard {
+                name: names.tar,
+                samples: 1,
+                bytes: finished.out.len() as u64,
+                sha256: finished.sha256,
+            }],
+        };
+        std::fs::write(
+            dir.path().join(MANIFEST),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn an_index_of_another_version_is_refused() {
+        let dir = one_shard_dataset(|_| {});
+        let url = dir.path().to_str().unwrap();
+        let dataset = Dataset::open(url, &StoreOptions::default()).await.unwrap();
+        let shard = &dataset.manifest.shards[0];
+        assert_eq!(dataset.index(shard).await.unwrap().samples.len(), 1);
+
+        let dir = one_shard_dataset(|index| index.version = 7);
+        let url = dir.path().to_str().unwrap();
+        let dataset = Dataset::open(url, &StoreOptions::default()).await.unwrap();
+        let error = dataset
+            .index(&dataset.manifest.shards[0])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("data-000000.index.json")
+                && error.contains("format version 7; this build reads version 1"),
+            "{error}"
+        );
     }
 }

@@ -25,6 +25,7 @@
 //! ```
 
 pub mod dataset;
+pub mod decode;
 pub mod inspect;
 pub mod meta;
 pub mod reader;
@@ -171,6 +172,25 @@ pub enum StoreError {
     /// A shard is broken.
     #[error(transparent)]
     Shard(#[from] ShardError),
+}
+
+/// `text` (a key, a label, a member extension: anything a dataset supplies) made safe to print
+/// in a message or report line: as it is when it is printable ASCII without spaces or quotes, as
+/// every valid key is; otherwise in quotes with escapes (`"a b"`, `"x\nverified: OK"`,
+/// `"\u{1b}[2J"`). Printed raw, a newline or a terminal escape in data could fake or hide a line
+/// of the report.
+///
+/// ```
+/// assert_eq!(shards::printable("a1b2_c-d"), "a1b2_c-d");
+/// assert_eq!(shards::printable("x\nverified: OK"), r#""x\nverified: OK""#);
+/// assert_eq!(shards::printable(""), r#""""#);
+/// ```
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_graphic() && b != b'"') {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(format!("\"{}\"", text.escape_debug()))
+    }
 }
 
 /// Longest key accepted: member names must fit a ustar name field.

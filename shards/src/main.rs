@@ -231,6 +231,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let progress = ProgressReporter::new(&cli, "stat");
             let report = inspect::stat(&dataset, jobs, progress.clone()).await;
             progress.finish();
+            let report = report?;
             print_report(&report, cli.json)?;
             fail_on_unreadable(&report.unreadable)?;
         }
@@ -251,7 +252,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cat { dataset, key } => {
             let found = inspect::lookup(&open(dataset, &cli).await?, key).await?;
             let json = found.sample.get("json").with_context(|| {
-                format!("sample {key} in {} has no .json member", found.shard.name)
+                format!(
+                    "sample {} in {} has no .json member",
+                    shards::printable(key),
+                    shards::printable(&found.shard.name)
+                )
             })?;
             let (pretty, meta) = cat_text(key, json, &found)?;
             if cli.json {
@@ -272,8 +277,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     .map(|(ext, data)| format!(".{ext} {} bytes", data.len()))
                     .collect();
                 print_text(&format!(
-                    "# {key} in {} at byte {} ({})\n",
-                    found.shard.name,
+                    "# {} in {} at byte {} ({})\n",
+                    shards::printable(key),
+                    shards::printable(&found.shard.name),
                     found.sample.offset,
                     members.join(", ")
                 ))?;

@@ -178,6 +178,85 @@ pub struct Manifest {
 /// Current version of every document above.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// Refuses a document version this build does not read: its fields may mean something else.
+fn check_version(version: u32) -> Result<(), String> {
+    if version != FORMAT_VERSION {
+        return Err(format!(
+            "format version {version}; this build reads version {FORMAT_VERSION}"
+        ));
+    }
+    Ok(())
+}
+
+impl ShardIndex {
+    /// Checks what serde cannot: a version this build reads.
+    pub fn check(&self) -> Result<(), String> {
+        check_version(self.version)
+    }
+}
+
+/// The reasons a source fails, as `failed_by_reason` and [`Failure::reason`] give them
+/// (`docs/format.md` says what each means; ingest gives no other).
+pub const FAILURE_REASONS: [&str; 13] = [
+    "bad_url",
+    "not_found",
+    "not_a_file",
+    "permission_denied",
+    "fetch",
+    "too_large_bytes",
+    "too_many_pixels",
+    "too_small",
+    "unsupported_format",
+    "undecodable",
+    "over_memory_limit",
+    "decoder_panic",
+    "encode_failed",
+];
+
+impl ShardStats {
+    /// Checks what serde cannot: a version this build reads.
+    pub fn check(&self) -> Result<(), String> {
+        check_version(self.version)
+    }
+
+    /// What disagrees within the stats, one line each naming the field: `failed` against the
+    /// sum of `failed_by_reason`, and reasons that [`FAILURE_REASONS`] does not hold. Empty
+    /// when nothing does.
+    pub fn inconsistencies(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let sum = self
+            .failed_by_reason
+            .values()
+            .try_fold(0u64, |total, &count| total.checked_add(count));
+        match sum {
+            None => found.push(format!(
+                "the counts in failed_by_reason add up to more than 64 bits hold; failed is {}",
+                self.failed
+            )),
+            Some(sum) if sum != self.failed => found.push(format!(
+                "failed is {}, the counts in failed_by_reason add up to {sum}",
+                self.failed
+            )),
+            Some(_) => {}
+        }
+        for reason in self.failed_by_reason.keys() {
+            if !FAILURE_REASONS.contains(&reason.as_str()) {
+                found.push(format!("failed_by_reason has an unknown reason {reason:?}"));
+            }
+        }
+        let unknown: std::collections::BTreeSet<&str> = self
+            .failures
+            .iter()
+            .map(|failure| failure.reason.as_str())
+            .filter(|reason| !FAILURE_REASONS.contains(reason))
+            .collect();
+        for reason in unknown {
+            found.push(format!("failures has an unknown reason {reason:?}"));
+        }
+        found
+    }
+}
+
 impl Manifest {
     /// Total samples over all shards (saturating; [`Manifest::check`] refuses a manifest whose
     /// totals overflow).
@@ -197,12 +276,7 @@ impl Manifest {
     /// Checks what serde cannot: a version this build reads, shard names that are plain
     /// `.tar` file names beside the manifest, each once, and totals that fit in 64 bits.
     pub fn check(&self) -> Result<(), String> {
-        if self.version != FORMAT_VERSION {
-            return Err(format!(
-                "format version {}; this build reads version {FORMAT_VERSION}",
-                self.version
-            ));
-        }
+        check_version(self.version)?;
         let mut names = std::collections::HashSet::new();
         let (mut samples, mut bytes) = (0u64, 0u64);
         for shard in &self.shards {
@@ -215,6 +289,11 @@ impl Manifest {
                 return Err(format!(
                     "shard name {name:?} is not a .tar file name beside the manifest"
                 ));
+            }
+            // Shard names are printed in every report: a newline or a terminal escape in one
+            // could fake or hide a line.
+            if name.chars().any(char::is_control) {
+                return Err(format!("shard name {name:?} holds a control character"));
             }
             if !names.insert(name.as_str()) {
                 return Err(format!("shard {name} is listed twice"));
@@ -352,6 +431,48 @@ mod tests {
     }
 
     #[test]
+    fn stats_whose_failure_counts_disagree_are_found() {
+        let stats = |failed: u64, reasons: &[(&str, u64)]| ShardStats {
+            version: FORMAT_VERSION,
+            failed,
+            failed_by_reason: reasons.iter().map(|&(r, n)| (r.to_string(), n)).collect(),
+            failures: reasons
+                .iter()
+                .map(|&(r, _)| Failure {
+                    url: "file:///x".into(),
+                    reason: r.into(),
+                    message: "m".into(),
+                })
+                .collect(),
+            ..ShardStats::default()
+        };
+        assert!(stats(0, &[]).inconsistencies().is_empty());
+        assert!(
+            stats(3, &[("fetch", 1), ("undecodable", 2)])
+                .inconsistencies()
+                .is_empty()
+        );
+        assert_eq!(
+            stats(3, &[("fetch", 1)]).inconsistencies(),
+            ["failed is 3, the counts in failed_by_reason add up to 1"]
+        );
+        assert_eq!(
+            stats(3, &[("weird", u64::MAX), ("not_found", 5)]).inconsistencies(),
+            [
+                "the counts in failed_by_reason add up to more than 64 bits hold; failed is 3",
+                "failed_by_reason has an unknown reason \"weird\"",
+                "failures has an unknown reason \"weird\"",
+            ]
+        );
+        let mut other_version = stats(0, &[]);
+        other_version.version = 2;
+        assert_eq!(
+            other_version.check().unwrap_err(),
+            "format version 2; this build reads version 1"
+        );
+    }
+
+    #[test]
     fn manifests_are_checked_beyond_their_schema() {
         let shard = |name: &str, samples: u64| ManifestShard {
             name: name.into(),
@@ -375,6 +496,10 @@ mod tests {
             (
                 manifest(1, vec![shard("a.tar", 1), shard("a.tar", 1)]),
                 "listed twice",
+            ),
+            (
+                manifest(1, vec![shard("a\nverified: OK\n.tar", 1)]),
+                "holds a control character",
             ),
             (
                 manifest(1, vec![shard("a.tar", u64::MAX), shard("b.tar", 1)]),

@@ -9,9 +9,12 @@ use futures::stream::BoxStream;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 
-use crate::ShardError;
 use crate::meta::IndexEntry;
 use crate::tar::{Member, TarParser};
+use crate::{ShardError, printable};
+
+/// Extensions of the image members the project stores.
+pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 
 /// Largest member a reader accepts by default (256 MiB): far above any image
 /// ingest writes, small enough that a corrupt size field cannot exhaust memory.
@@ -38,7 +41,7 @@ impl Sample {
     pub fn image(&self) -> Option<(&str, &Bytes)> {
         self.members
             .iter()
-            .find(|(e, _)| matches!(e.as_str(), "jpg" | "jpeg" | "png" | "webp"))
+            .find(|(e, _)| IMAGE_EXTENSIONS.contains(&e.as_str()))
             .map(|(e, d)| (e.as_str(), d))
     }
 }
@@ -55,6 +58,32 @@ pub fn split_member_name(name: &str) -> Option<(&str, &str)> {
     Some((key, ext))
 }
 
+/// Whether the sample being assembled when damage is found (a tar error, truncation, a failed
+/// read) is whole, so that it can still be returned before the error. Members of a sample are
+/// adjacent, so it is whole when the header of a member with another key has been read, or the
+/// end-of-archive marker. When the damage comes between members instead, nothing says whether
+/// another member of the same sample would have followed; the sample is taken as whole when it
+/// holds what the format defines a sample to be: an image member and `KEY.json`. A sample that
+/// the damage cuts into (its own member's data is cut short) is never whole.
+pub(crate) fn whole_at_damage<'a>(
+    key: &str,
+    extensions: impl IntoIterator<Item = &'a str>,
+    parser: &TarParser,
+) -> bool {
+    if let Some(name) = parser.member_in_progress() {
+        return split_member_name(name).is_none_or(|(member_key, _)| member_key != key);
+    }
+    if parser.at_end() {
+        return true;
+    }
+    let (mut image, mut json) = (false, false);
+    for ext in extensions {
+        image |= IMAGE_EXTENSIONS.contains(&ext);
+        json |= ext == "json";
+    }
+    image && json
+}
+
 /// Turns tar bytes into samples: parses members and groups adjacent ones
 /// that share a key. Both readers below only feed it bytes.
 struct Assembler {
@@ -62,6 +91,8 @@ struct Assembler {
     parser: TarParser,
     buf: BytesMut,
     pending: Option<Sample>,
+    /// The error to return once the whole sample before it has been returned.
+    damage: Option<ShardError>,
 }
 
 impl Assembler {
@@ -71,6 +102,7 @@ impl Assembler {
             parser: TarParser::new(max_member_size),
             buf: BytesMut::new(),
             pending: None,
+            damage: None,
         }
     }
 
@@ -84,24 +116,51 @@ impl Assembler {
     /// The next sample known to be complete from the bytes fed so far;
     /// `None` when more bytes are needed (or the archive has ended).
     fn next_buffered(&mut self) -> Result<Option<Sample>, ShardError> {
+        if let Some(error) = self.damage.take() {
+            return Err(error);
+        }
         loop {
             let member = match self.parser.next_member(&mut self.buf) {
                 Ok(Some(member)) => member,
                 Ok(None) => return Ok(None),
-                Err(source) => return Err(self.tar_error(source)),
+                Err(source) => {
+                    let error = self.tar_error(source);
+                    return self.fail(error);
+                }
             };
-            if let Some(sample) = self.push(member)? {
-                return Ok(Some(sample));
+            match self.push(member) {
+                Ok(Some(sample)) => return Ok(Some(sample)),
+                Ok(None) => {}
+                Err(error) => return self.fail(error),
             }
         }
     }
 
-    /// The input is over: the last sample, if the archive ended properly.
+    /// The input is over: the last sample, and an error if the archive did not end properly.
     fn finish(&mut self) -> Result<Option<Sample>, ShardError> {
-        self.parser
-            .check_eof(self.buf.len())
-            .map_err(|source| self.tar_error(source))?;
+        if let Err(source) = self.parser.check_eof(self.buf.len()) {
+            let error = self.tar_error(source);
+            return self.fail(error);
+        }
         Ok(self.pending.take())
+    }
+
+    /// Damage was found: returns the sample being assembled first if it is whole (see
+    /// [`whole_at_damage`]) and keeps the error for the next call; otherwise the error.
+    fn fail(&mut self, error: ShardError) -> Result<Option<Sample>, ShardError> {
+        match self.pending.take() {
+            Some(sample)
+                if whole_at_damage(
+                    &sample.key,
+                    sample.members.iter().map(|(ext, _)| ext.as_str()),
+                    &self.parser,
+                ) =>
+            {
+                self.damage = Some(error);
+                Ok(Some(sample))
+            }
+            _ => Err(error),
+        }
     }
 
     /// Adds a member to the sample being assembled; returns the previous
@@ -118,10 +177,14 @@ impl Assembler {
             && sample.key == key
         {
             if sample.get(ext).is_some() {
+                // This sample is the damaged one: it is not returned.
+                self.pending = None;
                 return Err(ShardError::Invalid {
                     shard: self.shard.clone(),
                     reason: format!(
-                        "sample {key} has two .{ext} members (the second at byte {})",
+                        "sample {} has two .{} members (the second at byte {})",
+                        printable(key),
+                        printable(ext),
                         member.header_offset
                     ),
                 });
@@ -142,7 +205,8 @@ impl Assembler {
 /// the largest sample.
 ///
 /// A truncated or corrupt shard yields an error naming the shard and byte
-/// offset; the sample being assembled when it happened is never yielded.
+/// offset, after every whole sample before the damage; a sample the damage
+/// cuts into is never yielded (see `docs/format.md`).
 pub struct SampleReader<R> {
     input: R,
     assembler: Assembler,
@@ -180,10 +244,12 @@ impl<R: Read> SampleReader<R> {
                     Ok(n) => break n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(source) => {
-                        return Err(ShardError::Io {
+                        buf.truncate(start);
+                        let error = ShardError::Io {
                             shard: self.assembler.shard.clone(),
                             source,
-                        });
+                        };
+                        return self.assembler.fail(error);
                     }
                 }
             };
@@ -270,10 +336,11 @@ impl ShardStream {
             match self.body.next().await {
                 Some(Ok(chunk)) => self.assembler.buf.extend_from_slice(&chunk),
                 Some(Err(source)) => {
-                    return Err(ShardError::Store {
+                    let error = ShardError::Store {
                         shard: self.assembler.shard.clone(),
                         source,
-                    });
+                    };
+                    return self.assembler.fail(error);
                 }
                 None => return self.assembler.finish(),
             }
@@ -295,7 +362,9 @@ pub async fn read_indexed_sample(
             shard: shard.to_string(),
             reason: format!(
                 "the index entry of sample {} (offset {}, size {}) runs past 2^64 bytes",
-                entry.key, entry.offset, entry.size
+                printable(&entry.key),
+                entry.offset,
+                entry.size
             ),
         })?;
     let bytes = store
@@ -336,13 +405,15 @@ pub fn parse_indexed_sample(
             .ok_or_else(|| {
                 invalid(format!(
                     "sample {} at byte {} ends inside a member",
-                    entry.key, entry.offset
+                    printable(&entry.key),
+                    entry.offset
                 ))
             })?;
         let (key, ext) = split_member_name(&member.name).ok_or_else(|| {
             invalid(format!(
                 "member {:?} of sample {} has no KEY.EXT name",
-                member.name, entry.key
+                member.name,
+                printable(&entry.key)
             ))
         })?;
         let span = entry.members.get(ext);
@@ -352,7 +423,9 @@ pub fn parse_indexed_sample(
         {
             return Err(invalid(format!(
                 "index entry for {} does not match member {:?} at byte {}",
-                entry.key, member.name, member.header_offset
+                printable(&entry.key),
+                member.name,
+                member.header_offset
             )));
         }
         sample.members.push((ext.to_string(), member.data));
@@ -360,7 +433,7 @@ pub fn parse_indexed_sample(
     if sample.members.len() != entry.members.len() {
         return Err(invalid(format!(
             "sample {} has {} members, its index entry {}",
-            entry.key,
+            printable(&entry.key),
             sample.members.len(),
             entry.members.len()
         )));

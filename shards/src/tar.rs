@@ -188,6 +188,15 @@ impl TarParser {
         matches!(self.state, State::End)
     }
 
+    /// The name of the member whose data the parser is reading: its header has been read,
+    /// its data not yet all.
+    pub fn member_in_progress(&self) -> Option<&str> {
+        match &self.state {
+            State::Data { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+
     /// How many bytes the parser wants in `buf` before [`TarParser::next_member`] can make progress.
     pub fn wanted(&self) -> usize {
         match &self.state {

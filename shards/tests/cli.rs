@@ -353,6 +353,170 @@ fn verify_finds_a_truncated_shard() {
 }
 
 #[test]
+fn every_whole_sample_before_damage_is_read() {
+    let dir = good_dataset();
+    let tar = dir.path().join("data-000001.tar");
+    let bytes = std::fs::read(&tar).unwrap();
+    // Cut inside b2's image: b0 and b1 are whole.
+    let cut = read_index(dir.path(), "data-000001.tar").samples[2].members["png"].offset + 10;
+    std::fs::write(&tar, &bytes[..cut as usize]).unwrap();
+
+    let out = shards(&["verify", path(&dir)]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("data-000001.tar: truncated at byte {cut}")),
+        "{text}"
+    );
+    assert!(text.contains("verified 2 shards, 5 samples"), "{text}");
+    for command in ["stat", "dupes"] {
+        let out = shards(&[command, "--json", path(&dir)]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{command}: a shard is unreadable"
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let read = if command == "stat" {
+            "samples_read"
+        } else {
+            "samples"
+        };
+        assert_eq!(json[read], 5, "{command}: {json}");
+    }
+}
+
+/// Rewrites the stats file of `shard` in the dataset at `dir`.
+fn edit_stats(dir: &Path, shard: &str, change: impl FnOnce(&mut ShardStats)) {
+    let file = dir.join(ShardNames::for_tar(shard).stats);
+    let mut stats: ShardStats = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    change(&mut stats);
+    std::fs::write(&file, serde_json::to_vec(&stats).unwrap()).unwrap();
+}
+
+#[test]
+fn stats_whose_totals_overflow_are_an_error_naming_the_file() {
+    let dir = good_dataset();
+    edit_stats(dir.path(), "data-000000.tar", |s| s.count = u64::MAX);
+    let out = shards(&["stat", path(&dir)]);
+    assert_eq!(out.status.code(), Some(1));
+    let error = stderr(&out);
+    assert!(
+        error.contains("the stats files' count totals overflow at")
+            && error.contains("data-000001_stats.json"),
+        "{error}"
+    );
+
+    let dir = good_dataset();
+    for shard in ["data-000000.tar", "data-000001.tar"] {
+        edit_stats(dir.path(), shard, |s| {
+            s.failed_by_reason
+                .insert("undecodable".into(), u64::MAX / 2 + 1);
+        });
+    }
+    let out = shards(&["stat", path(&dir)]);
+    assert_eq!(out.status.code(), Some(1));
+    let error = stderr(&out);
+    assert!(
+        error.contains("the stats files' failed_by_reason \"undecodable\" totals overflow at")
+            && error.contains("data-000001_stats.json"),
+        "{error}"
+    );
+}
+
+#[test]
+fn verify_finds_stats_that_disagree_with_themselves() {
+    let dir = good_dataset();
+    edit_stats(dir.path(), "data-000001.tar", |s| {
+        s.failed = 3;
+        s.failed_by_reason.insert("weird".into(), 5);
+    });
+    let out = shards(&["verify", path(&dir)]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = stdout(&out);
+    for problem in [
+        "data-000001.tar: data-000001_stats.json: failed is 3, the counts in failed_by_reason add up to 7",
+        "data-000001.tar: data-000001_stats.json: failed_by_reason has an unknown reason \"weird\"",
+    ] {
+        assert!(text.contains(problem), "{problem}: {text}");
+    }
+    assert!(text.contains("2 problems"), "{text}");
+}
+
+/// Renames the first sample of `data-000000.tar` to `key`, which `ShardWriter` would refuse:
+/// rewrites its members' tar headers, its index entry and the manifest's checksum.
+fn rekey_first_sample(dir: &Path, key: &str) {
+    let tar = dir.join("data-000000.tar");
+    let mut bytes = std::fs::read(&tar).unwrap();
+    let mut index = read_index(dir, "data-000000.tar");
+    let entry = &mut index.samples[0];
+    for (ext, span) in &entry.members {
+        let header = &mut bytes[(span.offset - 512) as usize..span.offset as usize];
+        let name = format!("{key}.{ext}");
+        header[..100].fill(0);
+        header[..name.len()].copy_from_slice(name.as_bytes());
+        header[148..156].fill(b' ');
+        let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+        header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    }
+    entry.key = key.to_string();
+    std::fs::write(&tar, &bytes).unwrap();
+    std::fs::write(
+        dir.join(ShardNames::for_tar("data-000000.tar").index),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    let manifest_path = dir.join("manifest.json");
+    let mut manifest: Manifest =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    manifest.shards[0].sha256 = sha256_hex(&bytes);
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+}
+
+#[test]
+fn verify_finds_keys_that_break_the_key_rule_and_prints_them_escaped() {
+    let long = "a".repeat(90);
+    let fake = "x\nverified 1 shards, 4 samples: OK\n";
+    for (key, shown, reason) in [
+        (long.as_str(), long.as_str(), "longer than 80 characters"),
+        ("a b+c", "\"a b+c\"", "only ASCII letters"),
+        ("ключ", "\"ключ\"", "only ASCII letters"),
+        (
+            fake,
+            r#""x\nverified 1 shards, 4 samples: OK\n""#,
+            "only ASCII letters",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write_dataset(
+            dir.path(),
+            vec![vec![spec("k0", 1, "jpg"), spec("k1", 2, "png")]],
+        );
+        rekey_first_sample(dir.path(), key);
+        let out = shards(&["verify", path(&dir)]);
+        assert_eq!(out.status.code(), Some(2), "{key:?}");
+        let text = stdout(&out);
+        assert!(
+            text.contains(&format!(
+                "data-000000.tar: sample {shown} at byte 0: invalid key: {reason}"
+            )),
+            "{key:?}: {text}"
+        );
+        // Every line but the summary names the shard: no key breaks a line.
+        let lines: Vec<&str> = text.lines().collect();
+        let (summary, problems) = lines.split_last().unwrap();
+        assert!(
+            summary.starts_with("verified 1 shards, 2 samples"),
+            "{text}"
+        );
+        assert!(
+            problems.iter().all(|l| l.starts_with("data-000000.tar")),
+            "{text}"
+        );
+    }
+}
+
+#[test]
 fn verify_finds_a_manifest_count_mismatch() {
     let dir = good_dataset();
     let manifest_path = dir.path().join("manifest.json");
@@ -400,6 +564,38 @@ fn verify_finds_wrong_dimensions_in_json() {
         "{text}"
     );
     assert!(text.contains("1 problems"), "{text}");
+}
+
+#[test]
+fn verify_refuses_the_images_the_training_pipeline_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    // A JPEG missing its last eighth: the `image` crate's decoder fills in the rest;
+    // libjpeg-turbo, which augment decodes with, refuses it.
+    let mut cut = spec("cut", 8, "jpg");
+    let keep = cut.bytes.len() - cut.bytes.len() / 8;
+    cut.bytes.truncate(keep);
+    assert!(image::load_from_memory(&cut.bytes).is_ok());
+    // A .png member holding a JPEG.
+    let mut misnamed = spec("misnamed", 9, "jpg");
+    misnamed.format = "png";
+    write_dataset(dir.path(), vec![vec![spec("ok0", 7, "jpg"), cut, misnamed]]);
+    let index = read_index(dir.path(), "data-000000.tar");
+    let out = shards(&["verify", path(&dir)]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = stdout(&out);
+    for problem in [
+        format!(
+            "data-000000.tar: sample cut at byte {}: image member .jpg does not decode: cannot decode image: TurboJPEG error: Premature end of JPEG file",
+            index.samples[1].offset
+        ),
+        format!(
+            "data-000000.tar: sample misnamed at byte {}: image member .png holds JPEG data",
+            index.samples[2].offset
+        ),
+    ] {
+        assert!(text.contains(&problem), "{problem}: {text}");
+    }
+    assert!(text.contains("2 problems"), "{text}");
 }
 
 #[test]

@@ -45,6 +45,58 @@ fn samples_strategy() -> impl Strategy<Value = Vec<SampleSpec>> {
     })
 }
 
+/// Holds an image member and `KEY.json`: a whole sample of the format.
+fn is_format_sample(members: &[(String, Vec<u8>)]) -> bool {
+    members.iter().any(|(e, _)| e == "json")
+        && members
+            .iter()
+            .any(|(e, _)| shards::reader::IMAGE_EXTENSIONS.contains(&e.as_str()))
+}
+
+/// The samples read from `bytes` by both readers (which must agree) up to the first error,
+/// and that error.
+fn read_until_error(bytes: &[u8]) -> (Vec<SampleSpec>, Option<String>) {
+    let spec = |s: shards::Sample| -> SampleSpec {
+        let members = s
+            .members
+            .into_iter()
+            .map(|(e, d)| (e, d.to_vec()))
+            .collect();
+        (s.key, members)
+    };
+    let mut yielded = Vec::new();
+    let mut error = None;
+    for item in SampleReader::new(bytes, "t-000000.tar") {
+        match item {
+            Ok(s) => yielded.push(spec(s)),
+            Err(e) => error = Some(e.to_string()),
+        }
+    }
+    // The stream reader, in chunks that end anywhere.
+    let chunks: Vec<object_store::Result<Bytes>> = bytes
+        .chunks(333)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    let mut stream = ShardStream::from_stream(
+        futures::stream::iter(chunks).boxed(),
+        "t-000000.tar",
+        1 << 20,
+    );
+    let mut streamed = Vec::new();
+    let stream_error = futures::executor::block_on(async {
+        loop {
+            match stream.next().await {
+                Ok(Some(s)) => streamed.push(spec(s)),
+                Ok(None) => break None,
+                Err(e) => break Some(e.to_string()),
+            }
+        }
+    });
+    assert_eq!(yielded, streamed, "both readers read the same samples");
+    assert_eq!(error, stream_error, "both readers give the same error");
+    (yielded, error)
+}
+
 fn read_all(bytes: &[u8]) -> Result<Vec<SampleSpec>, shards::ShardError> {
     SampleReader::new(bytes, "t-000000.tar")
         .map(|s| {
@@ -77,26 +129,44 @@ proptest! {
     }
 
     #[test]
-    fn truncation_never_yields_a_partial_sample(samples in samples_strategy(), cut in 0usize..100_000) {
+    fn truncation_yields_the_whole_samples_before_it_and_no_cut_one(samples in samples_strategy(), cut in 0usize..100_000) {
         let finished = write(&samples);
         let cut = cut % finished.out.len().max(1);
-        let mut yielded = Vec::new();
-        let mut error = None;
-        for item in SampleReader::new(&finished.out[..cut], "t-000000.tar") {
-            match item {
-                Ok(s) => yielded.push(s),
-                Err(e) => error = Some(e),
-            }
-        }
+        let (yielded, error) = read_until_error(&finished.out[..cut]);
         // A cut archive always ends in an error naming the shard ...
         let error = error.expect("a truncated shard must give an error");
-        prop_assert!(error.to_string().contains("t-000000.tar"), "{}", error);
-        // ... and every sample it yielded before is whole and ends before the cut.
-        for (sample, entry) in yielded.iter().zip(&finished.index.samples) {
-            prop_assert_eq!(&sample.key, &entry.key);
-            prop_assert_eq!(sample.members.len(), entry.members.len());
-            prop_assert!(entry.offset + entry.size <= cut as u64);
+        prop_assert!(error.contains("t-000000.tar"), "{}", error);
+        // ... every sample it yielded before is the one written there, with members that
+        // end before the cut ...
+        prop_assert!(yielded.len() <= samples.len());
+        for (sample, (entry, (key, members))) in yielded.iter().zip(finished.index.samples.iter().zip(&samples)) {
+            prop_assert_eq!(&sample.0, key);
+            prop_assert!(sample.1.len() <= members.len());
+            prop_assert_eq!(&sample.1[..], &members[..sample.1.len()]);
+            for (ext, _) in &sample.1 {
+                let span = entry.members[ext];
+                prop_assert!(span.offset + span.size <= cut as u64);
+            }
+            // ... and misses a member only when the cut fell between its members and it
+            // holds what the format calls a sample (an image and KEY.json): nothing says
+            // another member would have followed.
+            if sample.1.len() < members.len() {
+                prop_assert!(is_format_sample(&sample.1), "{:?}", sample.1);
+            }
         }
+        // Every sample before the cut is yielded; the last of them may be held back only when
+        // the cut falls before the next header and it lacks an image or KEY.json.
+        let whole = finished.index.samples.iter().take_while(|e| e.offset + e.size <= cut as u64).count();
+        let next_header_read = match finished.index.samples.get(whole) {
+            Some(next) => next.offset + 512 <= cut as u64,
+            None => false, // the end-of-archive marker is the last 1024 bytes: never whole here
+        };
+        let least = if whole > 0 && !next_header_read && !is_format_sample(&samples[whole - 1].1) {
+            whole - 1
+        } else {
+            whole
+        };
+        prop_assert!(yielded.len() >= least, "{} samples of {} whole ones", yielded.len(), whole);
     }
 
     #[test]
@@ -203,14 +273,78 @@ async fn streaming_reads_in_small_chunks_and_names_the_offset_of_truncation() {
         }
     };
     assert_eq!(
-        got, 2,
-        "samples 0..2 are whole; 3 was cut and is not yielded; 2 cannot be known whole until 3's header"
+        got, 3,
+        "samples 0..3 are whole (3's header says 2 is over); 3 was cut and is not yielded"
     );
     let message = err.to_string();
     assert!(
         message.contains("t-000000.tar") && message.contains(&format!("byte {cut}")),
         "{message}"
     );
+}
+
+#[test]
+fn every_whole_sample_before_damage_is_read_then_the_error() {
+    let samples: Vec<SampleSpec> = (0..4)
+        .map(|i| {
+            (
+                format!("s{i}"),
+                vec![
+                    ("jpg".into(), vec![i as u8; 1500]),
+                    ("json".into(), b"{}".to_vec()),
+                ],
+            )
+        })
+        .collect();
+    let finished = write(&samples);
+    let entries = &finished.index.samples;
+    let end_of_samples = (entries[3].offset + entries[3].size) as usize;
+    let keys = |bytes: &[u8]| {
+        let (yielded, error) = read_until_error(bytes);
+        let keys: Vec<String> = yielded.into_iter().map(|(key, _)| key).collect();
+        (keys, error.expect("damage is an error"))
+    };
+
+    // Cut inside the data of s2's image: s1 is whole, s2 is not.
+    let cut = entries[2].members["jpg"].offset as usize + 100;
+    let (read, error) = keys(&finished.out[..cut]);
+    assert_eq!(read, ["s0", "s1"], "{error}");
+    assert!(
+        error.contains(&format!("truncated at byte {cut}")),
+        "{error}"
+    );
+
+    // Cut inside s2's KEY.json: s2 is cut into, and not returned.
+    let cut = entries[2].members["json"].offset as usize + 1;
+    let (read, error) = keys(&finished.out[..cut]);
+    assert_eq!(read, ["s0", "s1"], "{error}");
+
+    // Cut between s2's image and its KEY.json: s2 lacks KEY.json, and is not returned.
+    let cut = entries[2].members["json"].offset as usize - 512;
+    let (read, error) = keys(&finished.out[..cut]);
+    assert_eq!(read, ["s0", "s1"], "{error}");
+
+    // Cut after the last sample, before the end-of-archive marker.
+    let (read, error) = keys(&finished.out[..end_of_samples]);
+    assert_eq!(read, ["s0", "s1", "s2", "s3"], "{error}");
+    assert!(error.contains("no end-of-archive marker"), "{error}");
+
+    // A broken header where s2 starts.
+    let mut bytes = finished.out.clone();
+    bytes[entries[2].offset as usize + 148] ^= 0x01;
+    let (read, error) = keys(&bytes);
+    assert_eq!(read, ["s0", "s1"], "{error}");
+    assert!(
+        error.contains(&format!("bad tar header at byte {}", entries[2].offset)),
+        "{error}"
+    );
+
+    // Data after a whole archive: every sample, then the error.
+    let mut bytes = finished.out.clone();
+    bytes.extend_from_slice(&[7u8; 512]);
+    let (read, error) = keys(&bytes);
+    assert_eq!(read, ["s0", "s1", "s2", "s3"], "{error}");
+    assert!(error.contains("after the end-of-archive marker"), "{error}");
 }
 
 fn workspace_root() -> std::path::PathBuf {

@@ -152,16 +152,8 @@ pub mod color;
 pub mod pack;
 pub mod resize;
 
-/// A borrowed interleaved RGB8 image.
-#[derive(Debug, Clone, Copy)]
-pub struct RgbRef<'a> {
-    /// Width in pixels.
-    pub width: u32,
-    /// Height in pixels.
-    pub height: u32,
-    /// `width * height * 3` bytes, row-major, R G B per pixel.
-    pub data: &'a [u8],
-}
+/// A borrowed interleaved RGB8 image: the decoder's output type ([`shards::decode`]).
+pub use shards::decode::RgbRef;
 
 /// A mutably borrowed interleaved RGB8 image.
 #[derive(Debug)]

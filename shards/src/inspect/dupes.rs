@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::scan::{sample_meta, scan_samples};
 use super::{Reporter, default_jobs};
-use crate::Dataset;
+use crate::{Dataset, printable};
 
 /// How [`dupes()`] runs.
 #[derive(Debug, Clone)]
@@ -225,7 +225,7 @@ pub async fn dupes(
         match parsed {
             Ok(entry) => acc.samples.push(entry),
             Err(reason) => {
-                tracing::warn!(shard = %shard.name, key = %sample.key, %reason, "sample left out");
+                tracing::warn!(shard = %printable(&shard.name), key = %printable(&sample.key), %reason, "sample left out");
                 acc.skipped += 1;
             }
         }
@@ -330,7 +330,12 @@ impl fmt::Display for DupesReport {
         for group in &self.exact {
             writeln!(f, "  sha256 {}", group.members[0].sha256)?;
             for member in &group.members {
-                writeln!(f, "    {}  {}", member.key, member.shard)?;
+                writeln!(
+                    f,
+                    "    {}  {}",
+                    printable(&member.key),
+                    printable(&member.shard)
+                )?;
             }
         }
         writeln!(
@@ -351,8 +356,8 @@ impl fmt::Display for DupesReport {
                 writeln!(
                     f,
                     "    {}  {}  phash {}  sha256 {}",
-                    member.key,
-                    member.shard,
+                    printable(&member.key),
+                    printable(&member.shard),
                     member.phash,
                     &member.sha256[..member.sha256.len().min(16)]
                 )?;

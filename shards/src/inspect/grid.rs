@@ -5,7 +5,8 @@ use fast_image_resize::{PixelType, ResizeOptions, Resizer};
 use futures::StreamExt;
 use image::{Rgb, RgbImage};
 
-use super::{InspectError, SplitMix64, decode_image, default_jobs};
+use super::{InspectError, SplitMix64, check_decoder, default_jobs};
+use crate::decode::RgbRef;
 use crate::meta::IndexEntry;
 use crate::reader::read_indexed_sample;
 use crate::{Dataset, StoreError};
@@ -133,11 +134,11 @@ pub async fn grid(dataset: &Dataset, options: &GridOptions) -> Result<ContactShe
                 let sample = read_indexed_sample(dataset.location.store.as_ref(), &dataset.shard_path(&shard), &shard.name, &entry).await?;
                 let key = sample.key.clone();
                 let pixels = tokio::task::spawn_blocking(move || {
-                    let (ext, data) = sample.image()?;
-                    match decode_image(ext, data) {
-                        Ok(image) => square_tile(&image.to_rgb8(), tile),
+                    let (_, data) = sample.image()?;
+                    match check_decoder().decode(data) {
+                        Ok(image) => square_tile(image, tile),
                         Err(e) => {
-                            tracing::warn!(key = %sample.key, error = %e, "image does not decode; its tile is left red");
+                            tracing::warn!(key = %crate::printable(&sample.key), error = %e, "image does not decode; its tile is left red");
                             None
                         }
                     }
@@ -182,17 +183,11 @@ pub async fn grid(dataset: &Dataset, options: &GridOptions) -> Result<ContactShe
 }
 
 /// Center-crops `image` to a square and resizes it to `tile` x `tile` RGB bytes.
-fn square_tile(image: &RgbImage, tile: u32) -> Option<Vec<u8>> {
-    if image.width() == 0 || image.height() == 0 {
+fn square_tile(image: RgbRef<'_>, tile: u32) -> Option<Vec<u8>> {
+    if image.width == 0 || image.height == 0 {
         return None;
     }
-    let source = ImageRef::new(
-        image.width(),
-        image.height(),
-        image.as_raw(),
-        PixelType::U8x3,
-    )
-    .ok()?;
+    let source = ImageRef::new(image.width, image.height, image.data, PixelType::U8x3).ok()?;
     let mut destination = Image::new(tile, tile, PixelType::U8x3);
     Resizer::new()
         .resize(
@@ -241,7 +236,12 @@ mod tests {
                 Rgb([0, 0, 255])
             }
         });
-        let tile = square_tile(&image, 10).unwrap();
+        let image = RgbRef {
+            width: image.width(),
+            height: image.height(),
+            data: image.as_raw(),
+        };
+        let tile = square_tile(image, 10).unwrap();
         assert_eq!(tile.len(), 300);
         assert!(
             tile.chunks(3).all(|p| p[1] > 200 && p[0] < 60 && p[2] < 60),

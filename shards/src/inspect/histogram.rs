@@ -225,12 +225,13 @@ pub(crate) fn fmt_categories(
     sorted.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     let shown = sorted.len().min(MAX_ROWS);
     let biggest = sorted.first().map_or(1, |(_, c)| **c).max(1);
-    let label_width = sorted[..shown]
+    // Labels come from the data: escaped, so that none can break the layout or fake a line.
+    let names: Vec<_> = sorted[..shown]
         .iter()
-        .map(|(n, _)| n.len())
-        .max()
-        .unwrap_or(0);
-    for (name, count) in &sorted[..shown] {
+        .map(|(n, _)| crate::printable(n))
+        .collect();
+    let label_width = names.iter().map(|n| n.chars().count()).max().unwrap_or(0);
+    for (name, (_, count)) in names.iter().zip(&sorted[..shown]) {
         let bar = (**count as usize * BAR_WIDTH).div_ceil(biggest as usize);
         let percent = **count as f64 * 100.0 / total.max(1) as f64;
         writeln!(

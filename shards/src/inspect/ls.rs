@@ -5,7 +5,7 @@ use std::fmt;
 use serde::Serialize;
 
 use super::human_bytes;
-use crate::{Dataset, ManifestShard};
+use crate::{Dataset, ManifestShard, printable};
 
 /// Hex digits of each checksum shown in the listing.
 const SHA_PREFIX: usize = 12;
@@ -35,19 +35,19 @@ pub fn ls(dataset: &Dataset) -> LsReport {
 
 impl fmt::Display for LsReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name_width = self
-            .shards
+        let names: Vec<_> = self.shards.iter().map(|s| printable(&s.name)).collect();
+        let name_width = names
             .iter()
-            .map(|s| s.name.len())
+            .map(|n| n.chars().count())
             .max()
             .unwrap_or(0)
             .max(5);
-        for shard in &self.shards {
+        for (name, shard) in names.iter().zip(&self.shards) {
             let sha = shard.sha256.get(..SHA_PREFIX).unwrap_or(&shard.sha256);
             writeln!(
                 f,
                 "{:<name_width$} {:>9} samples {:>10} {sha}",
-                shard.name,
+                name,
                 shard.samples,
                 human_bytes(shard.bytes)
             )?;

@@ -32,8 +32,6 @@ mod scan;
 mod stat;
 mod verify;
 
-use std::io::Cursor;
-
 pub use dupes::{DupeGroup, DupeMember, DupesOptions, DupesReport, NearDuplicateIndex, dupes};
 pub use grid::{ContactSheet, GridOptions, grid};
 pub use histogram::{Histogram, Scale};
@@ -59,12 +57,24 @@ pub enum InspectError {
         url: String,
     },
     /// A sample has no image member.
-    #[error("sample {key} in shard {shard} has no image member")]
+    #[error(
+        "sample {} in shard {} has no image member",
+        crate::printable(key),
+        crate::printable(shard)
+    )]
     NoImage {
         /// The sample's key.
         key: String,
         /// Its shard.
         shard: String,
+    },
+    /// The stats files' counts add up to more than 64 bits hold.
+    #[error("the stats files' {field} totals overflow at {url}")]
+    StatsOverflow {
+        /// The field, as the stats files name it.
+        field: String,
+        /// The stats file at which the total overflows.
+        url: String,
     },
     /// The dataset's manifest lists no samples.
     #[error("{url} holds no samples")]
@@ -108,33 +118,21 @@ pub struct NoReporter;
 
 impl Reporter for NoReporter {}
 
-/// Image member extensions the project stores.
-pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+pub use crate::reader::IMAGE_EXTENSIONS;
 
 /// Largest width or height a stored image may have when decoded for checks
 /// (default 32768): ingest resizes far below this, so larger means corrupt.
 pub const MAX_DECODE_SIDE: u32 = 32_768;
 
-/// Largest allocation while decoding one image (default 1 GiB).
+/// Largest decoded image (RGB8) when decoded for checks (default 1 GiB).
 pub const MAX_DECODE_ALLOC: u64 = 1 << 30;
 
-/// Decodes image bytes whose member extension is `ext`, with size limits.
-pub fn decode_image(ext: &str, bytes: &[u8]) -> image::ImageResult<image::DynamicImage> {
-    let format = image::ImageFormat::from_extension(ext).ok_or_else(|| {
-        image::ImageError::Unsupported(image::error::UnsupportedError::from_format_and_kind(
-            image::error::ImageFormatHint::Name(ext.to_string()),
-            image::error::UnsupportedErrorKind::Format(image::error::ImageFormatHint::Name(
-                ext.to_string(),
-            )),
-        ))
-    })?;
-    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_DECODE_SIDE);
-    limits.max_image_height = Some(MAX_DECODE_SIDE);
-    limits.max_alloc = Some(MAX_DECODE_ALLOC);
-    reader.limits(limits);
-    reader.decode()
+/// The decoder [`verify()`] and [`grid()`] check images with: the one `augment` and the
+/// trainer's evaluation decode with ([`crate::decode`], libjpeg-turbo for JPEG), so that
+/// verify passes exactly the images they accept; refusing images over [`MAX_DECODE_SIDE`]
+/// a side or [`MAX_DECODE_ALLOC`] bytes of RGB8, from their header.
+pub fn check_decoder() -> crate::decode::Decoder {
+    crate::decode::Decoder::new(MAX_DECODE_ALLOC / 3).with_max_side(MAX_DECODE_SIDE)
 }
 
 /// `1536` -> `"1.5 KiB"`.

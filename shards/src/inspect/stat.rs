@@ -9,8 +9,9 @@ use serde::Serialize;
 
 use super::histogram::{Histogram, Scale, Unit, fmt_categories};
 use super::scan::{sample_meta, scan_samples};
-use super::{Reporter, human_bytes};
-use crate::Dataset;
+use super::{InspectError, Reporter, human_bytes};
+use crate::meta::ShardNames;
+use crate::{Dataset, printable};
 
 /// Most examples of unparsable `KEY.json` kept for the report.
 const MAX_EXAMPLES: usize = 10;
@@ -126,7 +127,14 @@ impl Accumulator {
 
 /// Reads every stats file and streams every shard (constant memory per
 /// shard, `jobs` shards at once) to total and histogram the dataset.
-pub async fn stat(dataset: &Dataset, jobs: usize, reporter: Arc<dyn Reporter>) -> StatReport {
+///
+/// Fails when the stats files' counts add up to more than 64 bits hold, naming the stats
+/// file where they do: such numbers are not counts of anything.
+pub async fn stat(
+    dataset: &Dataset,
+    jobs: usize,
+    reporter: Arc<dyn Reporter>,
+) -> Result<StatReport, InspectError> {
     let empty = Accumulator::default();
     let mut report = StatReport {
         url: dataset.location.url.clone(),
@@ -160,17 +168,38 @@ pub async fn stat(dataset: &Dataset, jobs: usize, reporter: Arc<dyn Reporter>) -
     for (shard, stats) in stats {
         match stats {
             Ok(stats) => {
-                report.planned += stats.count;
-                report.failed += stats.failed;
-                report.duplicates += stats.duplicates;
-                report.bytes_in += stats.bytes_in;
+                let overflow = |field: String| {
+                    let location = &dataset.location;
+                    InspectError::StatsOverflow {
+                        field,
+                        url: location
+                            .url_of(&location.child(&ShardNames::for_tar(&shard.name).stats)),
+                    }
+                };
+                let add = |total: &mut u64, count: u64, field: &str| {
+                    *total = total
+                        .checked_add(count)
+                        .ok_or_else(|| overflow(field.to_string()))?;
+                    Ok::<(), InspectError>(())
+                };
+                add(&mut report.planned, stats.count, "count")?;
+                add(&mut report.failed, stats.failed, "failed")?;
+                add(&mut report.duplicates, stats.duplicates, "duplicates")?;
+                add(&mut report.bytes_in, stats.bytes_in, "bytes_in")?;
                 for (reason, count) in stats.failed_by_reason {
-                    *report.failed_by_reason.entry(reason).or_default() += count;
+                    let field = format!("failed_by_reason {reason:?}");
+                    add(
+                        report.failed_by_reason.entry(reason).or_default(),
+                        count,
+                        &field,
+                    )?;
                 }
             }
             Err(e) => {
                 tracing::warn!(shard = %shard.name, error = %e, "stats file unreadable");
-                report.stats_missing.push(format!("{}: {e}", shard.name));
+                report
+                    .stats_missing
+                    .push(format!("{}: {e}", printable(&shard.name)));
             }
         }
     }
@@ -200,8 +229,11 @@ pub async fn stat(dataset: &Dataset, jobs: usize, reporter: Arc<dyn Reporter>) -
                 Err(reason) => {
                     acc.bad_json += 1;
                     if acc.bad_json_examples.len() < MAX_EXAMPLES {
-                        acc.bad_json_examples
-                            .push(format!("{}: {}: {reason}", shard.name, sample.key));
+                        acc.bad_json_examples.push(format!(
+                            "{}: {}: {reason}",
+                            printable(&shard.name),
+                            printable(&sample.key)
+                        ));
                     }
                 }
             }
@@ -214,7 +246,7 @@ pub async fn stat(dataset: &Dataset, jobs: usize, reporter: Arc<dyn Reporter>) -
         }
         scan.acc.merge_into(&mut report);
     }
-    report
+    Ok(report)
 }
 
 impl fmt::Display for StatReport {
@@ -248,7 +280,7 @@ impl fmt::Display for StatReport {
         if !self.failed_by_reason.is_empty() {
             writeln!(f, "failed by reason:")?;
             for (reason, count) in &self.failed_by_reason {
-                writeln!(f, "  {reason:<24} {count}")?;
+                writeln!(f, "  {:<24} {count}", printable(reason))?;
             }
         }
         if self.bad_json > 0 {

@@ -11,11 +11,11 @@ use object_store::ObjectStoreExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{IMAGE_EXTENSIONS, Reporter, decode_image, default_jobs, human_bytes};
-use crate::Dataset;
-use crate::meta::{ManifestShard, MemberSpan, SampleMeta, ShardIndex};
-use crate::reader::{DEFAULT_MAX_MEMBER_SIZE, split_member_name};
+use super::{IMAGE_EXTENSIONS, Reporter, check_decoder, default_jobs, human_bytes};
+use crate::meta::{ManifestShard, MemberSpan, SampleMeta, ShardIndex, ShardNames};
+use crate::reader::{DEFAULT_MAX_MEMBER_SIZE, split_member_name, whole_at_damage};
 use crate::tar::{Member, TarParser, padding};
+use crate::{Dataset, printable, validate_key};
 
 /// How [`verify()`] runs.
 #[derive(Debug, Clone)]
@@ -53,7 +53,7 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.shard)?;
         if let Some(key) = &self.key {
-            write!(f, ": sample {key}")?;
+            write!(f, ": sample {}", printable(key))?;
         }
         if let Some(offset) = self.offset {
             write!(f, " at byte {offset}")?;
@@ -109,9 +109,14 @@ impl fmt::Display for VerifyReport {
 /// - the tar parses (strict ustar) to its end-of-archive marker;
 /// - the index and stats files read, and agree with the manifest and with
 ///   the actual offsets and sizes of every sample and member;
+/// - the stats agree with themselves (`failed` and `failed_by_reason`) and
+///   give only the failure reasons the format defines;
 /// - every sample has exactly one image member and a `KEY.json` that parses
 ///   as [`SampleMeta`] with the sample's key and the image's format;
-/// - every image decodes (with limits) to the size `KEY.json` gives;
+/// - every image holds the format its extension names, and decodes with the
+///   training pipeline's decoder ([`check_decoder`](super::check_decoder):
+///   libjpeg-turbo for JPEG, which refuses a JPEG cut short) within limits, to
+///   the size `KEY.json` gives;
 /// - keys are unique across the dataset.
 ///
 /// Problems are collected, never returned as errors: one bad sample does not
@@ -198,17 +203,27 @@ struct DecodeJob {
 
 impl DecodeJob {
     fn run(self) -> Option<Problem> {
-        let message = match decode_image(&self.ext, &self.data) {
-            Err(e) => format!("image member .{} does not decode: {e}", self.ext),
-            Ok(image) => match self.expected {
-                Some((width, height)) if (image.width(), image.height()) != (width, height) => {
-                    format!(
-                        "image is {}x{}, KEY.json says {width}x{height}",
-                        image.width(),
-                        image.height()
-                    )
-                }
-                _ => return None,
+        // The decoder finds the format from the bytes, as augment's does; the format must
+        // still be the one the extension (and KEY.json) names.
+        let declared = image::ImageFormat::from_extension(&self.ext);
+        let found = image::guess_format(&self.data).ok();
+        let message = match (declared, found) {
+            (Some(declared), Some(found)) if declared != found => format!(
+                "image member .{} holds {} data",
+                self.ext,
+                format!("{found:?}").to_uppercase()
+            ),
+            _ => match check_decoder().decode(&self.data) {
+                Err(e) => format!("image member .{} does not decode: {e}", self.ext),
+                Ok(image) => match self.expected {
+                    Some((width, height)) if (image.width, image.height) != (width, height) => {
+                        format!(
+                            "image is {}x{}, KEY.json says {width}x{height}",
+                            image.width, image.height
+                        )
+                    }
+                    _ => return None,
+                },
             },
         };
         Some(Problem {
@@ -261,7 +276,11 @@ impl ShardVerifier {
                 self.problem(
                     Some(&key),
                     Some(offset),
-                    format!("second .{ext} member at byte {}", member.header_offset),
+                    format!(
+                        "second .{} member at byte {}",
+                        printable(ext),
+                        member.header_offset
+                    ),
                 );
                 return;
             }
@@ -282,10 +301,27 @@ impl ShardVerifier {
         }
     }
 
+    /// Damage was found: checks the sample being assembled if it is whole (see
+    /// [`whole_at_damage`]), and drops it otherwise.
+    fn finish_if_whole(&mut self, parser: &TarParser) {
+        if let Some(sample) = self.pending.take()
+            && whole_at_damage(
+                &sample.key,
+                sample.members.iter().map(|(ext, _, _)| ext.as_str()),
+                parser,
+            )
+        {
+            self.finish_sample(sample);
+        }
+    }
+
     fn finish_sample(&mut self, sample: Pending) {
         let position = self.keys.len();
         self.keys.push((sample.key.clone(), sample.offset));
         let (key, offset) = (Some(sample.key.as_str()), Some(sample.offset));
+        if let Err(crate::ShardError::BadKey { reason, .. }) = validate_key(&sample.key) {
+            self.problem(key, offset, format!("invalid key: {reason}"));
+        }
 
         let entry = self
             .index
@@ -304,7 +340,9 @@ impl ShardVerifier {
                     offset,
                     format!(
                         "index entry {position} is {} at byte {}, the shard has {} here",
-                        entry.key, entry.offset, sample.key
+                        printable(&entry.key),
+                        entry.offset,
+                        printable(&sample.key)
                     ),
                 );
             }
@@ -340,7 +378,7 @@ impl ShardVerifier {
                     let describe = |spans: &BTreeMap<String, MemberSpan>| {
                         spans
                             .iter()
-                            .map(|(ext, s)| format!(".{ext} {}+{}", s.offset, s.size))
+                            .map(|(ext, s)| format!(".{} {}+{}", printable(ext), s.offset, s.size))
                             .collect::<Vec<_>>()
                             .join(", ")
                     };
@@ -484,17 +522,22 @@ async fn check_shard(
         Err(e) => verifier.problem(None, None, format!("index unreadable: {e}")),
     }
     match dataset.stats(shard).await {
-        Ok(stats) if stats.successes != shard.samples => {
-            verifier.problem(
-                None,
-                None,
-                format!(
-                    "stats give {} samples written, the manifest {}",
-                    stats.successes, shard.samples
-                ),
-            );
+        Ok(stats) => {
+            if stats.successes != shard.samples {
+                verifier.problem(
+                    None,
+                    None,
+                    format!(
+                        "stats give {} samples written, the manifest {}",
+                        stats.successes, shard.samples
+                    ),
+                );
+            }
+            let file = ShardNames::for_tar(&shard.name).stats;
+            for inconsistency in stats.inconsistencies() {
+                verifier.problem(None, None, format!("{file}: {inconsistency}"));
+            }
         }
-        Ok(_) => {}
         Err(e) => verifier.problem(None, None, format!("stats unreadable: {e}")),
     }
 
@@ -535,7 +578,7 @@ async fn check_shard(
                     Ok(None) => break,
                     Err(e) => {
                         verifier.problem(None, None, e.to_string());
-                        verifier.pending = None;
+                        verifier.finish_if_whole(tar);
                         parser = None;
                         buf.clear();
                         break;
@@ -562,10 +605,13 @@ async fn check_shard(
             None => false,
         };
     // A sample cut short by an error is not checked: the error already names where.
-    if let Some(last) = verifier.pending.take()
-        && clean
-    {
-        verifier.finish_sample(last);
+    match &parser {
+        Some(tar) if !clean => verifier.finish_if_whole(tar),
+        _ => {
+            if let Some(last) = verifier.pending.take() {
+                verifier.finish_sample(last);
+            }
+        }
     }
     for job in verifier.jobs.drain(..) {
         decoding.push(tokio::task::spawn_blocking(move || job.run()));
