@@ -818,6 +818,18 @@ fn encode_jpeg(rgb: &[u8], width: u32, height: u32, quality: u8) -> Result<Vec<u
 mod tests {
     use super::*;
 
+    /// `shards verify` refuses stats with a reason it does not know: every reason the image
+    /// step gives must be in its list.
+    #[test]
+    fn every_rejection_reason_is_one_shards_knows() {
+        for reason in Rejection::REASONS {
+            assert!(
+                shards::meta::FAILURE_REASONS.contains(&reason),
+                "{reason} is missing from shards::meta::FAILURE_REASONS"
+            );
+        }
+    }
+
     fn encode(image: DynamicImage, format: ImageFormat) -> Vec<u8> {
         let mut bytes = Vec::new();
         image

@@ -11,6 +11,22 @@ use shards::{SampleReader, ShardStream, ShardWriter};
 
 type SampleSpec = (String, Vec<(String, Vec<u8>)>);
 
+/// `count` samples keyed PREFIX0, PREFIX1, ..., each a `size`-byte .jpg of its number and an
+/// empty .json.
+fn jpg_samples(prefix: &str, count: usize, size: usize) -> Vec<SampleSpec> {
+    (0..count)
+        .map(|i| {
+            (
+                format!("{prefix}{i}"),
+                vec![
+                    ("jpg".into(), vec![i as u8; size]),
+                    ("json".into(), b"{}".to_vec()),
+                ],
+            )
+        })
+        .collect()
+}
+
 fn write(samples: &[SampleSpec]) -> shards::FinishedShard<Vec<u8>> {
     let mut writer = ShardWriter::new(Vec::new(), "t-000000.tar");
     for (key, members) in samples {
@@ -184,17 +200,7 @@ proptest! {
 
 #[test]
 fn a_corrupt_sample_read_through_the_index_names_its_offset_in_the_shard() {
-    let samples: Vec<SampleSpec> = (0..3)
-        .map(|i| {
-            (
-                format!("k{i}"),
-                vec![
-                    ("jpg".into(), vec![i as u8; 700]),
-                    ("json".into(), b"{}".to_vec()),
-                ],
-            )
-        })
-        .collect();
+    let samples = jpg_samples("k", 3, 700);
     let finished = write(&samples);
     let entry = &finished.index.samples[2];
     assert!(entry.offset > 0);
@@ -228,17 +234,7 @@ fn a_corrupt_sample_read_through_the_index_names_its_offset_in_the_shard() {
 
 #[tokio::test]
 async fn streaming_reads_in_small_chunks_and_names_the_offset_of_truncation() {
-    let samples: Vec<SampleSpec> = (0..5)
-        .map(|i| {
-            (
-                format!("s{i}"),
-                vec![
-                    ("jpg".into(), vec![i as u8; 3000]),
-                    ("json".into(), b"{}".to_vec()),
-                ],
-            )
-        })
-        .collect();
+    let samples = jpg_samples("s", 5, 3000);
     let finished = write(&samples);
     let chunks: Vec<object_store::Result<Bytes>> = finished
         .out
@@ -285,17 +281,7 @@ async fn streaming_reads_in_small_chunks_and_names_the_offset_of_truncation() {
 
 #[test]
 fn every_whole_sample_before_damage_is_read_then_the_error() {
-    let samples: Vec<SampleSpec> = (0..4)
-        .map(|i| {
-            (
-                format!("s{i}"),
-                vec![
-                    ("jpg".into(), vec![i as u8; 1500]),
-                    ("json".into(), b"{}".to_vec()),
-                ],
-            )
-        })
-        .collect();
+    let samples = jpg_samples("s", 4, 1500);
     let finished = write(&samples);
     let entries = &finished.index.samples;
     let end_of_samples = (entries[3].offset + entries[3].size) as usize;
