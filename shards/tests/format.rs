@@ -27,6 +27,20 @@ fn jpg_samples(prefix: &str, count: usize, size: usize) -> Vec<SampleSpec> {
         .collect()
 }
 
+/// The streaming reader over `bytes` delivered in chunks of `size` bytes (chunk ends fall
+/// anywhere in headers and members).
+fn stream_in_chunks(bytes: &[u8], size: usize) -> ShardStream {
+    let chunks: Vec<object_store::Result<Bytes>> = bytes
+        .chunks(size)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    ShardStream::from_stream(
+        futures::stream::iter(chunks).boxed(),
+        "t-000000.tar",
+        1 << 20,
+    )
+}
+
 fn write(samples: &[SampleSpec]) -> shards::FinishedShard<Vec<u8>> {
     let mut writer = ShardWriter::new(Vec::new(), "t-000000.tar");
     for (key, members) in samples {
@@ -89,15 +103,7 @@ fn read_until_error(bytes: &[u8]) -> (Vec<SampleSpec>, Option<String>) {
         }
     }
     // The stream reader, in chunks that end anywhere.
-    let chunks: Vec<object_store::Result<Bytes>> = bytes
-        .chunks(333)
-        .map(|c| Ok(Bytes::copy_from_slice(c)))
-        .collect();
-    let mut stream = ShardStream::from_stream(
-        futures::stream::iter(chunks).boxed(),
-        "t-000000.tar",
-        1 << 20,
-    );
+    let mut stream = stream_in_chunks(bytes, 333);
     let mut streamed = Vec::new();
     let stream_error = futures::executor::block_on(async {
         loop {
@@ -236,16 +242,7 @@ fn a_corrupt_sample_read_through_the_index_names_its_offset_in_the_shard() {
 async fn streaming_reads_in_small_chunks_and_names_the_offset_of_truncation() {
     let samples = jpg_samples("s", 5, 3000);
     let finished = write(&samples);
-    let chunks: Vec<object_store::Result<Bytes>> = finished
-        .out
-        .chunks(777)
-        .map(|c| Ok(Bytes::copy_from_slice(c)))
-        .collect();
-    let mut stream = ShardStream::from_stream(
-        futures::stream::iter(chunks).boxed(),
-        "t-000000.tar",
-        1 << 20,
-    );
+    let mut stream = stream_in_chunks(&finished.out, 777);
     let mut keys = Vec::new();
     while let Some(sample) = stream.next().await.unwrap() {
         keys.push(sample.key);
@@ -253,13 +250,7 @@ async fn streaming_reads_in_small_chunks_and_names_the_offset_of_truncation() {
     assert_eq!(keys, ["s0", "s1", "s2", "s3", "s4"]);
 
     let cut = finished.index.samples[3].offset as usize + 1000;
-    let chunks: Vec<object_store::Result<Bytes>> =
-        vec![Ok(Bytes::copy_from_slice(&finished.out[..cut]))];
-    let mut stream = ShardStream::from_stream(
-        futures::stream::iter(chunks).boxed(),
-        "t-000000.tar",
-        1 << 20,
-    );
+    let mut stream = stream_in_chunks(&finished.out[..cut], cut);
     let mut got = 0;
     let err = loop {
         match stream.next().await {
@@ -491,12 +482,7 @@ fn data_after_the_end_of_archive_is_an_error_in_both_readers() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let chunks: Vec<object_store::Result<Bytes>> = vec![Ok(Bytes::from(bytes))];
-    let mut stream = ShardStream::from_stream(
-        futures::stream::iter(chunks).boxed(),
-        "t-000000.tar",
-        1 << 20,
-    );
+    let mut stream = stream_in_chunks(&bytes, bytes.len());
     let err = rt.block_on(async {
         loop {
             match stream.next().await {
