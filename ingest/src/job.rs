@@ -6,10 +6,10 @@
 //! holds only the samples in flight. When every source of the shard is done
 //! the samples are written to the shard in plan order (so a rerun gives the
 //! same bytes), exact duplicates and sources listed twice are dropped (the
-//! earliest in plan order is kept), and the shard is published: tar, then index, then stats, then the
-//! manifest, each an atomic put. A shard is complete exactly when the
-//! manifest lists it; a crash anywhere before leaves at most an unlisted tar
-//! that the rerun overwrites.
+//! earliest in plan order is kept), and the shard is published: tar, then
+//! index, then stats, then the manifest, each an atomic put. A shard is
+//! complete exactly when the manifest lists it; a crash anywhere before leaves
+//! at most an unlisted tar that the rerun overwrites.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufWriter, Write};
@@ -510,20 +510,17 @@ impl JobState<'_> {
             }
             // A server whose TLS the client refuses (a certificate it does not trust, a
             // handshake it cannot complete) gives the same refusal next time.
-            Err(error) if tls_refusal(&error).is_some() => {
-                let mut message = with_causes(&error);
-                if matches!(
-                    tls_refusal(&error),
-                    Some(rustls::Error::InvalidCertificate(_))
-                ) {
-                    message.push_str(
-                        " (the store option allow_invalid_certificates=true accepts such a \
-                         certificate)",
-                    );
-                }
-                return Fetched::Refused(message);
+            Err(error) => {
+                let message = with_causes(&error);
+                return match tls_refusal(&error) {
+                    Some(rustls::Error::InvalidCertificate(_)) => Fetched::Refused(format!(
+                        "{message} (the store option allow_invalid_certificates=true accepts \
+                         such a certificate)"
+                    )),
+                    Some(_) => Fetched::Refused(message),
+                    None => Fetched::Failed(message),
+                };
             }
-            Err(error) => return Fetched::Failed(with_causes(&error)),
         };
         let status = response.status();
         let mut answered = format!("the server answered {status}");
@@ -1287,16 +1284,9 @@ fn http_date(value: &str) -> Option<std::time::SystemTime> {
 
 impl Fetched {
     fn from_store_error(error: &object_store::Error) -> Fetched {
-        let io_kind = |kind| {
-            causes(error).any(|cause| {
-                cause
-                    .downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == kind)
-            })
-        };
         if is_permission_denied(error) {
             Fetched::Denied(with_causes(error))
-        } else if io_kind(std::io::ErrorKind::InvalidFilename) {
+        } else if has_io_error(error, std::io::ErrorKind::InvalidFilename) {
             // A local name too long for the file system stays too long.
             Fetched::Refused(with_causes(error))
         } else {
@@ -1311,10 +1301,15 @@ fn is_permission_denied(error: &object_store::Error) -> bool {
     matches!(
         error,
         object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
-    ) || causes(error).any(|cause| {
+    ) || has_io_error(error, std::io::ErrorKind::PermissionDenied)
+}
+
+/// Whether an I/O error of `kind` is among the causes of `error`.
+fn has_io_error(error: &object_store::Error, kind: std::io::ErrorKind) -> bool {
+    causes(error).any(|cause| {
         cause
             .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+            .is_some_and(|io| io.kind() == kind)
     })
 }
 
