@@ -40,23 +40,28 @@ impl Dataset {
     /// Reads a shard's index, refusing a version this build does not read.
     pub async fn index(&self, shard: &ManifestShard) -> Result<ShardIndex, StoreError> {
         let name = ShardNames::for_tar(&shard.name).index;
-        let index: ShardIndex = self.location.get_json(&name).await?;
-        index.check().map_err(|reason| StoreError::BadDocument {
-            url: self.location.url_of(&self.location.child(&name)),
-            reason,
-        })?;
-        Ok(index)
+        self.checked_json(&name, ShardIndex::check).await
     }
 
     /// Reads a shard's stats, refusing a version this build does not read.
     pub async fn stats(&self, shard: &ManifestShard) -> Result<ShardStats, StoreError> {
         let name = ShardNames::for_tar(&shard.name).stats;
-        let stats: ShardStats = self.location.get_json(&name).await?;
-        stats.check().map_err(|reason| StoreError::BadDocument {
-            url: self.location.url_of(&self.location.child(&name)),
+        self.checked_json(&name, ShardStats::check).await
+    }
+
+    /// Reads the JSON document `name` and checks it with `check`, whose reason names no file:
+    /// the error names the document's URL.
+    async fn checked_json<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        check: fn(&T) -> Result<(), String>,
+    ) -> Result<T, StoreError> {
+        let document: T = self.location.get_json(name).await?;
+        check(&document).map_err(|reason| StoreError::BadDocument {
+            url: self.location.url_of(&self.location.child(name)),
             reason,
         })?;
-        Ok(stats)
+        Ok(document)
     }
 
     /// Streams a shard's samples.
