@@ -280,7 +280,9 @@ async fn run(args: RunArgs) -> Result<()> {
     // A local path is kept absolute in the plan, so that a rerun from another folder that
     // names another folder the same way is not taken for this job.
     let url = match std::path::absolute(&args.input) {
-        Ok(path) if !args.input.contains("://") => path.to_string_lossy().into_owned(),
+        Ok(path) if shards::store::is_local_path(&args.input) => {
+            path.to_string_lossy().into_owned()
+        }
         _ => args.input.clone(),
     };
     let input = InputSpec {

@@ -1156,6 +1156,19 @@ fn a_relative_input_is_planned_as_the_folder_it_names_from_where_it_ran() {
         "{stderr}"
     );
     assert!(run("a").status.success());
+    // A file: URL with one slash is a URL, not a relative path: the same folder, the same job.
+    let url = format!("file:{}", dir.path().join("a/img").display());
+    let result = ingest()
+        .args(["run", &url, "-o"])
+        .arg(&output)
+        .arg("--no-progress")
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
 }
 
 #[test]

@@ -94,6 +94,12 @@ impl std::fmt::Debug for Location {
     }
 }
 
+/// Whether `url_or_path` is a local path rather than a URL (`s3://...`, `file:///...`,
+/// `file:/...`), as [`normalize_url`] reads it.
+pub fn is_local_path(url_or_path: &str) -> bool {
+    !(url_or_path.contains("://") || url_or_path.starts_with("file:"))
+}
+
 /// Turns a plain path into an absolute `file://` URL; other URLs pass through.
 pub fn normalize_url(url_or_path: &str) -> Result<Url, StoreError> {
     // An empty argument (an unset shell variable, say) would otherwise name the current
@@ -104,8 +110,7 @@ pub fn normalize_url(url_or_path: &str) -> Result<Url, StoreError> {
             reason: "empty URL or path (for the current folder, write .)".into(),
         });
     }
-    let looks_like_url = url_or_path.contains("://") || url_or_path.starts_with("file:");
-    if looks_like_url {
+    if !is_local_path(url_or_path) {
         return Url::parse(url_or_path).map_err(|e| StoreError::BadUrl {
             url: url_or_path.to_string(),
             reason: e.to_string(),
