@@ -40,8 +40,8 @@
 //! the shard at the next unread sample; then the shard is reported and skipped. A broken shard
 //! (bad tar) is reported and skipped after the samples before the damage. An epoch in which no
 //! sample could be read stops the pipeline with an error, and so do dropped batches in a row
-//! that hold two epochs of samples (as counted by the reader). Dropping the [`Pipeline`] stops every
-//! thread and joins them.
+//! that hold two epochs of samples (as counted by the reader). Dropping the [`Pipeline`] stops
+//! every thread and joins them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -507,9 +507,7 @@ impl Pipeline {
     pub fn dataset(&self) -> &Dataset {
         &self.dataset
     }
-}
 
-impl Pipeline {
     /// Whether `dropped_in_a_row` batches hold two epochs of samples, by the most samples the
     /// reader has read in a complete epoch; never before an epoch has ended, since a manifest
     /// may claim more or fewer samples than its shards hold. Any two epochs' worth of

@@ -186,17 +186,11 @@ async fn list_file_items(
     options: &StoreOptions,
 ) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
     use tokio::io::AsyncBufReadExt;
-    let format = match spec.list_format {
-        ListFormat::Auto if spec.url.to_ascii_lowercase().ends_with(".csv") => ListFormat::Csv,
-        ListFormat::Auto
-            if [".jsonl", ".ndjson", ".json"]
-                .iter()
-                .any(|e| spec.url.to_ascii_lowercase().ends_with(e)) =>
-        {
-            ListFormat::Jsonl
-        }
-        ListFormat::Auto => ListFormat::Txt,
-        other => other,
+    let format = match (spec.list_format, extension_of(&spec.url).as_deref()) {
+        (ListFormat::Auto, Some("csv")) => ListFormat::Csv,
+        (ListFormat::Auto, Some("jsonl" | "ndjson" | "json")) => ListFormat::Jsonl,
+        (ListFormat::Auto, _) => ListFormat::Txt,
+        (other, _) => other,
     };
     if let (ListFormat::Txt, LabelSource::Column(column)) = (format, &spec.labels) {
         return Err(IngestError::Config(format!(
