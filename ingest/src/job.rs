@@ -314,7 +314,7 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
     };
     let manifest_name = config.partition.manifest_name();
     let mut manifest: Manifest = output
-        .get_json_opt(&manifest_name)
+        .get_checked_json_opt(&manifest_name, Manifest::check)
         .await
         .map_err(IngestError::Output)?
         .unwrap_or(Manifest {
@@ -336,14 +336,14 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         let names = ShardNames::for_tar(&shard.name);
         if !config.retry_failed {
             let stats: ShardStats = output
-                .get_json(&names.stats)
+                .get_checked_json(&names.stats, ShardStats::check)
                 .await
                 .map_err(IngestError::Output)?;
             counters.seen.fetch_add(stats.count, Ordering::Relaxed);
             counters.failed.fetch_add(stats.failed, Ordering::Relaxed);
         }
         let index: shards::ShardIndex = output
-            .get_json(&names.index)
+            .get_checked_json(&names.index, shards::ShardIndex::check)
             .await
             .map_err(IngestError::Output)?;
         for entry in &index.samples {
@@ -383,7 +383,7 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         let items = plan::chunk(&output, &plan, id).await?;
         let kept = if done {
             let stats: ShardStats = output
-                .get_json(&names.stats)
+                .get_checked_json(&names.stats, ShardStats::check)
                 .await
                 .map_err(IngestError::Output)?;
             if stats.failures.is_empty() {
@@ -643,7 +643,7 @@ impl JobState<'_> {
                 .collect();
             let index: shards::ShardIndex = self
                 .output
-                .get_json(&names.index)
+                .get_checked_json(&names.index, shards::ShardIndex::check)
                 .await
                 .map_err(IngestError::Output)?;
             let mut stream = shards::ShardStream::open(
@@ -1132,7 +1132,7 @@ pub async fn merge(
     let mut merged = Manifest::merge(parts.iter().map(|(name, part)| (name.as_str(), part)))
         .map_err(IngestError::Config)?;
     if let Some(single) = output
-        .get_json_opt::<Manifest>(MANIFEST)
+        .get_checked_json_opt(MANIFEST, Manifest::check)
         .await
         .map_err(IngestError::Output)?
         && parts.is_empty()

@@ -184,6 +184,56 @@ fn rerun_is_a_no_op_and_gives_the_same_bytes() {
     );
 }
 
+/// A rerun reads what earlier runs wrote (the partition's manifest, each done shard's stats and
+/// index) with the same version check as every reader: a document of another format version is
+/// named and refused, not counted or mixed in, and nothing stored is touched.
+#[test]
+fn rerun_refuses_documents_of_another_format_version() {
+    let out = tempfile::tempdir().unwrap();
+    let args = ["--samples-per-shard", "25", "--no-progress"];
+    let run = || {
+        ingest()
+            .arg("run")
+            .arg(small_photos())
+            .arg("-o")
+            .arg(out.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    for name in [
+        "data-000000_stats.json",
+        "data-000000.index.json",
+        "manifest.json",
+    ] {
+        let path = out.path().join(name);
+        let original = std::fs::read(&path).unwrap();
+        let mut document: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        document["version"] = serde_json::json!(99);
+        std::fs::write(&path, serde_json::to_vec(&document).unwrap()).unwrap();
+        let output = run();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name}: {stderr}");
+        assert!(
+            stderr.contains(name) && stderr.contains("format version 99"),
+            "{name}: {stderr}"
+        );
+        std::fs::write(&path, &original).unwrap();
+    }
+    let rerun = run();
+    assert!(
+        rerun.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rerun.stderr)
+    );
+}
+
 #[test]
 fn kill_9_then_rerun_equals_an_uninterrupted_run() {
     // A bigger input so that the job is still running when killed: the full photo set.

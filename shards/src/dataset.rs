@@ -40,28 +40,17 @@ impl Dataset {
     /// Reads a shard's index, refusing a version this build does not read.
     pub async fn index(&self, shard: &ManifestShard) -> Result<ShardIndex, StoreError> {
         let name = ShardNames::for_tar(&shard.name).index;
-        self.checked_json(&name, ShardIndex::check).await
+        self.location
+            .get_checked_json(&name, ShardIndex::check)
+            .await
     }
 
     /// Reads a shard's stats, refusing a version this build does not read.
     pub async fn stats(&self, shard: &ManifestShard) -> Result<ShardStats, StoreError> {
         let name = ShardNames::for_tar(&shard.name).stats;
-        self.checked_json(&name, ShardStats::check).await
-    }
-
-    /// Reads the JSON document `name` and checks it with `check`, whose reason names no file:
-    /// the error names the document's URL.
-    async fn checked_json<T: serde::de::DeserializeOwned>(
-        &self,
-        name: &str,
-        check: fn(&T) -> Result<(), String>,
-    ) -> Result<T, StoreError> {
-        let document: T = self.location.get_json(name).await?;
-        check(&document).map_err(|reason| StoreError::BadDocument {
-            url: self.location.url_of(&self.location.child(name)),
-            reason,
-        })?;
-        Ok(document)
+        self.location
+            .get_checked_json(&name, ShardStats::check)
+            .await
     }
 
     /// Streams a shard's samples.

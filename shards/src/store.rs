@@ -289,6 +289,43 @@ impl Location {
         }
     }
 
+    /// Reads a JSON document and checks it with `check` (a version this build reads, and what
+    /// else serde cannot check), whose reason names no file: the error names the document's
+    /// URL.
+    pub async fn get_checked_json<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        check: fn(&T) -> Result<(), String>,
+    ) -> Result<T, StoreError> {
+        let document: T = self.get_json(name).await?;
+        self.checked(name, document, check)
+    }
+
+    /// [`Location::get_checked_json`] for a document that may not exist.
+    pub async fn get_checked_json_opt<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        check: fn(&T) -> Result<(), String>,
+    ) -> Result<Option<T>, StoreError> {
+        self.get_json_opt(name)
+            .await?
+            .map(|document| self.checked(name, document, check))
+            .transpose()
+    }
+
+    fn checked<T>(
+        &self,
+        name: &str,
+        document: T,
+        check: fn(&T) -> Result<(), String>,
+    ) -> Result<T, StoreError> {
+        check(&document).map_err(|reason| StoreError::BadDocument {
+            url: self.url_of(&self.child(name)),
+            reason,
+        })?;
+        Ok(document)
+    }
+
     /// Writes a whole object. Every store's `put` is atomic: readers see the
     /// old object or the new one, never a part.
     pub async fn put_bytes(&self, name: &str, bytes: impl Into<Bytes>) -> Result<(), StoreError> {
