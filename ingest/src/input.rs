@@ -237,12 +237,30 @@ async fn list_file_items(
             .map(|chunk| chunk.map_err(std::io::Error::other)),
     );
     let lines = tokio_stream::wrappers::LinesStream::new(tokio::io::BufReader::new(reader).lines());
+    // `None` marks the end, where a CSV record still open is an error, not dropped.
+    let lines = lines.map(Some).chain(futures::stream::once(async { None }));
     let list_url = spec.url.clone();
     let url_column = spec.url_column.clone();
     let labels = spec.labels.clone();
     let mut header: Option<Vec<String>> = None;
     let mut line_number = 0usize;
+    // A CSV record whose quoted field spans lines (a caption with a line break, say), with
+    // the number of its first line.
+    let mut open_record: Option<(String, usize)> = None;
     let stream = lines.filter_map(move |line| {
+        let error = |line: usize, reason: String| {
+            Some(Err(IngestError::ListFile {
+                url: list_url.clone(),
+                line,
+                reason,
+            }))
+        };
+        let Some(line) = line else {
+            let parsed = open_record.take().and_then(|(_, first)| {
+                error(first, format!("a quoted field opened here is not closed by the end of the file ({})", UNTERMINATED_QUOTE))
+            });
+            return std::future::ready(parsed);
+        };
         line_number += 1;
         // A byte-order mark (spreadsheets write one) is not part of the first line's text.
         let line = line.map(|l| match l.strip_prefix('\u{feff}') {
@@ -250,11 +268,35 @@ async fn list_file_items(
             _ => l,
         });
         let parsed = match line {
-            Err(e) => Some(Err(IngestError::ListFile {
-                url: list_url.clone(),
-                line: line_number,
-                reason: e.to_string(),
-            })),
+            Err(e) => error(line_number, e.to_string()),
+            Ok(line) if format == ListFormat::Csv => {
+                let (record, first) = match open_record.take() {
+                    Some((mut record, first)) => {
+                        record.push('\n');
+                        record.push_str(&line);
+                        (record, first)
+                    }
+                    None => (line, line_number),
+                };
+                if record.trim().is_empty() {
+                    None
+                } else if split_csv_line(&record).is_none() {
+                    if record.len() > MAX_CSV_RECORD_BYTES {
+                        error(first, format!("a quoted field opened here is not closed within {MAX_CSV_RECORD_BYTES} bytes ({UNTERMINATED_QUOTE})"))
+                    } else {
+                        open_record = Some((record, first));
+                        None
+                    }
+                } else {
+                    parse_list_line(&record, format, &mut header, &url_column, &labels)
+                        .map_err(|reason| IngestError::ListFile {
+                            url: list_url.clone(),
+                            line: first,
+                            reason,
+                        })
+                        .transpose()
+                }
+            }
             Ok(line)
                 if line.trim().is_empty() || line.starts_with('#') && format == ListFormat::Txt =>
             {
@@ -272,6 +314,13 @@ async fn list_file_items(
     });
     Ok(stream.boxed())
 }
+
+/// The longest CSV record read: a quoted field may hold line breaks, but one left open by
+/// mistake must not swallow the rest of a large list into memory.
+const MAX_CSV_RECORD_BYTES: usize = 1 << 20;
+
+/// What an open quote in a CSV list usually is.
+const UNTERMINATED_QUOTE: &str = "a field that starts with a quote must end with one; a quote inside a quoted field is written twice";
 
 /// Relative paths in a list file are relative to the current folder, like a shell's. A URL
 /// that cannot be read as one stays as written: it is that source's failure (`bad_url`, named
@@ -301,7 +350,8 @@ fn parse_list_line(
             Ok(Some(SourceItem { url, cls }))
         }
         ListFormat::Csv => {
-            let fields = split_csv_line(line)?;
+            let fields = split_csv_line(line)
+                .ok_or_else(|| format!("unterminated quote ({UNTERMINATED_QUOTE})"))?;
             let Some(names) = header.as_ref() else {
                 if let Some(twice) = fields
                     .iter()
@@ -404,11 +454,12 @@ fn checked_url(url: &str, column: &str) -> Result<String, String> {
     Ok(url.to_string())
 }
 
-/// Splits one CSV line (RFC 4180 quoting; fields do not span lines).
-fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
+/// Splits one CSV record (RFC 4180 quoting; a quoted field may hold line breaks); `None` when
+/// it ends inside a quoted field (the record goes on on the next line, or is malformed).
+fn split_csv_line(record: &str) -> Option<Vec<String>> {
     let mut fields = Vec::new();
     let mut field = String::new();
-    let mut chars = line.trim_end_matches('\r').chars().peekable();
+    let mut chars = record.trim_end_matches('\r').chars().peekable();
     let mut quoted = false;
     while let Some(c) = chars.next() {
         match (quoted, c) {
@@ -424,10 +475,10 @@ fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
         }
     }
     if quoted {
-        return Err("unterminated quote".into());
+        return None;
     }
     fields.push(field);
-    Ok(fields)
+    Some(fields)
 }
 
 /// The longest URL (percent-encoded) fetched from a store: far above real ones (S3 keys stop at
@@ -619,7 +670,11 @@ mod tests {
             split_csv_line(r#"a,"b,c","d""e",,"#).unwrap(),
             vec!["a", "b,c", "d\"e", "", ""]
         );
-        assert!(split_csv_line(r#"a,"b"#).is_err());
+        assert!(split_csv_line(r#"a,"b"#).is_none());
+        assert_eq!(
+            split_csv_line("a,\"two\nlines\",c").unwrap(),
+            vec!["a", "two\nlines", "c"]
+        );
     }
 
     #[test]
@@ -729,6 +784,71 @@ mod tests {
             let err = jsonl(line).unwrap_err();
             assert!(err.contains(expected), "{line}: {err}");
         }
+    }
+
+    /// A quoted CSV field may span lines (a caption with a line break, as img2dataset-style
+    /// lists have): the record is read whole and errors name its first line; a quote left open
+    /// is named at the line that opened it, at the end of the file, not dropped.
+    #[tokio::test]
+    async fn csv_records_may_span_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = |path: &std::path::Path| InputSpec {
+            url: path.to_str().unwrap().to_string(),
+            list: true,
+            list_format: ListFormat::Auto,
+            url_column: "url".into(),
+            labels: LabelSource::Column("cls".into()),
+            extensions: Vec::new(),
+        };
+        let options = StoreOptions::default();
+        let read = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let spec = spec(&path);
+            let options = options.clone();
+            async move {
+                let stream = items(&spec, &options).await.unwrap();
+                stream.collect::<Vec<_>>().await
+            }
+        };
+        let got = read(
+            "captions.csv",
+            "url,caption,cls\r\n/a.jpg,\"first line\r\n\r\nthird, with \"\"quotes\"\"\",cat\r\n/b.jpg,plain,dog\r\n",
+        )
+        .await;
+        let got: Vec<SourceItem> = got.into_iter().map(Result::unwrap).collect();
+        let item = |url: &str, cls: &str| SourceItem {
+            url: url.into(),
+            cls: Some(cls.into()),
+        };
+        assert_eq!(
+            got,
+            [item("file:///a.jpg", "cat"), item("file:///b.jpg", "dog")]
+        );
+
+        // The bad row starts on line 4, after a record of lines 2-3.
+        let got = read(
+            "bad.csv",
+            "url,caption,cls\n/a.jpg,\"two\nlines\",cat\n/b.jpg,x\n",
+        )
+        .await;
+        let err = got[1].as_ref().unwrap_err().to_string();
+        assert!(err.contains("bad.csv line 4: row has 2 fields"), "{err}");
+
+        let got = read(
+            "open.csv",
+            "url,caption,cls\n/a.jpg,ok,cat\n/b.jpg,\"never closed,dog\n/c.jpg,x,y\n",
+        )
+        .await;
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].as_ref().unwrap(), &item("file:///a.jpg", "cat"));
+        let err = got[1].as_ref().unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "open.csv line 3: a quoted field opened here is not closed by the end of the file"
+            ),
+            "{err}"
+        );
     }
 
     #[tokio::test]
