@@ -1131,11 +1131,13 @@ pub async fn merge(
     }
     let mut merged = Manifest::merge(parts.iter().map(|(name, part)| (name.as_str(), part)))
         .map_err(IngestError::Config)?;
-    if let Some(single) = output
-        .get_checked_json_opt(MANIFEST, Manifest::check)
-        .await
-        .map_err(IngestError::Output)?
-        && parts.is_empty()
+    // Without partition manifests, the dataset's own manifest (a single-partition run) is
+    // what there is to merge; beside them, an old one is replaced, not read.
+    if parts.is_empty()
+        && let Some(single) = output
+            .get_checked_json_opt(MANIFEST, Manifest::check)
+            .await
+            .map_err(IngestError::Output)?
     {
         merged = single;
     }
