@@ -130,6 +130,9 @@ fn listed_items(
     if matches!(spec.labels, LabelSource::Column(_)) {
         return Err(IngestError::Config("--label-column needs a list file (--list); with a listed prefix use --labels-from-folders".into()));
     }
+    if let Some(root) = local_root(&location) {
+        return Ok(local_items(root, location, extensions, by_folder));
+    }
     let prefix = (!location.prefix.as_ref().is_empty()).then(|| location.prefix.clone());
     let store = location.store.clone();
     let stream = store.list(prefix.as_ref()).filter_map(move |meta| {
@@ -159,6 +162,83 @@ fn listed_items(
         }
     });
     Ok(stream.boxed())
+}
+
+/// The folder a local location lists.
+fn local_root(location: &Location) -> Option<std::path::PathBuf> {
+    let url = url::Url::parse(&location.url).ok()?;
+    (url.scheme() == "file").then(|| url.to_file_path().ok())?
+}
+
+/// Files listed in a local folder per batch of the blocking walk.
+const LOCAL_LISTING_BATCH: usize = 1024;
+
+/// A local folder's files, walked as object_store's local listing walks them (recursively,
+/// following links), but a file whose name is not UTF-8 (an archive from an old system, say)
+/// is listed under its percent-encoded URL like any other: the store cannot read it, so it
+/// becomes that source's failure (`bad_url`, named in the shard's stats) instead of ending the
+/// listing, which object_store's listing does at the first such name.
+fn local_items(
+    root: std::path::PathBuf,
+    location: Location,
+    extensions: Vec<String>,
+    by_folder: bool,
+) -> BoxStream<'static, Result<SourceItem, IngestError>> {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Vec<Result<SourceItem, IngestError>>>(2);
+    let walk = move || {
+        let mut batch = Vec::with_capacity(LOCAL_LISTING_BATCH);
+        let entries = walkdir::WalkDir::new(&root).min_depth(1).follow_links(true);
+        for entry in entries {
+            let item = match entry {
+                Err(error) => Err(IngestError::Listing {
+                    url: location.url.clone(),
+                    source: object_store::Error::Generic {
+                        store: "LocalFileSystem",
+                        source: Box::new(error),
+                    },
+                }),
+                Ok(entry) if !entry.path().is_file() => continue,
+                Ok(entry) => {
+                    let relative = entry.path().strip_prefix(&root).unwrap_or(entry.path());
+                    let name = relative.to_string_lossy().replace('\\', "/");
+                    match extension_of(&name) {
+                        Some(ext) if extensions.contains(&ext) => {}
+                        _ => continue,
+                    }
+                    let Ok(url) = url::Url::from_file_path(entry.path()) else {
+                        continue;
+                    };
+                    let cls = if by_folder {
+                        class_folder("", &name)
+                    } else {
+                        None
+                    };
+                    Ok(SourceItem {
+                        url: url.to_string(),
+                        cls,
+                    })
+                }
+            };
+            let stop = item.is_err();
+            batch.push(item);
+            if (batch.len() == LOCAL_LISTING_BATCH || stop)
+                && sender.blocking_send(std::mem::take(&mut batch)).is_err()
+            {
+                return;
+            }
+            if stop {
+                return;
+            }
+        }
+        if !batch.is_empty() {
+            // The receiver may be gone (the plan stopped); nothing is left to do then.
+            let _ = sender.blocking_send(batch);
+        }
+    };
+    tokio::task::spawn_blocking(walk);
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+        .flat_map(futures::stream::iter)
+        .boxed()
 }
 
 /// The URL of an object of a location, as stored in metadata and plans.

@@ -234,6 +234,46 @@ fn rerun_refuses_documents_of_another_format_version() {
     );
 }
 
+/// A file whose name is not UTF-8 (from an old archive, say) is one failed source, named in
+/// the stats by its percent-encoded URL; the files listed after it are still ingested (the
+/// listing used to end there).
+#[cfg(unix)]
+#[test]
+fn a_file_name_that_is_not_utf8_is_one_failure_not_the_end_of_the_listing() {
+    use std::os::unix::ffi::OsStrExt;
+    let input = tempfile::tempdir().unwrap();
+    let photos = photos_in("endless-sky", 3);
+    let extension = |photo: &Path| photo.extension().unwrap().to_str().unwrap().to_string();
+    let odd = [b"caf\xe9.".as_slice(), extension(&photos[0]).as_bytes()].concat();
+    std::fs::copy(
+        &photos[0],
+        input.path().join(std::ffi::OsStr::from_bytes(&odd)),
+    )
+    .unwrap();
+    for (i, photo) in photos[1..].iter().enumerate() {
+        let name = format!("p{i}.{}", extension(photo));
+        std::fs::copy(photo, input.path().join(name)).unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    run_ok(
+        ingest()
+            .arg("run")
+            .arg(input.path())
+            .arg("-o")
+            .arg(out.path())
+            .arg("--no-progress"),
+    );
+    assert_eq!(read_dataset(out.path()).len(), 2);
+    let stats = first_shard_stats(out.path());
+    assert_eq!(stats.failures.len(), 1, "{:?}", stats.failures);
+    assert_eq!(stats.failures[0].reason, "bad_url");
+    assert!(
+        stats.failures[0].url.contains("/caf%E9."),
+        "{}",
+        stats.failures[0].url
+    );
+}
+
 #[test]
 fn kill_9_then_rerun_equals_an_uninterrupted_run() {
     // A bigger input so that the job is still running when killed: the full photo set.
