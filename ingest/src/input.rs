@@ -174,10 +174,15 @@ fn local_root(location: &Location) -> Option<std::path::PathBuf> {
 const LOCAL_LISTING_BATCH: usize = 1024;
 
 /// A local folder's files, walked as object_store's local listing walks them (recursively,
-/// following links), but a file whose name is not UTF-8 (an archive from an old system, say)
-/// is listed under its percent-encoded URL like any other: the store cannot read it, so it
-/// becomes that source's failure (`bad_url`, named in the shard's stats) instead of ending the
-/// listing, which object_store's listing does at the first such name.
+/// following links; a dangling link or an entry removed while listed is skipped; a folder that
+/// cannot be read stops the job, named), with three differences, each where object_store's
+/// listing ends at the first such entry and loses every file after it:
+/// - a file whose name is not UTF-8 (an archive from an old system, say) or holds characters
+///   object_store's paths refuse is planned under its percent-encoded URL like any other, and
+///   fails alone (`bad_url`, named in the shard's stats);
+/// - a link to a folder above it is not followed, with a warning (its files are listed once);
+/// - a file whose metadata cannot be read (in a folder that may be listed but not entered) is
+///   planned too, and fails alone with its reason, instead of being left out unnamed.
 fn local_items(
     root: std::path::PathBuf,
     location: Location,
@@ -190,6 +195,23 @@ fn local_items(
         let entries = walkdir::WalkDir::new(&root).min_depth(1).follow_links(true);
         for entry in entries {
             let item = match entry {
+                // A link back to a folder being walked: its files are listed once, there.
+                Err(error) if error.loop_ancestor().is_some() => {
+                    let path = error.path().unwrap_or(&root).display().to_string();
+                    tracing::warn!("{path}: a link to a folder above it, not followed");
+                    continue;
+                }
+                // A dangling link, or an entry removed while listed: nothing to read (as
+                // object_store's listing skips them).
+                Err(error)
+                    if error
+                        .io_error()
+                        .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
+                {
+                    continue;
+                }
+                // A folder that cannot be read: its files are unknown, so the job stops and
+                // names it rather than go on without them.
                 Err(error) => Err(IngestError::Listing {
                     url: location.url.clone(),
                     source: object_store::Error::Generic {
@@ -197,8 +219,17 @@ fn local_items(
                         source: Box::new(error),
                     },
                 }),
-                Ok(entry) if !entry.path().is_file() => continue,
                 Ok(entry) => {
+                    match std::fs::metadata(entry.path()) {
+                        Ok(metadata) if metadata.is_file() => {}
+                        // A folder, FIFO or device; or gone since it was listed.
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        // Unreadable (in a folder that may be listed but not entered): planned
+                        // like any file, it fails alone with its reason (permission_denied)
+                        // instead of being left out unnamed.
+                        Err(_) => {}
+                    }
                     let relative = entry.path().strip_prefix(&root).unwrap_or(entry.path());
                     let name = relative.to_string_lossy().replace('\\', "/");
                     match extension_of(&name) {
@@ -265,7 +296,6 @@ async fn list_file_items(
     spec: &InputSpec,
     options: &StoreOptions,
 ) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
-    use tokio::io::AsyncBufReadExt;
     let format = match (spec.list_format, extension_of(&spec.url).as_deref()) {
         (ListFormat::Auto, Some("csv")) => ListFormat::Csv,
         (ListFormat::Auto, Some("jsonl" | "ndjson" | "json")) => ListFormat::Jsonl,
@@ -316,7 +346,20 @@ async fn list_file_items(
             .into_stream()
             .map(|chunk| chunk.map_err(std::io::Error::other)),
     );
-    let lines = tokio_stream::wrappers::LinesStream::new(tokio::io::BufReader::new(reader).lines());
+    // Lines longer than a record may be are refused as they are read, not gathered whole
+    // into memory (a list with no line breaks, or the wrong file).
+    let lines = tokio_util::codec::FramedRead::new(
+        reader,
+        tokio_util::codec::LinesCodec::new_with_max_length(MAX_CSV_RECORD_BYTES),
+    )
+    .map(|line| {
+        line.map_err(|e| match e {
+            tokio_util::codec::LinesCodecError::MaxLineLengthExceeded => format!(
+                "line longer than {MAX_CSV_RECORD_BYTES} bytes (a list holds one source per line)"
+            ),
+            tokio_util::codec::LinesCodecError::Io(e) => e.to_string(),
+        })
+    });
     // `None` marks the end, where a CSV record still open is an error, not dropped.
     let lines = lines.map(Some).chain(futures::stream::once(async { None }));
     let list_url = spec.url.clone();
@@ -353,7 +396,7 @@ async fn list_file_items(
             _ => l,
         });
         let parsed = match line {
-            Err(e) => error(line_number, e.to_string()),
+            Err(reason) => error(line_number, reason),
             Ok(line) if format == ListFormat::Csv => {
                 let (mut record, first) = match open_record.take() {
                     Some(open) => open,
@@ -372,7 +415,7 @@ async fn list_file_items(
                     error(
                         first,
                         format!(
-                            "a quoted field opened here is not closed within {MAX_CSV_RECORD_BYTES} bytes ({UNTERMINATED_QUOTE})"
+                            "a quoted field opened here runs past {MAX_CSV_RECORD_BYTES} bytes, the most a record may hold ({UNTERMINATED_QUOTE})"
                         ),
                     )
                 } else {
@@ -398,8 +441,9 @@ async fn list_file_items(
     Ok(stream.boxed())
 }
 
-/// The longest CSV record read: a quoted field may hold line breaks, but one left open by
-/// mistake must not swallow the rest of a large list into memory.
+/// The longest line, and CSV record, of a list file read: a quoted field may hold line breaks,
+/// but one left open by mistake, or a file with no line breaks, must not be gathered whole
+/// into memory.
 const MAX_CSV_RECORD_BYTES: usize = 1 << 20;
 
 /// What an open quote in a CSV list usually is.
@@ -494,7 +538,21 @@ fn parse_csv_fields(
             .find(|(i, name)| fields[..*i].contains(name))
             .map(|(_, name)| name)
         {
-            return Err(format!("the CSV header names the column {twice:?} twice"));
+            return Err(format!(
+                "the CSV header names the column {} twice",
+                shown(twice)
+            ));
+        }
+        // The columns the job reads must be there: said at the header's line, not the first
+        // row's.
+        let label = match labels {
+            LabelSource::Column(name) => Some(name.as_str()),
+            _ => None,
+        };
+        for name in std::iter::once(url_column).chain(label) {
+            if !fields.iter().any(|field| field == name) {
+                return Err(no_column(name, &fields));
+            }
         }
         *header = Some(fields);
         return Ok(None);
@@ -509,12 +567,10 @@ fn parse_csv_fields(
         ));
     }
     let column = |name: &str| -> Result<usize, String> {
-        names.iter().position(|n| n == name).ok_or_else(|| {
-            format!(
-                "the CSV header has no column {name:?} (columns: {})",
-                names.join(", ")
-            )
-        })
+        names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| no_column(name, names))
     };
     let url = fields.get(column(url_column)?).ok_or_else(|| {
         format!(
@@ -535,6 +591,31 @@ fn parse_csv_fields(
         LabelSource::None => None,
     };
     Ok(Some(SourceItem { url, cls }))
+}
+
+/// The error for a column the header lacks, naming the columns it has (at most 20, each cut
+/// to 40 characters: a header line may be a megabyte of one name).
+fn no_column(name: &str, names: &[String]) -> String {
+    let mut columns: Vec<String> = names.iter().take(20).map(|n| shown(n)).collect();
+    if names.len() > 20 {
+        columns.push(format!("and {} more", names.len() - 20));
+    }
+    format!(
+        "the CSV header has no column {} (columns: {})",
+        shown(name),
+        columns.join(", ")
+    )
+}
+
+/// A field as an error message quotes it: escaped, and cut to 40 characters.
+fn shown(field: &str) -> String {
+    let mut chars = field.chars();
+    let head: String = chars.by_ref().take(40).collect();
+    if chars.next().is_some() {
+        format!("{head:?}...")
+    } else {
+        format!("{head:?}")
+    }
 }
 
 /// A list file's URL field, trimmed (as text lists are); an empty one is an error, not the
@@ -967,6 +1048,28 @@ mod tests {
             "{err}"
         );
 
+        // A line too long for a record is refused as it is read, quoted or not.
+        let long = format!("url,caption,cls\n/a.jpg,{},cat\n", "x".repeat(2 << 20));
+        let got = read("long.csv", &long).await;
+        let err = got[0].as_ref().unwrap_err().to_string();
+        assert!(
+            err.contains("long.csv line 2: line longer than 1048576 bytes"),
+            "{err}"
+        );
+
+        // A column the job reads is missing: said at the header's line, the header's names
+        // cut short.
+        let header = format!("link,{},cls", "n".repeat(100));
+        let got = read("nocol.csv", &format!("\n\n\n{header}\n/a.jpg,x,cat\n")).await;
+        let err = got[0].as_ref().unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "nocol.csv line 4: the CSV header has no column \"url\" (columns: \"link\", \"nnnn"
+            ),
+            "{err}"
+        );
+        assert!(err.len() < 300, "{err}");
+
         // A quote left open in a large list stops at the size limit, each line read once.
         let rows: String = (0..40_000)
             .map(|i| format!("/r{i}.jpg,a caption of some length,y\n"))
@@ -983,9 +1086,7 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(
-            err.contains(
-                "runaway.csv line 2: a quoted field opened here is not closed within 1048576 bytes"
-            ),
+            err.contains("runaway.csv line 2: a quoted field opened here runs past 1048576 bytes"),
             "{err}"
         );
     }

@@ -236,7 +236,7 @@ fn rerun_refuses_documents_of_another_format_version() {
 
 /// A file whose name is not UTF-8 (from an old archive, say) is one failed source, named in
 /// the stats by its percent-encoded URL; the files listed after it are still ingested (the
-/// listing used to end there).
+/// listing used to end there), and so are they beside a dangling link and a link loop.
 #[cfg(unix)]
 #[test]
 fn a_file_name_that_is_not_utf8_is_one_failure_not_the_end_of_the_listing() {
@@ -254,6 +254,11 @@ fn a_file_name_that_is_not_utf8_is_one_failure_not_the_end_of_the_listing() {
         let name = format!("p{i}.{}", extension(photo));
         std::fs::copy(photo, input.path().join(name)).unwrap();
     }
+    // A dangling link is skipped, and a link back to the folder is not followed: neither
+    // stops the listing either.
+    std::os::unix::fs::symlink("/nonexistent/x.jpg", input.path().join("dangling.jpg")).unwrap();
+    std::fs::create_dir(input.path().join("sub")).unwrap();
+    std::os::unix::fs::symlink("..", input.path().join("sub/up")).unwrap();
     let out = tempfile::tempdir().unwrap();
     run_ok(
         ingest()
