@@ -174,7 +174,15 @@ impl Location {
                     std::fs::create_dir_all(&dir)
                         .map_err(|e| bad(format!("cannot create {}: {e}", dir.display())))?;
                 } else if !dir.is_dir() {
-                    return Err(bad(format!("{} is not a folder", dir.display())));
+                    // Without the trailing slash a folder URL has (with it, a file reads as
+                    // "not a directory").
+                    let named: std::path::PathBuf = dir.components().collect();
+                    let why = match std::fs::metadata(&named) {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist",
+                        Err(_) => "cannot be read",
+                        Ok(_) => "is a file, not a folder",
+                    };
+                    return Err(bad(format!("{} {why}", named.display())));
                 }
                 let store = LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| bad(e.to_string()))?
@@ -499,6 +507,27 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             ..StoreOptions::default()
+        }
+    }
+
+    /// A local location that is not a folder is refused with what it is instead.
+    #[test]
+    fn a_local_location_that_is_no_folder_says_what_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let file = dir.path().join("file.csv");
+        std::fs::write(&file, b"url\n").unwrap();
+        for (path, says) in [
+            (&missing, "does not exist"),
+            (&file, "is a file, not a folder"),
+        ] {
+            let error = Location::open(path.to_str().unwrap(), &StoreOptions::default(), false)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(&format!("{} {says}", path.display())),
+                "{error}"
+            );
         }
     }
 
