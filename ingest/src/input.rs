@@ -124,6 +124,18 @@ fn listed_items(
     spec: &InputSpec,
     options: &StoreOptions,
 ) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
+    // A local file named as the input is most likely a list that lacks --list.
+    if let Ok(url) = shards::store::normalize_url(&spec.url)
+        && url.scheme() == "file"
+        && let Ok(path) = url.to_file_path()
+        && let path = path.components().collect::<std::path::PathBuf>()
+        && path.is_file()
+    {
+        return Err(IngestError::Config(format!(
+            "{} is a file, not a folder: a list of sources needs --list (to ingest one image, put it in a folder)",
+            path.display()
+        )));
+    }
     let location = Location::open(&spec.url, options, false).map_err(IngestError::Input)?;
     let extensions = spec.extensions.clone();
     let by_folder = spec.labels == LabelSource::FolderName;
@@ -1148,6 +1160,17 @@ mod tests {
         assert!(err.to_string().contains("is not a regular file"), "{err}");
         let txt = dir.join("urls.txt");
         std::fs::write(&txt, "/a.jpg\n").unwrap();
+        // The same file without --list: a hint, not "not a folder".
+        let unlisted = InputSpec {
+            list: false,
+            ..spec(&txt, LabelSource::None)
+        };
+        let err = items(&unlisted, &options).await.err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("is a file, not a folder: a list of sources needs --list"),
+            "{err}"
+        );
         let err = items(&spec(&txt, LabelSource::Column("cls".into())), &options)
             .await
             .err()
