@@ -125,10 +125,7 @@ fn listed_items(
     options: &StoreOptions,
 ) -> Result<BoxStream<'static, Result<SourceItem, IngestError>>, IngestError> {
     // A local file named as the input is most likely a list that lacks --list.
-    if let Ok(url) = shards::store::normalize_url(&spec.url)
-        && url.scheme() == "file"
-        && let Ok(path) = url.to_file_path()
-        && let path = path.components().collect::<std::path::PathBuf>()
+    if let Some(path) = local_path(&spec.url)
         && path.is_file()
     {
         return Err(IngestError::Config(format!(
@@ -142,7 +139,7 @@ fn listed_items(
     if matches!(spec.labels, LabelSource::Column(_)) {
         return Err(IngestError::Config("--label-column needs a list file (--list); with a listed prefix use --labels-from-folders".into()));
     }
-    if let Some(root) = local_root(&location) {
+    if let Some(root) = local_path(&location.url) {
         return Ok(local_items(root, location, extensions, by_folder));
     }
     let prefix = (!location.prefix.as_ref().is_empty()).then(|| location.prefix.clone());
@@ -176,10 +173,14 @@ fn listed_items(
     Ok(stream.boxed())
 }
 
-/// The folder a local location lists.
-fn local_root(location: &Location) -> Option<std::path::PathBuf> {
-    let url = url::Url::parse(&location.url).ok()?;
-    (url.scheme() == "file").then(|| url.to_file_path().ok())?
+/// The local file or folder an input URL or path names, without the trailing slash a local
+/// path gets as a folder URL; `None` for other stores.
+fn local_path(url: &str) -> Option<std::path::PathBuf> {
+    let url = shards::store::normalize_url(url).ok()?;
+    if url.scheme() != "file" {
+        return None;
+    }
+    Some(url.to_file_path().ok()?.components().collect())
 }
 
 /// Files listed in a local folder per batch of the blocking walk.
@@ -320,11 +321,8 @@ async fn list_file_items(
             spec.url
         )));
     }
-    if let Ok(url) = shards::store::normalize_url(&spec.url)
-        && url.scheme() == "file"
-        && let Ok(path) = url.to_file_path()
-        // A local path is normalized as a folder URL: the trailing slash must go for a file.
-        && let Ok(metadata) = std::fs::metadata(path.components().collect::<std::path::PathBuf>())
+    if let Some(path) = local_path(&spec.url)
+        && let Ok(metadata) = std::fs::metadata(path)
     {
         if metadata.is_dir() {
             return Err(IngestError::Config(format!(
@@ -416,13 +414,10 @@ async fn list_file_items(
                     None => (CsvRecord::default(), line_number),
                 };
                 if record.push_line(&line) {
-                    parse_csv_fields(record.finish(), &mut header, &url_column, &labels)
-                        .map_err(|reason| IngestError::ListFile {
-                            url: list_url.clone(),
-                            line: first,
-                            reason,
-                        })
-                        .transpose()
+                    match parse_csv_fields(record.finish(), &mut header, &url_column, &labels) {
+                        Ok(item) => item.map(Ok),
+                        Err(reason) => error(first, reason),
+                    }
                 } else if record.bytes > MAX_CSV_RECORD_BYTES {
                     error(
                         first,
@@ -440,13 +435,10 @@ async fn list_file_items(
             {
                 None
             }
-            Ok(line) => parse_list_line(&line, format, &mut header, &url_column, &labels)
-                .map_err(|reason| IngestError::ListFile {
-                    url: list_url.clone(),
-                    line: line_number,
-                    reason,
-                })
-                .transpose(),
+            Ok(line) => match parse_list_line(&line, format, &mut header, &url_column, &labels) {
+                Ok(item) => item.map(Ok),
+                Err(reason) => error(line_number, reason),
+            },
         };
         std::future::ready(parsed.map(|item| item.map(absolutize)))
     });
@@ -647,8 +639,7 @@ struct CsvRecord {
     fields: Vec<String>,
     field: String,
     quoted: bool,
-    lines: usize,
-    /// Bytes read so far.
+    /// Bytes read so far, line breaks included.
     bytes: usize,
 }
 
@@ -656,10 +647,9 @@ impl CsvRecord {
     /// Reads the record's next line; returns whether the record is complete (no quoted field
     /// left open). Each line is scanned once, however many the record spans.
     fn push_line(&mut self, line: &str) -> bool {
-        if self.lines > 0 {
+        if self.bytes > 0 {
             self.field.push('\n');
         }
-        self.lines += 1;
         self.bytes += line.len() + 1;
         let mut chars = line.trim_end_matches('\r').chars().peekable();
         while let Some(c) = chars.next() {

@@ -191,22 +191,17 @@ fn rerun_is_a_no_op_and_gives_the_same_bytes() {
 fn rerun_refuses_documents_of_another_format_version() {
     let out = tempfile::tempdir().unwrap();
     let args = ["--samples-per-shard", "25", "--no-progress"];
-    let run = || {
-        ingest()
+    let command = || {
+        let mut command = ingest();
+        command
             .arg("run")
             .arg(small_photos())
             .arg("-o")
             .arg(out.path())
-            .args(args)
-            .output()
-            .unwrap()
+            .args(args);
+        command
     };
-    let first = run();
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    run_ok(&mut command());
     for name in [
         "data-000000_stats.json",
         "data-000000.index.json",
@@ -217,7 +212,7 @@ fn rerun_refuses_documents_of_another_format_version() {
         let mut document: serde_json::Value = serde_json::from_slice(&original).unwrap();
         document["version"] = serde_json::json!(99);
         std::fs::write(&path, serde_json::to_vec(&document).unwrap()).unwrap();
-        let output = run();
+        let output = command().output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{name}: {stderr}");
         assert!(
@@ -226,12 +221,7 @@ fn rerun_refuses_documents_of_another_format_version() {
         );
         std::fs::write(&path, &original).unwrap();
     }
-    let rerun = run();
-    assert!(
-        rerun.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rerun.stderr)
-    );
+    run_ok(&mut command());
 }
 
 /// A file whose name is not UTF-8 (from an old archive, say) is one failed source, named in
@@ -1256,16 +1246,11 @@ fn a_relative_input_is_planned_as_the_folder_it_names_from_where_it_ran() {
     assert!(run("a").status.success());
     // A file: URL with one slash is a URL, not a relative path: the same folder, the same job.
     let url = format!("file:{}", dir.path().join("a/img").display());
-    let result = ingest()
-        .args(["run", &url, "-o"])
-        .arg(&output)
-        .arg("--no-progress")
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
+    run_ok(
+        ingest()
+            .args(["run", &url, "-o"])
+            .arg(&output)
+            .arg("--no-progress"),
     );
 }
 

@@ -21,13 +21,9 @@ impl Dataset {
     pub async fn open(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
         let location = Location::open(url, options, false)?;
         let manifest_url = location.url_of(&location.child(MANIFEST));
-        let manifest: Manifest = location.get_json_opt(MANIFEST).await?.ok_or_else(|| StoreError::BadUrl {
+        let manifest = location.get_checked_json_opt(MANIFEST, Manifest::check).await?.ok_or_else(|| StoreError::BadUrl {
             url: url.to_string(),
             reason: format!("no {manifest_url}: not a dataset, or its ingest has not completed a shard yet (with --partition, run `ingest merge`)"),
-        })?;
-        manifest.check().map_err(|reason| StoreError::BadDocument {
-            url: manifest_url,
-            reason,
         })?;
         Ok(Self { location, manifest })
     }

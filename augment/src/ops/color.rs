@@ -169,29 +169,23 @@ impl PassPlan {
                     } else {
                         0
                     };
-                    if !byte_lookup.is_fast() {
-                        if self.len == MAX_STEPS {
-                            return taken;
-                        }
-                        self.steps[self.len] = Step::Blend(degenerate, factor);
-                        self.len += 1;
-                        continue;
-                    }
                     let map = |value: u8| blend(degenerate, value, factor);
-                    // A table right after another composes with it.
-                    if let Some(&Step::Table(index)) = self.steps[..self.len].last() {
+                    if !byte_lookup.is_fast() {
+                        Step::Blend(degenerate, factor)
+                    } else if let Some(&Step::Table(index)) = self.steps[..self.len].last() {
+                        // A table right after another composes with it.
                         for value in &mut self.tables[index] {
                             *value = map(*value);
                         }
                         continue;
-                    }
-                    if self.len == MAX_STEPS {
+                    } else if self.len == MAX_STEPS {
                         return taken;
+                    } else {
+                        let index = self.tables_len;
+                        self.tables[index] = std::array::from_fn(|value| map(value as u8));
+                        self.tables_len += 1;
+                        Step::Table(index)
                     }
-                    let index = self.tables_len;
-                    self.tables[index] = std::array::from_fn(|value| map(value as u8));
-                    self.tables_len += 1;
-                    Step::Table(index)
                 }
                 ColorOp::Saturation(factor) => Step::Saturation(factor),
                 // np.int32(hue_factor * 255) truncates toward zero; .astype(np.uint8) wraps.
