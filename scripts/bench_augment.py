@@ -97,6 +97,7 @@ lines = [
     f"| 2x224 | SwAV reference (PIL) | {spread(runs['piltwo1'])} | - | - |",
     "",
     f"- seer-rs / reference per core, swav recipe: **{spread(ratios('swav1', 'pil1'), 1)}x**; 2x224: {spread(ratios('two1', 'piltwo1'), 1)}x.",
+    f"- The same with both cores busy (2 threads against 2 processes), swav recipe: {spread(ratios('swav2', 'pil2'), 1)}x.",
     f"- Peak RSS of `augment bench` (1 thread, swav): {spread(rss, 0)} MiB.",
     "- Time per source image by stage (1 thread, swav, median): "
     + ", ".join(f"{s.replace('_', ' ')} {stage_ms[s]:.2f} ms ({stage_ms[s] / stage_total * 100:.0f} %)" for s in stage_names)

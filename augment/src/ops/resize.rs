@@ -413,7 +413,8 @@ dispatch_simd! {
     ) => vertical_pass_portable
 }
 
-/// The vertical pass: the VNNI one where the CPU has it, the compiled one otherwise.
+/// The vertical pass: the VBMI and VNNI one where the CPU has them (at the AVX-512 level),
+/// the compiled one otherwise.
 fn vertical(
     src: &CropView<'_>,
     weights: &Weights,
@@ -557,8 +558,10 @@ mod tests {
 
     /// The VBMI passes (at the AVX-512 level, where the CPU has them) against the compiled
     /// ones on the geometries of the recipes and beyond: reductions of up to three times with
-    /// filters of up to seven taps, odd widths that leave partial groups and chunks, and
-    /// reductions too wide for a group's window, which fall back to the compiled pass.
+    /// filters of up to seven taps; output widths that leave a partial group; reductions of
+    /// about seven times, whose groups reach into the window's second register: 600 pixels
+    /// to 80 (groups spanning exactly the window's 128 input pixels), 701 to 94 (127) and to
+    /// 93 (129: the compiled pass, as for wider reductions).
     #[test]
     fn every_level_resizes_realistic_crops_alike() {
         let (width, height) = (701, 523);
@@ -577,6 +580,11 @@ mod tests {
             ((1, 2, 700, 20), (9, 20)),
             ((0, 0, 701, 523), (3, 2)),
             ((1, 1, 33, 700 - 180), (160, 160)),
+            ((0, 0, 600, 40), (80, 40)),
+            ((0, 0, 701, 40), (93, 40)),
+            ((0, 0, 701, 40), (94, 40)),
+            ((0, 0, 701, 40), (97, 17)),
+            ((7, 3, 683, 500), (217, 101)),
         ];
         let mut results: Vec<Vec<Vec<u8>>> = Vec::new();
         let levels = crate::ops::at_every_simd_level(|_| {

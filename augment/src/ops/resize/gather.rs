@@ -10,7 +10,7 @@
 //! of a plane form a group, one lane each: their taps lie within 128 input pixels of the
 //! group's first tap, the two 64-byte registers of `vpermt2b`, which gathers the two taps of
 //! every lane as words. Crops whose groups span more than 128 input pixels (a reduction of
-//! more than about seven times) take the compiled pass. Vertically, the same byte permute
+//! more than about seven and a half times) take the compiled pass. Vertically, the same byte permute
 //! interleaves two input rows, so a multiply-add covers two taps of sixteen bytes of a row.
 
 use std::arch::x86_64::*;
@@ -202,9 +202,9 @@ pub(super) unsafe fn horizontal_pass(
     let in_width = src.row_bytes / 3;
     let out_bytes = out_width * 3;
     assert!(plan.groups == out_width.div_ceil(GROUP) && out.len() >= src.height * out_bytes);
-    // Each plane holds a row split in 64-pixel chunks, then room for a window that starts at
-    // the last pixel. Bytes past the row hold whatever an earlier row left: only taps of
-    // weight 0 read them.
+    // Each plane holds a row split in 64-pixel chunks (the last one zero-filled past the row),
+    // then room for a window that starts at the last pixel. A window loads bytes past the row,
+    // but no tap's index points at them: padded taps take offset 0, with weight 0.
     let stride = in_width.next_multiple_of(64) + SPAN;
     if planes.len() < stride * 3 {
         planes.resize(stride * 3, 0);
@@ -332,9 +332,9 @@ pub(super) unsafe fn vertical_pass(
     let even_bytes = 0x5555_5555_5555_5555u64;
     let rounding = _mm512_set1_epi32(ROUNDING);
     let zero = _mm512_setzero_si512();
-    // SAFETY: 64-byte unaligned loads of 64-byte arrays.
     // SAFETY: a 64-byte unaligned load of a 64-byte array.
     let in_order = unsafe { _mm512_loadu_si512(IN_ORDER.as_ptr().cast()) };
+    // SAFETY: 64-byte unaligned loads of 64-byte arrays.
     let pairs: [__m512i; 4] =
         std::array::from_fn(|q| unsafe { _mm512_loadu_si512(PAIRS[q].as_ptr().cast()) });
     for (out_y, out_row) in out.chunks_exact_mut(row_bytes).enumerate() {
