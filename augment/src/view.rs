@@ -105,9 +105,11 @@ impl ViewRenderer {
             *stage += now - clock;
             clock = now;
         };
-        self.resizer.resized_crop(
+        // The flip rides along with the resize, which folds it into its weights.
+        self.resizer.resized_crop_flipped(
             source,
             params.crop,
+            params.flip,
             RgbMut {
                 width: size,
                 height: size,
@@ -115,9 +117,6 @@ impl ViewRenderer {
             },
         );
         lap(&mut times.crop_resize);
-        if params.flip {
-            ops::flip_horizontal(square(crop, size));
-        }
         let mut color_ops = [ColorOp::Grayscale; 5];
         let mut count = 0;
         if let Some(jitter) = &params.jitter {

@@ -282,6 +282,19 @@ mod tests {
             for other in &outputs[1..] {
                 prop_assert_eq!(other, &outputs[0]);
             }
+            // The flip folded into the resize equals a flip after it, at every level.
+            let mut flipped_outputs = Vec::new();
+            at_every_simd_level(|_| {
+                let mut out = vec![0; (out_width * out_height * 3) as usize];
+                let target = RgbMut { width: out_width, height: out_height, data: &mut out };
+                resize::CropResizer::new().resized_crop_flipped(source, crop, true, target);
+                flipped_outputs.push(out);
+            });
+            let mut flipped = outputs[0].clone();
+            flip_horizontal(RgbMut { width: out_width, height: out_height, data: &mut flipped });
+            for other in &flipped_outputs {
+                prop_assert_eq!(other, &flipped);
+            }
             let mut same = vec![0; (crop_width * crop_height * 3) as usize];
             let target = RgbMut { width: crop_width, height: crop_height, data: &mut same };
             resize::CropResizer::new().resized_crop(source, crop, target);

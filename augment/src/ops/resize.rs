@@ -79,6 +79,25 @@ impl CropResizer {
     /// When `crop` is empty or reaches outside `src`, or when a buffer's length is not
     /// `width * height * 3`.
     pub fn resized_crop(&mut self, src: RgbRef<'_>, crop: CropBox, dst: RgbMut<'_>) {
+        self.resized_crop_flipped(src, crop, false, dst);
+    }
+
+    /// [`resized_crop`](Self::resized_crop), then, when `flip` is set, a horizontal flip
+    /// ([`super::flip_horizontal`]): torchvision's `RandomHorizontalFlip` after
+    /// `RandomResizedCrop`. A flip only reorders the output columns, and the vertical pass
+    /// treats columns alike, so it is folded into the horizontal pass's weights and costs
+    /// nothing when the width changes; otherwise the columns are swapped afterwards.
+    ///
+    /// # Panics
+    ///
+    /// As [`resized_crop`](Self::resized_crop).
+    pub fn resized_crop_flipped(
+        &mut self,
+        src: RgbRef<'_>,
+        crop: CropBox,
+        flip: bool,
+        dst: RgbMut<'_>,
+    ) {
         check_len("source", src.width, src.height, src.data.len());
         check_len("destination", dst.width, dst.height, dst.data.len());
         assert!(
@@ -106,16 +125,16 @@ impl CropResizer {
         match (need_horizontal, need_vertical) {
             (false, false) => view.copy_to(dst.data),
             (true, false) => {
-                self.horizontal.compute(in_width, out_width);
+                self.horizontal.compute(in_width, out_width, flip);
                 self.horizontal_pass(&view, dst.data, out_width);
             }
             (false, true) => {
-                self.vertical.compute(in_height, out_height);
+                self.vertical.compute(in_height, out_height, false);
                 vertical(&view, &self.vertical, 0, dst.data, &mut self.scratch.sums);
             }
             (true, true) if horizontal_first => {
-                self.vertical.compute(in_height, out_height);
-                self.horizontal.compute(in_width, out_width);
+                self.vertical.compute(in_height, out_height, false);
+                self.horizontal.compute(in_width, out_width, flip);
                 // Only the rows the vertical pass reads are resampled horizontally.
                 let first_row = self.vertical.starts[0] as usize;
                 let last = out_height - 1;
@@ -131,8 +150,8 @@ impl CropResizer {
                 vertical(&intermediate, &self.vertical, first_row, dst.data, sums);
             }
             (true, true) => {
-                self.vertical.compute(in_height, out_height);
-                self.horizontal.compute(in_width, out_width);
+                self.vertical.compute(in_height, out_height, false);
+                self.horizontal.compute(in_width, out_width, flip);
                 let intermediate = grown(&mut self.intermediate, in_width * out_height * 3);
                 let sums = &mut self.scratch.sums;
                 vertical(&view, &self.vertical, 0, intermediate, sums);
@@ -145,6 +164,9 @@ impl CropResizer {
                 self.horizontal_pass(&view, dst.data, out_width);
                 self.intermediate = intermediate;
             }
+        }
+        if flip && !need_horizontal {
+            super::flip_horizontal(dst);
         }
     }
 
@@ -248,8 +270,9 @@ struct Weights {
 }
 
 impl Weights {
-    /// `precompute_coeffs` then `normalize_coeffs_8bpc` for a box from 0 to `in_size`.
-    fn compute(&mut self, in_size: usize, out_size: usize) {
+    /// `precompute_coeffs` then `normalize_coeffs_8bpc` for a box from 0 to `in_size`; with
+    /// `mirror`, the outputs in reverse order (output `x` takes the taps of `out_size - 1 - x`).
+    fn compute(&mut self, in_size: usize, out_size: usize, mirror: bool) {
         // The crop box is (0, 0, w, h) of the cropped image, so in0 = 0 and in1 = in_size
         // (Pillow holds both as float; integers below 2^24 are exact there).
         let scale = in_size as f64 / out_size as f64;
@@ -291,6 +314,15 @@ impl Weights {
                 (0.5 + weight * one) as i32
             }
         }));
+        if mirror {
+            self.starts.reverse();
+            self.lens.reverse();
+            let window = self.window;
+            for x in 0..out_size / 2 {
+                let (front, back) = self.fixed.split_at_mut((out_size - 1 - x) * window);
+                front[x * window..(x + 1) * window].swap_with_slice(&mut back[..window]);
+            }
+        }
     }
 
     fn taps(&self, out_x: usize) -> (usize, &[i32]) {
@@ -543,7 +575,7 @@ mod tests {
     fn weights_sum_to_one_in_fixed_point() {
         let mut weights = Weights::default();
         for (input, output) in [(1000, 224), (224, 224), (50, 224), (3, 1), (97, 96)] {
-            weights.compute(input, output);
+            weights.compute(input, output, false);
             for x in 0..output {
                 let (start, taps) = weights.taps(x);
                 assert!(start + taps.len() <= input);
@@ -605,11 +637,36 @@ mod tests {
                 };
                 resizer.resized_crop(source, crop, target);
                 outputs.push(out);
+                let mut flipped = vec![0; (out_width * out_height * 3) as usize];
+                let target = RgbMut {
+                    width: out_width,
+                    height: out_height,
+                    data: &mut flipped,
+                };
+                resizer.resized_crop_flipped(source, crop, true, target);
+                outputs.push(flipped);
             }
             results.push(outputs);
         });
+        // Each flipped output is its unflipped one, flipped.
+        for outputs in &results {
+            for ((_, (width, height)), pair) in cases.iter().zip(outputs.chunks_exact(2)) {
+                let mut expected = pair[0].clone();
+                let image = RgbMut {
+                    width: *width,
+                    height: *height,
+                    data: &mut expected,
+                };
+                super::super::flip_horizontal(image);
+                assert!(pair[1] == expected, "flipped {width}x{height}");
+            }
+        }
         for (level, outputs) in levels.iter().zip(&results).skip(1) {
-            for (case, (got, want)) in cases.iter().zip(outputs.iter().zip(&results[0])) {
+            for (case, (got, want)) in cases
+                .iter()
+                .flat_map(|case| [case, case])
+                .zip(outputs.iter().zip(&results[0]))
+            {
                 assert!(got == want, "{level:?} differs from portable for {case:?}");
             }
         }

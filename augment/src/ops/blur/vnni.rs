@@ -113,8 +113,8 @@ pub(super) unsafe fn horizontal_passes(
     assert!(kernel.radius <= MAX_RADIUS && src.len() == dst.len() && row_bytes > 0);
     let weights = Weights::new(kernel);
     let radius = kernel.radius;
-    // Each buffer: `pad` copies of the first pixel's bytes, the row, `pad` of the last, then
-    // room for a step's loads past the end. The value of x sits at pad + 3x.
+    // Each buffer: `r + 1` copies of the first pixel (`pad` bytes), the row, `r + 1` copies of
+    // the last, then room for a step's loads past the end. The value of x sits at pad + 3x.
     let pad = (radius + 1) * 3;
     let len = row_bytes + 2 * pad + STEP;
     if rows.len() < 2 * len {
@@ -132,7 +132,8 @@ pub(super) unsafe fn horizontal_passes(
         }
     };
     // One pass from an extended row into `out` (`row_bytes` long, or longer: whole steps are
-    // written into the next buffer, whose tail is rewritten by `extend`).
+    // written into the next buffer; `extend` then rewrites its right pad, and the bytes past
+    // the pad, left stale, reach only lanes whose outputs fall past the row).
     let pass = |from: &[u8], out: &mut [u8], whole_steps: bool| {
         debug_assert!(from.len() == len);
         for at in (0..row_bytes).step_by(STEP) {
