@@ -16,9 +16,9 @@ pub struct StageTimes {
     pub read: Duration,
     /// Decoding source images.
     pub decode: Duration,
-    /// Crop and resize.
+    /// Crop and resize, with the horizontal flip folded in.
     pub crop_resize: Duration,
-    /// Flip, color jitter and grayscale.
+    /// Color jitter and grayscale.
     pub color: Duration,
     /// Gaussian blur.
     pub blur: Duration,
