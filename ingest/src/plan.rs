@@ -126,14 +126,23 @@ pub async fn existing(output: &Location, job: &Job<'_>) -> Result<Option<Plan>, 
 }
 
 /// What differs between a stored plan's job and this one, as "what: the plan's, this run's".
-/// Two spellings of one local folder (`in`, `./in/`, its absolute path) are the same input.
+/// Spellings of one local folder or file (`in`, `./in/`, `../here/in`, its absolute path, a
+/// link to it) are the same input.
 fn differences(plan: &Plan, job: &Job<'_>) -> Vec<String> {
     let (samples_per_shard, shard_prefix) = (job.samples_per_shard, job.shard_prefix);
     fn same_place(a: &str, b: &str) -> bool {
         let canonical = |url: &str| {
-            shards::store::normalize_url(url)
-                .map(|u| u.as_str().trim_end_matches('/').to_string())
-                .unwrap_or_else(|_| url.to_string())
+            let Ok(normalized) = shards::store::normalize_url(url) else {
+                return url.to_string();
+            };
+            // A local path that exists: where it really is, `..` and links resolved.
+            if normalized.scheme() == "file"
+                && let Ok(path) = normalized.to_file_path()
+                && let Ok(real) = std::fs::canonicalize(path)
+            {
+                return real.display().to_string();
+            }
+            normalized.as_str().trim_end_matches('/').to_string()
         };
         a == b || canonical(a) == canonical(b)
     }
@@ -415,6 +424,23 @@ mod tests {
                 "{same:?}"
             );
         }
+        // Spellings that only resolve on disk: `..` through another folder, and a link.
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("in");
+        std::fs::create_dir_all(dir.path().join("other")).unwrap();
+        std::fs::create_dir_all(&folder).unwrap();
+        std::os::unix::fs::symlink(&folder, dir.path().join("link")).unwrap();
+        let planned = spec(folder.to_str().unwrap());
+        let plan_here = job(&planned, 10, 2).plan(1, 3);
+        for same in ["other/../in", "link", "link/"] {
+            let same = spec(dir.path().join(same).to_str().unwrap());
+            assert!(
+                differences(&plan_here, &job(&same, 10, 2)).is_empty(),
+                "{same:?}"
+            );
+        }
+        let elsewhere = spec(dir.path().join("other").to_str().unwrap());
+        assert_eq!(differences(&plan_here, &job(&elsewhere, 10, 2)).len(), 1);
         let mut other = spec("in");
         other.labels = LabelSource::FolderName;
         let found = differences(&plan, &job(&other, 20, 1));
