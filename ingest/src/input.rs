@@ -195,7 +195,8 @@ const LOCAL_LISTING_BATCH: usize = 1024;
 ///   fails alone (`bad_url`, named in the shard's stats);
 /// - a link to a folder above it is not followed, with a warning (its files are listed once);
 /// - a file whose metadata cannot be read (in a folder that may be listed but not entered) is
-///   planned too, and fails alone with its reason, instead of being left out unnamed.
+///   planned too, and fails alone with its reason, instead of being left out unnamed; so is a
+///   FIFO, socket or device with an image's name (`not_a_file`).
 fn local_items(
     root: std::path::PathBuf,
     location: Location,
@@ -234,9 +235,12 @@ fn local_items(
                 }),
                 Ok(entry) => {
                     match std::fs::metadata(entry.path()) {
-                        Ok(metadata) if metadata.is_file() => {}
-                        // A folder, FIFO or device; or gone since it was listed.
-                        Ok(_) => continue,
+                        Ok(metadata) if metadata.is_dir() => continue,
+                        // A FIFO, socket or device with an image's name: planned, it fails
+                        // alone (not_a_file, named in the shard's stats, never opened)
+                        // instead of being left out without a word.
+                        Ok(_) => {}
+                        // Gone since it was listed.
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                         // Unreadable (in a folder that may be listed but not entered): planned
                         // like any file, it fails alone with its reason (permission_denied)

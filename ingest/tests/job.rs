@@ -518,6 +518,46 @@ fn a_list_naming_a_fifo_or_a_folder_finishes_and_counts_them() {
 }
 
 #[test]
+fn a_fifo_in_a_listed_folder_fails_alone_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    for (i, photo) in photos_in("endless-sky", 2).iter().enumerate() {
+        std::fs::copy(photo, input.join(format!("{i}.jpg"))).unwrap();
+    }
+    let fifo = input.join("pipe.jpg");
+    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path and a mode; mkfifo touches nothing else.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o644) }, 0);
+    // A FIFO without an image's name is not planned at all.
+    let other = std::ffi::CString::new(input.join("pipe.txt").to_str().unwrap()).unwrap();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::mkfifo(other.as_ptr(), 0o644) }, 0);
+    let out = dir.path().join("out");
+    let output = run_ok(
+        ingest()
+            .arg("run")
+            .arg(&input)
+            .args(["--no-progress", "--json", "-o"])
+            .arg(&out),
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (summary["written"].as_u64(), summary["failed"].as_u64()),
+        (Some(2), Some(1)),
+        "{summary}"
+    );
+    let stats = first_shard_stats(&out);
+    assert_eq!(stats.failures.len(), 1);
+    assert_eq!(stats.failures[0].reason, "not_a_file");
+    assert!(
+        stats.failures[0].url.ends_with("pipe.jpg"),
+        "{:?}",
+        stats.failures[0]
+    );
+}
+
+#[test]
 fn partitions_write_disjoint_shards_and_merge_to_the_single_run() {
     let single = tempfile::tempdir().unwrap();
     let parts = tempfile::tempdir().unwrap();
