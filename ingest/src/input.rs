@@ -192,7 +192,7 @@ const LOCAL_LISTING_BATCH: usize = 1024;
 /// listing ends at the first such entry and loses every file after it:
 /// - a file whose name is not UTF-8 (an archive from an old system, say) or holds characters
 ///   object_store's paths refuse is planned under its percent-encoded URL like any other, and
-///   fails alone (`bad_url`, named in the shard's stats);
+///   read with the file system's calls ([`Source::File`]);
 /// - a link to a folder above it is not followed, with a warning (its files are listed once);
 /// - a file whose metadata cannot be read (in a folder that may be listed but not entered) is
 ///   planned too, and fails alone with its reason, instead of being left out unnamed; so is a
@@ -701,6 +701,9 @@ pub enum Source {
         /// The file a `file:` URL names.
         local_file: Option<std::path::PathBuf>,
     },
+    /// A local file whose name object_store's paths cannot hold (not UTF-8, as in an archive
+    /// from an old system, or with control characters), read with the file system's own calls.
+    File(std::path::PathBuf),
     /// An http(s) URL, read with a plain GET of the URL as given: object_store's HTTP store
     /// speaks WebDAV, which drops a URL's query and needs a Content-Length.
     Http {
@@ -746,7 +749,9 @@ impl Resolver {
             let file = parsed
                 .to_file_path()
                 .map_err(|()| "not a local path".to_string())?;
-            let path = Path::from_absolute_path(&file).map_err(|e| e.to_string())?;
+            let Ok(path) = Path::from_absolute_path(&file) else {
+                return Ok(Source::File(file));
+            };
             return Ok(Source::Store {
                 location: self.location("/")?,
                 path,

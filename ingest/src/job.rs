@@ -496,6 +496,58 @@ impl JobState<'_> {
         }
     }
 
+    /// A local file read with the file system's calls (for names object_store cannot hold),
+    /// with the same cap and the same metadata as a store's read.
+    async fn file_get(&self, file: &std::path::Path) -> Fetched {
+        let cap = self.config.image.max_input_bytes;
+        let file = file.to_path_buf();
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Result<_, u64>> {
+            use std::io::Read;
+            let mut opened = std::fs::File::open(&file)?;
+            let metadata = opened.metadata()?;
+            if metadata.len() > cap {
+                return Ok(Err(metadata.len()));
+            }
+            // Read one byte past the cap, in case the file grew since its size was read.
+            let mut bytes = Vec::with_capacity(metadata.len() as usize);
+            (&mut opened).take(cap + 1).read_to_end(&mut bytes)?;
+            Ok(Ok((metadata, bytes)))
+        })
+        .await;
+        let (metadata, bytes) = match read {
+            Ok(Ok(Ok(read))) => read,
+            Ok(Ok(Err(size))) => {
+                return Fetched::TooLarge(format!(
+                    "input is {size} bytes, more than the {cap}-byte cap"
+                ));
+            }
+            Ok(Err(error)) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Fetched::NotFound("no such file".into());
+            }
+            Ok(Err(error)) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Fetched::Denied(error.to_string());
+            }
+            Ok(Err(error)) => return Fetched::Failed(error.to_string()),
+            Err(error) => return Fetched::Failed(format!("the read stopped: {error}")),
+        };
+        if bytes.len() as u64 > cap {
+            return Fetched::TooLarge(format!(
+                "input grew past the {cap}-byte cap while it was read"
+            ));
+        }
+        let meta = object_store::ObjectMeta {
+            location: Path::default(),
+            last_modified: metadata
+                .modified()
+                .map(chrono::DateTime::<chrono::Utc>::from)
+                .unwrap_or_default(),
+            size: bytes.len() as u64,
+            e_tag: None,
+            version: None,
+        };
+        Fetched::Bytes(meta, bytes.into())
+    }
+
     /// One plain GET of an http(s) URL, query included, read up to the input byte cap.
     async fn http_get(&self, client: &reqwest::Client, url: &str, path: &Path) -> Fetched {
         use reqwest::StatusCode;
@@ -995,7 +1047,8 @@ impl JobState<'_> {
         if let Source::Store {
             local_file: Some(file),
             ..
-        } = &source
+        }
+        | Source::File(file) = &source
         {
             let file = file.clone();
             let kind = tokio::task::spawn_blocking(move || std::fs::metadata(file)).await;
@@ -1022,6 +1075,7 @@ impl JobState<'_> {
             let fetched = match &source {
                 Source::Http { client, path } => self.http_get(client, &item.url, path).await,
                 Source::Store { location, path, .. } => self.store_get(location, path).await,
+                Source::File(file) => self.file_get(file).await,
             };
             let (message, asked_wait) = match fetched {
                 Fetched::Bytes(meta, bytes) => break (meta, bytes),

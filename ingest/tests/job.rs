@@ -224,23 +224,23 @@ fn rerun_refuses_documents_of_another_format_version() {
     run_ok(&mut command());
 }
 
-/// A file whose name is not UTF-8 (from an old archive, say) is one failed source, named in
-/// the stats by its percent-encoded URL; the files listed after it are still ingested (the
-/// listing used to end there), and so are they beside a dangling link and a link loop.
+/// A file whose name is not UTF-8 (from an old archive, say) or holds a control character is
+/// ingested like any other, named by its percent-encoded URL (object_store's paths cannot
+/// hold such names, so it is read with the file system's calls); the files listed after it
+/// are ingested too (the listing used to end there), beside a dangling link and a link loop.
 #[cfg(unix)]
 #[test]
-fn a_file_name_that_is_not_utf8_is_one_failure_not_the_end_of_the_listing() {
+fn files_named_in_any_bytes_are_ingested_and_do_not_end_the_listing() {
     use std::os::unix::ffi::OsStrExt;
     let input = tempfile::tempdir().unwrap();
-    let photos = photos_in("endless-sky", 3);
+    let photos = photos_in("endless-sky", 4);
     let extension = |photo: &Path| photo.extension().unwrap().to_str().unwrap().to_string();
-    let odd = [b"caf\xe9.".as_slice(), extension(&photos[0]).as_bytes()].concat();
-    std::fs::copy(
-        &photos[0],
-        input.path().join(std::ffi::OsStr::from_bytes(&odd)),
-    )
-    .unwrap();
-    for (i, photo) in photos[1..].iter().enumerate() {
+    let latin1 = [b"caf\xe9.".as_slice(), extension(&photos[0]).as_bytes()].concat();
+    let control = [b"new\nline.".as_slice(), extension(&photos[1]).as_bytes()].concat();
+    for (photo, name) in photos.iter().zip([&latin1, &control]) {
+        std::fs::copy(photo, input.path().join(std::ffi::OsStr::from_bytes(name))).unwrap();
+    }
+    for (i, photo) in photos[2..].iter().enumerate() {
         let name = format!("p{i}.{}", extension(photo));
         std::fs::copy(photo, input.path().join(name)).unwrap();
     }
@@ -258,14 +258,48 @@ fn a_file_name_that_is_not_utf8_is_one_failure_not_the_end_of_the_listing() {
             .arg(out.path())
             .arg("--no-progress"),
     );
-    assert_eq!(read_dataset(out.path()).len(), 2);
+    let dataset = read_dataset(out.path());
     let stats = first_shard_stats(out.path());
-    assert_eq!(stats.failures.len(), 1, "{:?}", stats.failures);
-    assert_eq!(stats.failures[0].reason, "bad_url");
+    assert_eq!(stats.failures.len(), 0, "{:?}", stats.failures);
+    assert_eq!(dataset.len(), 4);
+    let urls: BTreeSet<&str> = dataset
+        .values()
+        .map(|(meta, _)| meta.url.as_str())
+        .collect();
+    for name in ["/caf%E9.", "/new%0Aline."] {
+        assert!(
+            urls.iter().any(|url| url.contains(name)),
+            "{name} in {urls:?}"
+        );
+    }
+    // The odd names' samples hold the photos' own bytes (kept JPEGs) or images of their size.
+    let latin1_sample = dataset
+        .values()
+        .find(|(meta, _)| meta.url.contains("/caf%E9."))
+        .unwrap();
+    assert_eq!(
+        latin1_sample.0.source_size,
+        std::fs::metadata(&photos[0]).unwrap().len()
+    );
+    // Read that way, such a file keeps to the byte cap as a store's object does.
+    let capped = tempfile::tempdir().unwrap();
+    run_ok(
+        ingest()
+            .arg("run")
+            .arg(input.path())
+            .arg("-o")
+            .arg(capped.path())
+            .args(["--no-progress", "--max-bytes", "1000"]),
+    );
+    let stats = first_shard_stats(capped.path());
+    assert_eq!(stats.failures.len(), 4, "{:?}", stats.failures);
     assert!(
-        stats.failures[0].url.contains("/caf%E9."),
-        "{}",
-        stats.failures[0].url
+        stats
+            .failures
+            .iter()
+            .all(|failure| failure.reason == "too_large_bytes"),
+        "{:?}",
+        stats.failures
     );
 }
 
