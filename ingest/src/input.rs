@@ -540,10 +540,17 @@ fn parse_csv_fields(
     labels: &LabelSource,
 ) -> Result<Option<SourceItem>, String> {
     let Some(names) = header.as_ref() else {
+        let label = match labels {
+            LabelSource::Column(name) => Some(name.as_str()),
+            _ => None,
+        };
+        // A name given twice is ambiguous; unnamed columns (the empty trailing ones a
+        // spreadsheet exports, say) are not, unless the job reads a column of that name.
+        let read = |name: &str| name == url_column || label == Some(name);
         if let Some(twice) = fields
             .iter()
             .enumerate()
-            .find(|(i, name)| fields[..*i].contains(name))
+            .find(|(i, name)| (!name.is_empty() || read(name)) && fields[..*i].contains(name))
             .map(|(_, name)| name)
         {
             return Err(format!(
@@ -553,10 +560,6 @@ fn parse_csv_fields(
         }
         // The columns the job reads must be there: said at the header's line, not the first
         // row's.
-        let label = match labels {
-            LabelSource::Column(name) => Some(name.as_str()),
-            _ => None,
-        };
         for name in std::iter::once(url_column).chain(label) {
             if !fields.iter().any(|field| field == name) {
                 return Err(no_column(name, &fields));
@@ -932,6 +935,21 @@ mod tests {
         let err =
             parse_list_line("url,url", ListFormat::Csv, &mut None, "url", &labels).unwrap_err();
         assert!(err.contains("names the column \"url\" twice"), "{err}");
+        // Unnamed columns, as a spreadsheet exports them, may come more than once.
+        let mut header = None;
+        let none = LabelSource::None;
+        assert!(
+            parse_list_line("url,,", ListFormat::Csv, &mut header, "url", &none)
+                .unwrap()
+                .is_none()
+        );
+        let item = parse_list_line("s3://b/x.jpg,,", ListFormat::Csv, &mut header, "url", &none)
+            .unwrap()
+            .unwrap();
+        assert_eq!(item.url, "s3://b/x.jpg");
+        // Unless the job reads a column of that name.
+        let err = parse_list_line(",url,", ListFormat::Csv, &mut None, "", &none).unwrap_err();
+        assert!(err.contains("names the column \"\" twice"), "{err}");
     }
 
     #[test]
