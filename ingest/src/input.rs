@@ -411,6 +411,15 @@ async fn list_file_items(
         });
         let parsed = match line {
             Err(reason) => error(line_number, reason),
+            // Lines are split at LF (a CR before it is dropped): a CR left inside a line is a
+            // file whose lines end in CR alone, all read as one line, or a stray control
+            // character that no URL, label or JSON line holds.
+            Ok(line) if line.contains('\r') => error(
+                line_number,
+                "holds a carriage return inside the line: lines must end in LF or CRLF, not in \
+                 CR alone (as on classic Mac OS); convert the file's line endings"
+                    .to_string(),
+            ),
             Ok(line) if format == ListFormat::Csv => {
                 let (mut record, first) = match open_record.take() {
                     Some(open) => open,
@@ -1076,6 +1085,25 @@ mod tests {
             ),
             "{err}"
         );
+
+        // Lines ending in CR alone read as one line holding CRs: refused, said at that line,
+        // in a CSV and in a JSONL list alike (not "no image", or one source of two URLs).
+        for (name, text) in [
+            ("mac.csv", "url,cls\r/a.jpg,cat\r/b.jpg,dog\r"),
+            (
+                "mac.jsonl",
+                "{\"url\": \"/a.jpg\", \"cls\": 1}\r{\"url\": \"/b.jpg\", \"cls\": 2}\r",
+            ),
+        ] {
+            let got = read(name, text).await;
+            let err = got[0].as_ref().unwrap_err().to_string();
+            assert!(
+                err.contains(&format!(
+                    "{name} line 1: holds a carriage return inside the line"
+                )),
+                "{err}"
+            );
+        }
 
         // A line too long for a record is refused as it is read, quoted or not.
         let long = format!("url,caption,cls\n/a.jpg,{},cat\n", "x".repeat(2 << 20));
