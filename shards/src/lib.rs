@@ -45,8 +45,37 @@ pub use writer::{FinishedShard, ShardWriter};
 /// Writes `bytes` to the file `path` as a whole or not at all: into a temporary file beside
 /// it, then renamed over it. A write that fails (a full disk, say) leaves an earlier file of
 /// that name as it was, and no partial file.
+///
+/// Only a regular file is ever replaced. A link is written through (the file it names is
+/// replaced, the link stays); a device, FIFO or socket (`/dev/stdout`, `/dev/null`, a named
+/// pipe) is written to as it is, never renamed over; a folder, or a link to nothing, is
+/// refused.
 pub fn write_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
+    use std::io::{Error, ErrorKind, Write};
+    let resolved;
+    let path = match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_symlink() => {
+            resolved = std::fs::canonicalize(path).map_err(|error| {
+                if error.kind() == ErrorKind::NotFound {
+                    Error::new(ErrorKind::NotFound, "a link to a file that does not exist")
+                } else {
+                    error
+                }
+            })?;
+            resolved.as_path()
+        }
+        _ => path,
+    };
+    match std::fs::metadata(path) {
+        Ok(metadata) if metadata.is_dir() => {
+            return Err(Error::new(ErrorKind::IsADirectory, "is a folder"));
+        }
+        Ok(metadata) if !metadata.is_file() => {
+            let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+            return file.write_all(bytes);
+        }
+        _ => {}
+    }
     let folder = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => std::path::Path::new("."),
@@ -239,6 +268,53 @@ pub fn validate_extension(ext: &str) -> Result<(), ShardError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only regular files are replaced: a link is written through, a device is written to and
+    /// stays one, a folder and a dangling link are refused.
+    #[cfg(unix)]
+    #[test]
+    fn write_file_replaces_only_regular_files() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target.png");
+        std::fs::write(&target, b"old").unwrap();
+        let link = dir.path().join("link.png");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        write_file(&link, b"new").unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+
+        // A named pipe (as /dev/stdout or /dev/null would be, which a test must not risk).
+        let fifo = dir.path().join("pipe.png");
+        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path and a mode; mkfifo touches nothing else.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o644) }, 0);
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        write_file(&fifo, b"bytes").unwrap();
+        // Checked before joining: a pipe renamed over would leave the reader waiting.
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        assert_eq!(reader.join().unwrap(), b"bytes");
+
+        let error = write_file(dir.path(), b"x").unwrap_err();
+        assert_eq!(error.to_string(), "is a folder");
+        let dangling = dir.path().join("dangling.png");
+        std::os::unix::fs::symlink(dir.path().join("missing"), &dangling).unwrap();
+        let error = write_file(&dangling, b"x").unwrap_err();
+        assert_eq!(error.to_string(), "a link to a file that does not exist");
+
+        let plain = dir.path().join("plain.png");
+        write_file(&plain, b"first").unwrap();
+        write_file(&plain, b"second").unwrap();
+        assert_eq!(std::fs::read(&plain).unwrap(), b"second");
+    }
 
     #[test]
     fn error_chain_prints_each_cause_once() {

@@ -120,14 +120,22 @@ pub fn export_trunk(
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
-    Tensor::write_safetensors(&tensors, &partial).map_err(|source| ExportError::Torch {
-        path: partial.clone(),
-        source,
-    })?;
-    std::fs::rename(&partial, path).map_err(|source| ExportError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
+    // A failed write or rename leaves no half-written file behind.
+    let written = Tensor::write_safetensors(&tensors, &partial)
+        .map_err(|source| ExportError::Torch {
+            path: partial.clone(),
+            source,
+        })
+        .and_then(|()| {
+            std::fs::rename(&partial, path).map_err(|source| ExportError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written?;
     Ok(tensors.len())
 }
 

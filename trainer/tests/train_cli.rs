@@ -528,4 +528,64 @@ fn export_writes_a_trunk_that_load_trunk_reads() {
         assert!(loaded[name].equal(saved), "{name} differs");
     }
     assert!(loaded.contains_key("stem.0.weight"));
+
+    // Places an export must not go: the checkpoints' own folder (it would overwrite the
+    // checkpoint it reads), a folder, a named pipe (renamed over, it would be gone).
+    let fifo = dir.path().join("pipe.safetensors");
+    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path and a mode; mkfifo touches nothing else.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o644) }, 0);
+    let model_file = "run/checkpoints/ckpt-00000002/model.safetensors";
+    let before = std::fs::read(dir.path().join(model_file)).unwrap();
+    for (target, says) in [
+        (model_file, "the folder of the checkpoints"),
+        (
+            "run/checkpoints/trunk.safetensors",
+            "the folder of the checkpoints",
+        ),
+        ("run", "is a folder"),
+        ("pipe.safetensors", "is not a regular file"),
+    ] {
+        let output = train(
+            dir.path(),
+            &[
+                "export",
+                "--checkpoint",
+                "run/checkpoints",
+                "--output",
+                target,
+            ],
+        );
+        let stderr = text(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(says),
+            "{target}: {stderr}"
+        );
+    }
+    assert_eq!(std::fs::read(dir.path().join(model_file)).unwrap(), before);
+    assert!(
+        !dir.path()
+            .join("run/checkpoints/trunk.safetensors")
+            .exists()
+    );
+    // A link is written through: the file it names is replaced, the link stays.
+    std::os::unix::fs::symlink("trunk.safetensors", dir.path().join("link.safetensors")).unwrap();
+    std::fs::write(&exported, b"old").unwrap();
+    let output = train(
+        dir.path(),
+        &[
+            "export",
+            "--checkpoint",
+            "run/checkpoints",
+            "--output",
+            "link.safetensors",
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        std::fs::symlink_metadata(dir.path().join("link.safetensors"))
+            .unwrap()
+            .is_symlink()
+    );
+    assert!(std::fs::metadata(&exported).unwrap().len() > 3);
 }

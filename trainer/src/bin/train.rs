@@ -330,15 +330,54 @@ fn stop_on_signals() -> Arc<AtomicBool> {
     flag
 }
 
+/// Where an export is written: `output`, or the file a link there names. Refused: a folder, a
+/// device, FIFO or socket (an export is a file, renamed into place), a link to nothing, and a
+/// place inside the folder that holds the checkpoint read (`checkpoint_url`, when local),
+/// where the export would overwrite or mix with checkpoints.
+fn export_target(output: &Path, checkpoint_url: &str) -> Result<PathBuf> {
+    let shown = output.display();
+    let target = match std::fs::symlink_metadata(output) {
+        Ok(metadata) if metadata.file_type().is_symlink() => std::fs::canonicalize(output)
+            .with_context(|| format!("{shown} is a link to a file that does not exist"))?,
+        _ => output.to_path_buf(),
+    };
+    if let Ok(metadata) = std::fs::metadata(&target) {
+        anyhow::ensure!(!metadata.is_dir(), "{shown} is a folder: give a file name");
+        anyhow::ensure!(
+            metadata.is_file(),
+            "{shown} is not a regular file (a device, FIFO or socket): the export is a file, written under a temporary name and renamed into place"
+        );
+    }
+    let checkpoints = shards::store::normalize_url(checkpoint_url)
+        .ok()
+        .filter(|url| url.scheme() == "file")
+        .and_then(|url| url.to_file_path().ok())
+        .and_then(|folder| folder.parent().map(Path::to_path_buf))
+        .and_then(|folder| std::fs::canonicalize(folder).ok());
+    let parent = match target.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    if let (Some(checkpoints), Ok(parent)) = (checkpoints, std::fs::canonicalize(parent)) {
+        anyhow::ensure!(
+            !parent.starts_with(&checkpoints),
+            "{shown} is inside {}, the folder of the checkpoints: the export would overwrite or mix with them; write it elsewhere",
+            checkpoints.display()
+        );
+    }
+    Ok(target)
+}
+
 fn export(checkpoint: &str, output: &Path) -> Result<()> {
     let options = StoreOptions::default();
     let saved = load_checkpoint(checkpoint, &options)
         .with_context(|| format!("reading checkpoint {checkpoint}"))?;
+    let target = export_target(output, &saved.url)?;
     let config = TrainConfig::from_toml_str(&saved.config, &[] as &[&str])
         .with_context(|| format!("{}: the configuration saved with it", saved.url))?;
     let model = SwavModel::new(&config, Device::Cpu)?;
     restore_variables(&model.vs, &saved.model, &saved.url)?;
-    let written = export_trunk(&model.vs, TRUNK_PREFIX, output)
+    let written = export_trunk(&model.vs, TRUNK_PREFIX, &target)
         .with_context(|| format!("exporting the trunk of {}", saved.url))?;
     println!(
         "{}: {written} tensors of the trunk (step {}) -> {}",
