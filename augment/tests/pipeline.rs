@@ -149,6 +149,32 @@ fn take(pipeline: &mut Pipeline, n: usize) -> Vec<Batch> {
         .collect()
 }
 
+/// Every hostile file of the test data (truncated, bombs, fuzzer crashes, odd TIFFs) through
+/// the decoder the workers use: an error or an image, never a panic, which would end the
+/// worker thread and with it the stream.
+#[test]
+fn the_decoder_never_panics_on_hostile_files() {
+    let mut decoder = augment::decode::Decoder::new(64 << 20);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(seer_tests::hostile_dir())
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() > 1000, "{} hostile files", files.len());
+    let mut refused = 0;
+    for file in &files {
+        let bytes = std::fs::read(file).unwrap();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decoder.decode(&bytes).is_ok()
+        }));
+        match outcome {
+            Ok(decoded) => refused += usize::from(!decoded),
+            Err(_) => panic!("{} panicked the decoder", file.display()),
+        }
+    }
+    assert!(refused > 100, "{refused} refused");
+}
+
 #[test]
 fn batches_do_not_depend_on_the_number_of_threads() {
     let one: Vec<_> = take(

@@ -62,10 +62,8 @@
 mod jpeg;
 mod phash;
 
-use std::any::Any;
 use std::cell::RefCell;
 use std::io::Cursor;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
 use fast_image_resize::images::{Image as ResizeImage, ImageRef as ResizeImageRef};
@@ -458,44 +456,8 @@ fn guarded<T>(
     format: &'static str,
     work: impl FnOnce() -> Result<T, Rejection>,
 ) -> Result<T, Rejection> {
-    quiet_guarded_panics();
-    GUARDED.with(|depth| depth.set(depth.get() + 1));
-    let outcome = catch_unwind(AssertUnwindSafe(work));
-    GUARDED.with(|depth| depth.set(depth.get() - 1));
-    outcome.unwrap_or_else(|payload| {
-        Err(Rejection::DecoderPanic {
-            format,
-            message: panic_message(payload.as_ref()),
-        })
-    })
-}
-
-thread_local! {
-    /// How many [`guarded`] calls this thread is inside.
-    static GUARDED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-}
-
-/// Installs, once per process, a panic hook that is silent for panics inside [`guarded`] and
-/// defers to the hook it replaces for every other panic.
-fn quiet_guarded_panics() {
-    static INSTALL: std::sync::Once = std::sync::Once::new();
-    INSTALL.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if GUARDED.with(|depth| depth.get()) == 0 {
-                previous(info);
-            }
-        }));
-    });
-}
-
-/// The text a panic was raised with (`panic!` gives a `&str` or a `String`).
-pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|text| text.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-text panic payload".to_string())
+    shards::catch_panic(work)
+        .unwrap_or_else(|message| Err(Rejection::DecoderPanic { format, message }))
 }
 
 fn check_pixel_cap(

@@ -58,7 +58,7 @@ impl CpuPool {
                 return;
             }
             let outcome = catch_unwind(AssertUnwindSafe(work))
-                .map_err(|panic| crate::image::panic_message(panic.as_ref()));
+                .map_err(|panic| shards::panic_message(panic.as_ref()));
             let _ = done.send(outcome);
         });
         let queued = self

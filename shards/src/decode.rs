@@ -99,7 +99,17 @@ impl Decoder {
         let is_jpeg = bytes.starts_with(&[0xFF, 0xD8, 0xFF]);
         let decoded_by_turbo = is_jpeg && self.turbo.is_some() && self.decode_jpeg(bytes)?;
         if !decoded_by_turbo {
-            self.decode_other(bytes)?;
+            // The `image` crate's decoders assert on some malformed files (tiled planar TIFFs,
+            // for one) instead of returning an error: such an image is as corrupt as any other,
+            // not the end of the thread that decodes it.
+            match crate::catch_panic(|| self.decode_other(bytes)) {
+                Ok(result) => result?,
+                Err(reason) => {
+                    return Err(DecodeError::Corrupt(format!(
+                        "the decoder failed on this image ({reason})"
+                    )));
+                }
+            }
         }
         Ok(RgbRef {
             width: self.width,

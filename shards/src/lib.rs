@@ -91,6 +91,47 @@ pub fn write_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Runs `work`, turning a panic inside it into `Err` with the panic's text: the last line of
+/// defence around third-party decoders, which are meant not to panic, so that one hostile file
+/// cannot take a worker thread down. The panic hook stays silent for panics caught here (it
+/// would print them to stderr with no file name, in the middle of a JSON log); the caller
+/// reports them with the file.
+pub fn catch_panic<T>(work: impl FnOnce() -> T) -> Result<T, String> {
+    quiet_caught_panics();
+    CATCHING.with(|depth| depth.set(depth.get() + 1));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    CATCHING.with(|depth| depth.set(depth.get() - 1));
+    outcome.map_err(|payload| panic_message(payload.as_ref()))
+}
+
+thread_local! {
+    /// How many [`catch_panic`] calls this thread is inside.
+    static CATCHING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Installs, once per process, a panic hook that is silent for panics inside [`catch_panic`]
+/// and defers to the hook it replaces for every other panic.
+fn quiet_caught_panics() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CATCHING.with(|depth| depth.get()) == 0 {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// The text a panic was raised with (`panic!` gives a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|text| text.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-text panic payload".to_string())
+}
+
 /// An error and its causes on one line, as anyhow's `{:#}` prints them, for the command-line
 /// tools; a cause whose text the line already holds is left out. The library's errors embed
 /// their source in their own message (`"shard X: {source}"`), and `{:#}` printed it again.
