@@ -228,7 +228,7 @@ pub(crate) fn fmt_categories(
     // Labels come from the data: escaped, so that none can break the layout or fake a line.
     let names: Vec<_> = sorted[..shown]
         .iter()
-        .map(|(n, _)| crate::printable(n))
+        .map(|(n, _)| super::shown_name(n))
         .collect();
     let label_width = names.iter().map(|n| n.chars().count()).max().unwrap_or(0);
     for (name, (_, count)) in names.iter().zip(&sorted[..shown]) {
@@ -291,6 +291,22 @@ impl Histogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Labels come from the data: one of any length is shown cut, and the table is made
+    /// (a column width past 65,535 used to panic the formatter).
+    #[test]
+    fn a_label_of_any_length_is_shown_cut() {
+        struct Categories(BTreeMap<String, u64>);
+        impl fmt::Display for Categories {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt_categories(f, "labels", &self.0)
+            }
+        }
+        let long = "L".repeat(70_000);
+        let table = Categories(BTreeMap::from([(long, 3), ("cat".to_string(), 1)])).to_string();
+        assert!(table.contains("... (69800 more characters)"), "{table}");
+        assert!(table.len() < 1000, "{} bytes", table.len());
+    }
 
     #[test]
     fn linear_buckets_and_merge() {

@@ -5,7 +5,7 @@ use std::fmt;
 use serde::Serialize;
 
 use super::human_bytes;
-use crate::{Dataset, ManifestShard, printable};
+use crate::{Dataset, ManifestShard};
 
 /// Hex digits of each checksum shown in the listing.
 const SHA_PREFIX: usize = 12;
@@ -35,7 +35,11 @@ pub fn ls(dataset: &Dataset) -> LsReport {
 
 impl fmt::Display for LsReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<_> = self.shards.iter().map(|s| printable(&s.name)).collect();
+        let names: Vec<_> = self
+            .shards
+            .iter()
+            .map(|s| super::shown_name(&s.name))
+            .collect();
         let name_width = names
             .iter()
             .map(|n| n.chars().count())
@@ -60,5 +64,34 @@ impl fmt::Display for LsReport {
             human_bytes(self.total_bytes),
             self.shards.len()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest may name a shard anything its checks let through: a name of any length is
+    /// shown cut (a column width past 65,535 used to panic the formatter).
+    #[test]
+    fn a_shard_name_of_any_length_is_listed_cut() {
+        let shard = |name: String| ManifestShard {
+            name,
+            samples: 1,
+            bytes: 10,
+            sha256: "ab".repeat(32),
+        };
+        let report = LsReport {
+            url: "file:///d/".into(),
+            shards: vec![
+                shard(format!("{}.tar", "a".repeat(70_000))),
+                shard("b.tar".into()),
+            ],
+            total_samples: 2,
+            total_bytes: 20,
+        };
+        let listing = report.to_string();
+        assert!(listing.contains("... (69804 more characters)"), "{listing}");
+        assert!(listing.len() < 2000, "{} bytes", listing.len());
     }
 }

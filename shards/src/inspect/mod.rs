@@ -42,6 +42,22 @@ pub use verify::{Problem, VerifyOptions, VerifyReport, verify};
 
 use crate::StoreError;
 
+/// Longest name or label a table shows whole; a longer one (data can hold anything) is cut,
+/// with how much was left out, so that it neither floods the screen nor overflows a column
+/// width (which panics the formatter past 65,535).
+const MAX_SHOWN_CHARS: usize = 200;
+
+/// `name` as [`crate::printable`] shows it, cut to [`MAX_SHOWN_CHARS`] characters.
+pub(crate) fn shown_name(name: &str) -> String {
+    let printable = crate::printable(name);
+    let length = printable.chars().count();
+    if length <= MAX_SHOWN_CHARS {
+        return printable.into_owned();
+    }
+    let kept: String = printable.chars().take(MAX_SHOWN_CHARS).collect();
+    format!("{kept}... ({} more characters)", length - MAX_SHOWN_CHARS)
+}
+
 /// Errors of the inspection functions (problems found by [`verify()`] are data, not errors).
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
