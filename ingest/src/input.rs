@@ -556,11 +556,10 @@ fn parse_csv_fields(
         // A name given twice is ambiguous; unnamed columns (the empty trailing ones a
         // spreadsheet exports, say) are not, unless the job reads a column of that name.
         let read = |name: &str| name == url_column || label == Some(name);
+        let mut seen = std::collections::HashSet::with_capacity(fields.len());
         if let Some(twice) = fields
             .iter()
-            .enumerate()
-            .find(|(i, name)| (!name.is_empty() || read(name)) && fields[..*i].contains(name))
-            .map(|(_, name)| name)
+            .find(|name| !seen.insert(name.as_str()) && (!name.is_empty() || read(name)))
         {
             return Err(format!(
                 "the CSV header names the column {} twice",
