@@ -533,6 +533,59 @@ fn dropping_the_pipeline_stops_every_thread() {
     assert_eq!(sizes, BTreeSet::from([32, 64]));
 }
 
+/// A panorama (20,000 by 2 pixels) is drawn in a sheet of bounded size: its thumbnail at the
+/// views' height would be millions of pixels wide (a 67-million-pixel-wide image aborted on
+/// the allocation).
+#[test]
+fn views_of_a_panorama_fit_a_bounded_sheet() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut png = Vec::new();
+    image::RgbImage::from_fn(20_000, 2, |x, _| image::Rgb([(x % 251) as u8, 0, 0]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let name = "wide-000000.tar";
+    let mut writer = ShardWriter::new(Vec::new(), name);
+    writer
+        .add("wide", &[("png", &png[..]), ("json", b"{}".as_slice())])
+        .unwrap();
+    let finished = writer.finish().unwrap();
+    std::fs::write(dir.path().join(name), &finished.out).unwrap();
+    std::fs::write(
+        dir.path().join(ShardNames::for_tar(name).index),
+        serde_json::to_vec(&finished.index).unwrap(),
+    )
+    .unwrap();
+    let mut manifest = Manifest {
+        version: 1,
+        shards: Vec::new(),
+    };
+    manifest.upsert(ManifestShard {
+        name: name.into(),
+        samples: 1,
+        bytes: finished.out.len() as u64,
+        sha256: finished.sha256,
+    });
+    std::fs::write(
+        dir.path().join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let sheet = dir.path().join("sheet.png");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_augment"))
+        .args(["views", "--data", &url(dir.path()), "-o"])
+        .arg(&sheet)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let (width, height) = image::image_dimensions(&sheet).unwrap();
+    assert!(width < 4 * 224 + 8 * 300, "{width}x{height}");
+    assert_eq!(height, 224);
+}
+
 #[test]
 fn views_writes_a_png_whatever_the_name_and_refuses_a_folder() {
     let out = tempfile::tempdir().unwrap();

@@ -271,16 +271,27 @@ fn views(args: ViewsArgs) -> Result<()> {
         );
         rendered.push((view.size, pixels));
     }
-    // The source, scaled to the largest view's height, then every view, left to right.
+    // The source, scaled to the largest view's height (or, for a panorama, to four times that
+    // width: the sheet of a 67-million-pixel-wide image would not fit in memory), then every
+    // view, left to right.
     let tallest = rendered.iter().map(|(s, _)| *s).max().unwrap_or(1);
     let original = image::RgbImage::from_raw(source.width, source.height, source.data.to_vec())
         .context("source buffer")?;
-    let thumb_width =
-        (u64::from(source.width) * u64::from(tallest) / u64::from(source.height)).max(1) as u32;
+    let widest = u64::from(tallest) * 4;
+    let at_full_height = u64::from(source.width) * u64::from(tallest) / u64::from(source.height);
+    let (thumb_width, thumb_height) = if at_full_height <= widest {
+        (at_full_height.max(1), u64::from(tallest))
+    } else {
+        (
+            widest,
+            (u64::from(source.height) * widest / u64::from(source.width)).max(1),
+        )
+    };
+    let (thumb_width, thumb_height) = (thumb_width as u32, thumb_height as u32);
     let thumb = image::imageops::resize(
         &original,
         thumb_width,
-        tallest,
+        thumb_height,
         image::imageops::FilterType::Triangle,
     );
     let gap = 8;
