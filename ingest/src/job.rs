@@ -332,26 +332,83 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
     // failures must not carry on until it has seen the minimum again. (With --retry-failed the
     // earlier failures are fetched again, and counted when they are.)
     let counters = Counters::default();
+    // A shard the manifest lists is complete only while its tar (of the listed size), index
+    // and stats are all there: one deleted or cut short since (by hand, by a bucket's
+    // lifecycle rule) is made again from its plan chunk, not taken as done.
+    let mut damaged = Vec::new();
     for shard in &manifest.shards {
         let names = ShardNames::for_tar(&shard.name);
+        let tar = match output.store.head(&output.child(&names.tar)).await {
+            Ok(meta) if meta.size == shard.bytes => Ok(()),
+            Ok(meta) => Err(format!(
+                "holds {} bytes, not the {} listed",
+                meta.size, shard.bytes
+            )),
+            Err(object_store::Error::NotFound { .. }) => Err("is missing".to_string()),
+            Err(source) => {
+                return Err(IngestError::Output(shards::StoreError::Store {
+                    url: output.url_of(&output.child(&names.tar)),
+                    source,
+                }));
+            }
+        };
+        let documents = match tar {
+            Err(problem) => Err(problem),
+            Ok(()) => {
+                // Missing or malformed, either makes the shard again; a failed read stops.
+                fn usable<T>(
+                    read: Result<Option<T>, shards::StoreError>,
+                    name: &str,
+                ) -> Result<Result<T, String>, IngestError> {
+                    match read {
+                        Ok(Some(document)) => Ok(Ok(document)),
+                        Ok(None) => Ok(Err(format!("has no {name}"))),
+                        Err(shards::StoreError::BadDocument { reason, .. }) => {
+                            Ok(Err(format!("has a malformed {name} ({reason})")))
+                        }
+                        Err(error) => Err(IngestError::Output(error)),
+                    }
+                }
+                let stats = usable(
+                    output
+                        .get_checked_json_opt(&names.stats, ShardStats::check)
+                        .await,
+                    &names.stats,
+                )?;
+                let index = usable(
+                    output
+                        .get_checked_json_opt(&names.index, shards::ShardIndex::check)
+                        .await,
+                    &names.index,
+                )?;
+                stats.and_then(|stats| index.map(|index| (stats, index)))
+            }
+        };
+        let (stats, index) = match documents {
+            Ok(documents) => documents,
+            Err(problem) => {
+                tracing::warn!(
+                    shard = %shard.name,
+                    "{} {problem}: made again",
+                    shard.name
+                );
+                damaged.push(shard.name.clone());
+                continue;
+            }
+        };
         if !config.retry_failed {
-            let stats: ShardStats = output
-                .get_checked_json(&names.stats, ShardStats::check)
-                .await
-                .map_err(IngestError::Output)?;
             counters.seen.fetch_add(stats.count, Ordering::Relaxed);
             counters.failed.fetch_add(stats.failed, Ordering::Relaxed);
         }
-        let index: shards::ShardIndex = output
-            .get_checked_json(&names.index, shards::ShardIndex::check)
-            .await
-            .map_err(IngestError::Output)?;
         for entry in &index.samples {
             seen.hashes
                 .extend(entry.source_sha256.as_deref().and_then(decode_hex));
             seen.keys.extend(decode_hex(&entry.key));
         }
     }
+    manifest
+        .shards
+        .retain(|shard| !damaged.contains(&shard.name));
 
     let mut progress = Progress {
         items_total: my_shards.iter().map(|&id| plan.items_in_shard(id)).sum(),

@@ -303,6 +303,43 @@ fn files_named_in_any_bytes_are_ingested_and_do_not_end_the_listing() {
     );
 }
 
+/// A rerun does not take a shard for done because the manifest lists it: one whose tar was
+/// deleted or cut short, or whose index or stats is gone or malformed, is made again, and the
+/// dataset ends as the first run left it.
+#[test]
+fn a_rerun_makes_again_the_shards_damaged_since() {
+    let out = tempfile::tempdir().unwrap();
+    let run = || {
+        let output = run_ok(
+            ingest()
+                .arg("run")
+                .arg(small_photos())
+                .arg("-o")
+                .arg(out.path())
+                .args(["--samples-per-shard", "8", "--no-progress", "--json"]),
+        );
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    run();
+    let before = read_dataset(out.path());
+    let manifest: Manifest =
+        serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).unwrap()).unwrap();
+    assert!(
+        manifest.shards.len() >= 5,
+        "{} shards",
+        manifest.shards.len()
+    );
+    let stem = |i: usize| manifest.shards[i].name.trim_end_matches(".tar").to_string();
+    std::fs::remove_file(out.path().join(&manifest.shards[0].name)).unwrap();
+    let cut = std::fs::read(out.path().join(&manifest.shards[1].name)).unwrap();
+    std::fs::write(out.path().join(&manifest.shards[1].name), &cut[..1000]).unwrap();
+    std::fs::remove_file(out.path().join(format!("{}.index.json", stem(2)))).unwrap();
+    std::fs::write(out.path().join(format!("{}_stats.json", stem(3))), b"{").unwrap();
+    let summary = run();
+    assert_eq!(summary["shards_written"], 4, "{summary}");
+    assert_eq!(read_dataset(out.path()), before);
+}
+
 #[test]
 fn kill_9_then_rerun_equals_an_uninterrupted_run() {
     // A bigger input so that the job is still running when killed: the full photo set.
