@@ -122,6 +122,19 @@ pub enum TrainError {
         /// The last loss computed.
         last_loss: f64,
     },
+    /// The model holds an infinity or a NaN when a checkpoint is due, though the loss may
+    /// still be finite (a temperature or learning rate far off, say).
+    #[error(
+        "step {step}: the model holds non-finite values ({variable}): training diverged; no \
+         checkpoint was written, the last good one stays the latest; lower the learning rate, \
+         or resume from an earlier checkpoint"
+    )]
+    NonFiniteModel {
+        /// The step at which the checkpoint was due.
+        step: u64,
+        /// The first variable found non-finite.
+        variable: String,
+    },
 }
 
 /// Where `--resume` resumes from.
@@ -921,14 +934,14 @@ fn save(
         return Ok(None);
     }
     // A diverging run (a learning rate far too high, say) can hold infinite or NaN weights
-    // before its guard stops it: such a checkpoint would become the latest and push good ones
-    // out of `keep_last`. It is not written; the last good one stays the latest.
+    // while its loss stays finite, so the loss guard never stops it: such a checkpoint would
+    // become the latest and push good ones out of `keep_last`. It is not written, the last
+    // good one stays the latest, and the run stops: its further steps are worth nothing.
     if let Some(variable) = first_non_finite(&model.vs) {
-        warn!(
-            step = state.step,
-            variable, "the model holds non-finite values: no checkpoint written at this step"
-        );
-        return Ok(None);
+        return Err(TrainError::NonFiniteModel {
+            step: state.step,
+            variable,
+        });
     }
     let optimizer_state = optimizer.state();
     let snapshot = Snapshot {

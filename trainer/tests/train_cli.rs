@@ -432,6 +432,7 @@ fn a_checkpoint_root_that_cannot_be_written_stops_the_run_before_it_trains() {
 #[test]
 fn non_finite_losses_stop_the_run() {
     let dir = workspace();
+    // Checkpoints far apart: the loss guard stops the run.
     let output = train(
         dir.path(),
         &[
@@ -444,28 +445,11 @@ fn non_finite_losses_stop_the_run() {
             "--set",
             "schedule.steps=20",
             "--set",
-            "checkpoint.every_steps=1",
+            "checkpoint.every_steps=1000",
         ],
     );
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(3), "{stderr}");
-    // Checkpoints are due at every step, but none with non-finite weights is published: the
-    // run's checkpoints (if any) can all be resumed from.
-    let root = dir.path().join("run/checkpoints");
-    for folder in checkpoint_folders(&root) {
-        for (name, tensor) in tensors(&root.join(&folder).join("model.safetensors")) {
-            if tensor.is_floating_point() {
-                assert!(
-                    tensor.isfinite().all().int64_value(&[]) != 0,
-                    "{folder}: {name} is not finite"
-                );
-            }
-        }
-    }
-    assert!(
-        stderr.contains("no checkpoint written at this step"),
-        "{stderr}"
-    );
     assert!(
         stderr.contains("3 steps in a row skipped") && stderr.contains("training diverged"),
         "{stderr}"
@@ -474,6 +458,53 @@ fn non_finite_losses_stop_the_run() {
         stderr.contains("step skipped"),
         "skipped steps are logged: {stderr}"
     );
+}
+
+/// A model gone non-finite stops the run when a checkpoint is due, whatever its loss does
+/// (with a temperature far off the loss stays finite, and the run used to end with exit 0 and
+/// no checkpoint at all); none with non-finite weights is published, so the run's
+/// checkpoints (if any) can all be resumed from.
+#[test]
+fn a_non_finite_model_stops_the_run_at_a_checkpoint() {
+    let dir = workspace();
+    for (run, setting) in [
+        ("hot", "loss.temperature=1e-30"),
+        ("fast", "optim.lr_per_256=1e31"),
+    ] {
+        let output = train(
+            dir.path(),
+            &[
+                "--config",
+                "tiny.toml",
+                "--run-dir",
+                run,
+                "--set",
+                setting,
+                "--set",
+                "schedule.steps=12",
+                "--set",
+                "checkpoint.every_steps=1",
+            ],
+        );
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(3), "{setting}: {stderr}");
+        assert!(
+            stderr.contains("the model holds non-finite values")
+                && stderr.contains("training diverged"),
+            "{setting}: {stderr}"
+        );
+        let root = dir.path().join(run).join("checkpoints");
+        for folder in checkpoint_folders(&root) {
+            for (name, tensor) in tensors(&root.join(&folder).join("model.safetensors")) {
+                if tensor.is_floating_point() {
+                    assert!(
+                        tensor.isfinite().all().int64_value(&[]) != 0,
+                        "{setting}: {folder}: {name} is not finite"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]

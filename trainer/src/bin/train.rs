@@ -230,7 +230,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let summary = train(&config, &options).map_err(|e| {
         let code = match e {
             TrainError::Config(_) => 2,
-            TrainError::Diverged { .. } => 3,
+            TrainError::Diverged { .. } | TrainError::NonFiniteModel { .. } => 3,
             TrainError::Distributed(_) => 4,
             _ => 1,
         };
