@@ -631,6 +631,14 @@ pub fn restore_variables(
                 variable.size()
             )));
         }
+        // The copy would convert any type silently (integers read as weights, say).
+        if variable.kind() != tensor.kind() {
+            return Err(invalid(format!(
+                "{name} is {:?}, the model's {:?}: a damaged or foreign checkpoint",
+                tensor.kind(),
+                variable.kind()
+            )));
+        }
         tch::no_grad(|| variable.f_copy_(tensor)).map_err(|source| CheckpointError::Torch {
             what: format!("{url}: {name}"),
             source,
@@ -727,6 +735,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(message.contains("other.weight"), "{message}");
+        // Tensors of another type (integers where the model holds weights) are refused, not
+        // converted.
+        let integers: Vec<(String, Tensor)> = loaded
+            .model
+            .iter()
+            .map(|(name, tensor)| (name.clone(), tensor.to_kind(tch::Kind::Int)))
+            .collect();
+        let message = restore_variables(&other, &integers, "x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("is Int, the model's") && message.contains("a damaged or foreign"),
+            "{message}"
+        );
 
         // Without latest.json, the newest folder written to the end still shows; a folder
         // whose save stopped before its state.json does not count.
