@@ -479,6 +479,13 @@ fn train_inner(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSumm
         move |source| TrainError::Io { path, source }
     };
     std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
+    // Held until the run ends (the system releases it however the process ends): a second
+    // process writing the same run folder would interleave metrics and checkpoints.
+    let _run_lock = if leader {
+        Some(lock_run_dir(run_dir)?)
+    } else {
+        None
+    };
 
     tch::manual_seed(init_seed(config.seed));
     let mut model = SwavModel::new(config, device)?;
@@ -960,6 +967,55 @@ fn save(
 /// publishes them, is missing (lost or deleted): the new run would overwrite them. Folders
 /// without their `state.json` are the remains of a save that never finished, and a start
 /// afresh may overwrite those.
+/// The file in a run folder that the process training into it holds locked.
+pub const RUN_LOCK: &str = "train.lock";
+
+/// Locks `run_dir` for this process (an advisory lock on [`RUN_LOCK`]), or says which process
+/// holds it.
+fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File, TrainError> {
+    use std::io::{Read, Seek, Write};
+    let path = run_dir.join(RUN_LOCK);
+    let io = |source| TrainError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder = if holder.is_empty() {
+                String::new()
+            } else {
+                format!(" ({holder})")
+            };
+            return Err(ConfigError::Invalid {
+                field: "--run-dir".into(),
+                message: format!(
+                    "{} is in use by another train process{holder}: wait for it to end, or \
+                     train into another --run-dir",
+                    run_dir.display()
+                ),
+            }
+            .into());
+        }
+        Err(std::fs::TryLockError::Error(source)) => return Err(io(source)),
+    }
+    // Who holds it, for the message above; the lock, not this text, is what counts.
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = write!(file, "pid {}", std::process::id());
+    Ok(file)
+}
+
 fn refuse_without_latest(checkpoints: &CheckpointStore, field: &str) -> Result<(), TrainError> {
     match checkpoints.newest_complete()? {
         None => Ok(()),

@@ -305,6 +305,18 @@ fn sigterm_stops_the_run_with_a_checkpoint() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // A second process into the same run folder meanwhile is refused, naming the first.
+    let second = train(
+        dir.path(),
+        &["--config", "tiny.toml", "--run-dir", "run", "--resume"],
+    );
+    let stderr = text(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is in use by another train process")
+            && stderr.contains(&format!("pid {}", child.id())),
+        "{stderr}"
+    );
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
