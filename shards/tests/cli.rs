@@ -563,7 +563,7 @@ fn verify_finds_wrong_dimensions_in_json() {
         )),
         "{text}"
     );
-    assert!(text.contains("1 problems"), "{text}");
+    assert!(text.contains("1 problem"), "{text}");
 }
 
 #[test]

@@ -1025,7 +1025,7 @@ fn refuse_without_latest(checkpoints: &CheckpointStore, field: &str) -> Result<(
                 "{url} has no {LATEST} but holds checkpoints written to the end, the newest \
                  {name}: pass --resume {url}/{name} to continue from it, or start the new run \
                  in another --run-dir (or checkpoint.url)",
-                url = checkpoints.url(),
+                url = checkpoints.url().trim_end_matches('/'),
                 LATEST = crate::checkpoint::LATEST,
             ),
         }

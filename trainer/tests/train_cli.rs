@@ -373,7 +373,9 @@ fn a_new_run_never_overwrites_an_earlier_one_and_a_failed_start_changes_nothing(
         let stderr = text(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{extra:?}: {stderr}");
         assert!(
-            stderr.contains("has no latest.json") && stderr.contains(newest.as_str()),
+            stderr.contains("has no latest.json")
+                && stderr.contains(&format!("checkpoints/{newest}"))
+                && !stderr.contains("//ckpt-"),
             "{extra:?}: {stderr}"
         );
     }

@@ -98,7 +98,9 @@ impl fmt::Display for VerifyReport {
         if self.is_ok() {
             writeln!(f, "verified {summary}: OK")
         } else {
-            writeln!(f, "verified {summary}: {} problems", self.problems.len())
+            let count = self.problems.len();
+            let noun = if count == 1 { "problem" } else { "problems" };
+            writeln!(f, "verified {summary}: {count} {noun}")
         }
     }
 }
