@@ -9,7 +9,7 @@
 //! passes keep one running sum per byte of a row and move down the image a whole row at a
 //! time; horizontal passes sum shifted copies of an edge-extended row (for SwAV's radii the box
 //! is one to three pixels wide). Where the CPU has AVX-512 VNNI, boxes of radius up to 8 run
-//! the same arithmetic written by hand in 16-bit lanes ([`vnni`]).
+//! the same arithmetic written by hand in 16-bit lanes (the `vnni` module).
 //!
 //! In Pillow's notation, with indices clamped to the image, one pass is
 //! `out(x) = (sum(x) * ww + (in[x - r - 1] + in[x + r + 1]) * fw + 2^23) >> 24` in `UINT32`,
