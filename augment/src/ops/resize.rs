@@ -16,9 +16,9 @@
 //! Speed comes from the loop order, not from different arithmetic: the vertical pass sums whole
 //! rows (it vectorizes as is), and the horizontal pass works on eight rows at once, interleaved
 //! byte by byte, so that each multiply-add covers the same pixel of eight rows. Where the CPU
-//! has AVX-512 VBMI and VNNI, both passes run as written by hand in the `gather` module: byte permutes
-//! gather two taps per 32-bit lane and `vpdpwssd` multiplies and adds them, with Pillow's
-//! weights split in two 16-bit parts so that the sums stay exact.
+//! has AVX-512 VBMI and VNNI, both passes run as written by hand in the `gather` module: byte
+//! permutes gather two taps per 32-bit lane and `vpdpwssd` multiplies and adds them, with
+//! Pillow's weights split in two 16-bit parts so that the sums stay exact.
 
 use super::{CropBox, RgbMut, RgbRef, grown};
 
