@@ -333,8 +333,9 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
     // earlier failures are fetched again, and counted when they are.)
     let counters = Counters::default();
     // A shard the manifest lists is complete only while its tar (of the listed size), index
-    // and stats are all there: one deleted or cut short since (by hand, by a bucket's
-    // lifecycle rule) is made again from its plan chunk, not taken as done.
+    // and stats are all there: one whose tar, index or stats was deleted, or whose tar was cut
+    // short since (by hand, by a bucket's lifecycle rule), is made again from its plan chunk,
+    // not taken as done.
     let mut damaged = Vec::new();
     for shard in &manifest.shards {
         let names = ShardNames::for_tar(&shard.name);
@@ -355,7 +356,9 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         let documents = match tar {
             Err(problem) => Err(problem),
             Ok(()) => {
-                // Missing or malformed, either makes the shard again; a failed read stops.
+                // A missing document makes the shard again. One that does not parse, or is of
+                // another format version (a newer build's), stops the job, named: it is not
+                // for this build to overwrite.
                 fn usable<T>(
                     read: Result<Option<T>, shards::StoreError>,
                     name: &str,
@@ -363,9 +366,6 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
                     match read {
                         Ok(Some(document)) => Ok(Ok(document)),
                         Ok(None) => Ok(Err(format!("has no {name}"))),
-                        Err(shards::StoreError::BadDocument { reason, .. }) => {
-                            Ok(Err(format!("has a malformed {name} ({reason})")))
-                        }
                         Err(error) => Err(IngestError::Output(error)),
                     }
                 }
