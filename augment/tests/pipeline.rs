@@ -80,21 +80,32 @@ fn dataset_with_corrupt_image() -> tempfile::TempDir {
             ],
         )
         .unwrap();
+    manifest.upsert(store_shard(dir.path(), name, writer, 3));
+    std::fs::write(manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    dir
+}
+
+/// Stores a finished shard and its index in `dir`; returns its manifest entry, claiming
+/// `samples` samples.
+fn store_shard(
+    dir: &Path,
+    name: &str,
+    writer: ShardWriter<Vec<u8>>,
+    samples: u64,
+) -> ManifestShard {
     let finished = writer.finish().unwrap();
-    std::fs::write(dir.path().join(name), &finished.out).unwrap();
+    std::fs::write(dir.join(name), &finished.out).unwrap();
     std::fs::write(
-        dir.path().join(ShardNames::for_tar(name).index),
+        dir.join(ShardNames::for_tar(name).index),
         serde_json::to_vec(&finished.index).unwrap(),
     )
     .unwrap();
-    manifest.upsert(ManifestShard {
+    ManifestShard {
         name: name.into(),
-        samples: 3,
+        samples,
         bytes: finished.out.len() as u64,
         sha256: finished.sha256,
-    });
-    std::fs::write(manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
-    dir
+    }
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -490,19 +501,7 @@ fn undecodable_dataset(claimed: u64) -> tempfile::TempDir {
                 )
                 .unwrap();
         }
-        let finished = writer.finish().unwrap();
-        std::fs::write(dir.path().join(&name), &finished.out).unwrap();
-        std::fs::write(
-            dir.path().join(ShardNames::for_tar(&name).index),
-            serde_json::to_vec(&finished.index).unwrap(),
-        )
-        .unwrap();
-        manifest.upsert(ManifestShard {
-            name,
-            samples: claimed,
-            bytes: finished.out.len() as u64,
-            sha256: finished.sha256,
-        });
+        manifest.upsert(store_shard(dir.path(), &name, writer, claimed));
     }
     std::fs::write(
         dir.path().join("manifest.json"),
@@ -548,23 +547,11 @@ fn views_of_a_panorama_fit_a_bounded_sheet() {
     writer
         .add("wide", &[("png", &png[..]), ("json", b"{}".as_slice())])
         .unwrap();
-    let finished = writer.finish().unwrap();
-    std::fs::write(dir.path().join(name), &finished.out).unwrap();
-    std::fs::write(
-        dir.path().join(ShardNames::for_tar(name).index),
-        serde_json::to_vec(&finished.index).unwrap(),
-    )
-    .unwrap();
     let mut manifest = Manifest {
         version: 1,
         shards: Vec::new(),
     };
-    manifest.upsert(ManifestShard {
-        name: name.into(),
-        samples: 1,
-        bytes: finished.out.len() as u64,
-        sha256: finished.sha256,
-    });
+    manifest.upsert(store_shard(dir.path(), name, writer, 1));
     std::fs::write(
         dir.path().join("manifest.json"),
         serde_json::to_vec(&manifest).unwrap(),

@@ -84,13 +84,13 @@ impl GaussianBlur {
         let row_bytes = width * 3;
         #[cfg(target_arch = "x86_64")]
         if vnni::runs(kernel) {
-            let words = &mut self.words;
+            let sums = (&mut self.sums, &mut self.words);
             // SAFETY: `runs` checked the CPU and the kernel.
             unsafe {
                 vnni::horizontal_passes(data, scratch, row_bytes, kernel, &mut self.rows);
-                vnni::vertical_pass(scratch, data, row_bytes, kernel, words);
-                vnni::vertical_pass(data, scratch, row_bytes, kernel, words);
-                vnni::vertical_pass(scratch, data, row_bytes, kernel, words);
+                vnni::vertical_pass(scratch, data, row_bytes, kernel, sums.0, sums.1);
+                vnni::vertical_pass(data, scratch, row_bytes, kernel, sums.0, sums.1);
+                vnni::vertical_pass(scratch, data, row_bytes, kernel, sums.0, sums.1);
             }
             return;
         }
@@ -255,6 +255,26 @@ fn initial_window(radius: usize, len: usize) -> (u32, usize, u32) {
     ((radius + 1) as u32, inside, (radius - inside) as u32)
 }
 
+/// The running sum of each byte of a row before a vertical pass's first output: positions
+/// `-r - 1 ..= r - 1` of its column, edges extended, in Pillow's wrapping `UINT32` arithmetic.
+#[inline(always)]
+fn initial_column_sums(src: &[u8], row_bytes: usize, kernel: BoxKernel, sums: &mut Vec<u32>) {
+    let last = src.len() / row_bytes - 1;
+    let row = |y: usize| &src[y * row_bytes..(y + 1) * row_bytes];
+    let (first_copies, inside, last_copies) = initial_window(kernel.radius, last + 1);
+    sums.clear();
+    sums.extend(row(0).iter().zip(row(last)).map(|(&first, &end)| {
+        u32::from(first)
+            .wrapping_mul(first_copies)
+            .wrapping_add(u32::from(end).wrapping_mul(last_copies))
+    }));
+    for y in 0..inside {
+        for (sum, &value) in sums.iter_mut().zip(row(y)) {
+            *sum = sum.wrapping_add(u32::from(value));
+        }
+    }
+}
+
 dispatch_simd! {
     /// One vertical pass of `src` into `dst`: the same arithmetic along columns, with one
     /// running sum per byte of a row, moving down a row at a time.
@@ -281,18 +301,7 @@ fn vertical_pass_portable(
         let start = y.clamp(0, last) as usize * row_bytes;
         &src[start..start + row_bytes]
     };
-    let (first_copies, inside, last_copies) = initial_window(kernel.radius, (last + 1) as usize);
-    sums.clear();
-    sums.extend(row(0).iter().zip(row(last)).map(|(&first, &end)| {
-        u32::from(first)
-            .wrapping_mul(first_copies)
-            .wrapping_add(u32::from(end).wrapping_mul(last_copies))
-    }));
-    for y in 0..inside {
-        for (sum, &value) in sums.iter_mut().zip(row(y as isize)) {
-            *sum = sum.wrapping_add(u32::from(value));
-        }
-    }
+    initial_column_sums(src, row_bytes, kernel, sums);
     for (y, out) in dst.chunks_exact_mut(row_bytes).enumerate() {
         let y = y as isize;
         let (add, remove, far_right) = (row(y + radius), row(y - radius - 1), row(y + radius + 1));

@@ -13,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{BoxKernel, initial_window};
+use super::{BoxKernel, initial_column_sums};
 
 /// Bytes per step: 32 bytes widen to the 32 words of a 512-bit register.
 const STEP: usize = 32;
@@ -180,7 +180,7 @@ pub(super) unsafe fn horizontal_passes(
 }
 
 /// One vertical pass of `src` into `dst` (rows of `row_bytes`): a running sum per byte of a
-/// row, in 16-bit words. `sums` is scratch space.
+/// row, in 16-bit words. `wide` and `sums` are scratch space.
 ///
 /// # Safety
 ///
@@ -191,6 +191,7 @@ pub(super) unsafe fn vertical_pass(
     dst: &mut [u8],
     row_bytes: usize,
     kernel: BoxKernel,
+    wide: &mut Vec<u32>,
     sums: &mut Vec<u16>,
 ) {
     assert!(kernel.radius <= MAX_RADIUS && src.len() == dst.len() && row_bytes > 0);
@@ -201,20 +202,11 @@ pub(super) unsafe fn vertical_pass(
         let start = y.clamp(0, last) as usize * row_bytes;
         &src[start..start + row_bytes]
     };
-    // The window before the first output, as the compiled pass starts it (wrapping `u16`
-    // arithmetic gives the same low bits, and the sums stay below 2^16).
-    let (first_copies, inside, last_copies) = initial_window(kernel.radius, (last + 1) as usize);
+    // The window before the first output, as the compiled pass starts it (those sums stay
+    // below 2^16, so the words hold them whole).
+    initial_column_sums(src, row_bytes, kernel, wide);
     sums.clear();
-    sums.extend(row(0).iter().zip(row(last)).map(|(&first, &end)| {
-        u16::from(first)
-            .wrapping_mul(first_copies as u16)
-            .wrapping_add(u16::from(end).wrapping_mul(last_copies as u16))
-    }));
-    for y in 0..inside {
-        for (sum, &value) in sums.iter_mut().zip(row(y as isize)) {
-            *sum = sum.wrapping_add(u16::from(value));
-        }
-    }
+    sums.extend(wide.iter().map(|&sum| sum as u16));
     sums.resize(row_bytes + STEP, 0);
     for (y, out) in dst.chunks_exact_mut(row_bytes).enumerate() {
         let y = y as isize;
