@@ -439,6 +439,15 @@ fn sniff(bytes: &[u8]) -> Result<ImageFormat, Rejection> {
     } else {
         let detail = match bytes.len() {
             0 => "empty input".to_string(),
+            // What the bytes are when they are no image, where it says what to do.
+            _ if bytes.starts_with(&[0x1f, 0x8b]) => "gzip-compressed data, not an image (a \
+                 .gz file, or a server that sends its images with Content-Encoding: gzip)"
+                .to_string(),
+            _ if bytes.trim_ascii_start().starts_with(b"<") => {
+                "an HTML or XML document (an SVG drawing, or an error or login page?), not a raster \
+                 image"
+                    .to_string()
+            }
             n => format!("unrecognized magic bytes {:02x?}", &bytes[..n.min(8)]),
         };
         return Err(Rejection::UnsupportedFormat { detail });
@@ -824,6 +833,11 @@ mod tests {
         assert_eq!(sniff(b"RIFF\0\0\0\0WEBPVP8 ").unwrap(), ImageFormat::WebP);
         assert_eq!(sniff(b"").unwrap_err().reason(), "unsupported_format");
         assert_eq!(sniff(b"<svg").unwrap_err().reason(), "unsupported_format");
+        // What the bytes are, when they are a usual mistake.
+        let said = |bytes: &[u8]| sniff(bytes).unwrap_err().to_string();
+        assert!(said(b"\x1f\x8b\x08\0").contains("gzip-compressed data"));
+        assert!(said(b"\n <!DOCTYPE html>").contains("an HTML or XML document"));
+        assert!(said(b"\0\x01\x02").contains("unrecognized magic bytes"));
     }
 
     #[test]
