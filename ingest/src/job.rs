@@ -332,78 +332,29 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
     // failures must not carry on until it has seen the minimum again. (With --retry-failed the
     // earlier failures are fetched again, and counted when they are.)
     let counters = Counters::default();
-    // A shard the manifest lists is complete only while its tar (of the listed size), index
-    // and stats are all there: one whose tar, index or stats was deleted, or whose tar was cut
-    // short since (by hand, by a bucket's lifecycle rule), is made again from its plan chunk,
-    // not taken as done.
-    let mut damaged = Vec::new();
+    // A listed shard that is no longer complete is made again (see `completed_shard`); the
+    // stats of done shards with failures are kept for --retry-failed, which refetches those.
+    let mut damaged = HashSet::new();
+    let mut with_failures = BTreeMap::new();
     for shard in &manifest.shards {
-        let names = ShardNames::for_tar(&shard.name);
-        let tar = match output.store.head(&output.child(&names.tar)).await {
-            Ok(meta) if meta.size == shard.bytes => Ok(()),
-            Ok(meta) => Err(format!(
-                "holds {} bytes, not the {} listed",
-                meta.size, shard.bytes
-            )),
-            Err(object_store::Error::NotFound { .. }) => Err("is missing".to_string()),
-            Err(source) => {
-                return Err(IngestError::Output(shards::StoreError::Store {
-                    url: output.url_of(&output.child(&names.tar)),
-                    source,
-                }));
-            }
-        };
-        let documents = match tar {
-            Err(problem) => Err(problem),
-            Ok(()) => {
-                // A missing document makes the shard again. One that does not parse, or is of
-                // another format version (a newer build's), stops the job, named: it is not
-                // for this build to overwrite.
-                fn usable<T>(
-                    read: Result<Option<T>, shards::StoreError>,
-                    name: &str,
-                ) -> Result<Result<T, String>, IngestError> {
-                    match read {
-                        Ok(Some(document)) => Ok(Ok(document)),
-                        Ok(None) => Ok(Err(format!("has no {name}"))),
-                        Err(error) => Err(IngestError::Output(error)),
-                    }
-                }
-                let stats = usable(
-                    output
-                        .get_checked_json_opt(&names.stats, ShardStats::check)
-                        .await,
-                    &names.stats,
-                )?;
-                let index = usable(
-                    output
-                        .get_checked_json_opt(&names.index, shards::ShardIndex::check)
-                        .await,
-                    &names.index,
-                )?;
-                stats.and_then(|stats| index.map(|index| (stats, index)))
-            }
-        };
-        let (stats, index) = match documents {
+        let (stats, index) = match completed_shard(&output, shard).await? {
             Ok(documents) => documents,
             Err(problem) => {
-                tracing::warn!(
-                    shard = %shard.name,
-                    "{} {problem}: made again",
-                    shard.name
-                );
-                damaged.push(shard.name.clone());
+                tracing::warn!(shard = %shard.name, "{} {problem}: made again", shard.name);
+                damaged.insert(shard.name.clone());
                 continue;
             }
         };
-        if !config.retry_failed {
-            counters.seen.fetch_add(stats.count, Ordering::Relaxed);
-            counters.failed.fetch_add(stats.failed, Ordering::Relaxed);
-        }
         for entry in &index.samples {
             seen.hashes
                 .extend(entry.source_sha256.as_deref().and_then(decode_hex));
             seen.keys.extend(decode_hex(&entry.key));
+        }
+        if !config.retry_failed {
+            counters.seen.fetch_add(stats.count, Ordering::Relaxed);
+            counters.failed.fetch_add(stats.failed, Ordering::Relaxed);
+        } else if !stats.failures.is_empty() {
+            with_failures.insert(shard.name.clone(), stats);
         }
     }
     manifest
@@ -439,16 +390,12 @@ pub async fn run(config: &JobConfig, reporter: &dyn Reporter) -> Result<JobSumma
         }
         let items = plan::chunk(&output, &plan, id).await?;
         let kept = if done {
-            let stats: ShardStats = output
-                .get_checked_json(&names.stats, ShardStats::check)
-                .await
-                .map_err(IngestError::Output)?;
-            if stats.failures.is_empty() {
+            let Some(stats) = with_failures.remove(&names.tar) else {
                 summary.shards_skipped += 1;
                 progress.items_done += items.len() as u64;
                 progress.shards_done += 1;
                 continue;
-            }
+            };
             Some(stats)
         } else {
             None
@@ -542,10 +489,7 @@ impl JobState<'_> {
         let cap = self.config.image.max_input_bytes;
         if meta.size > cap {
             // Refused from the object's size alone, before reading its bytes.
-            return Fetched::TooLarge(format!(
-                "input is {} bytes, more than the {cap}-byte cap",
-                meta.size
-            ));
+            return Fetched::too_large(meta.size, cap);
         }
         match result.bytes().await {
             Ok(bytes) => Fetched::Bytes(meta, bytes),
@@ -573,11 +517,7 @@ impl JobState<'_> {
         .await;
         let (metadata, bytes) = match read {
             Ok(Ok(Ok(read))) => read,
-            Ok(Ok(Err(size))) => {
-                return Fetched::TooLarge(format!(
-                    "input is {size} bytes, more than the {cap}-byte cap"
-                ));
-            }
+            Ok(Ok(Err(size))) => return Fetched::too_large(size, cap),
             Ok(Err(error)) if error.kind() == std::io::ErrorKind::NotFound => {
                 return Fetched::NotFound("no such file".into());
             }
@@ -670,9 +610,7 @@ impl JobState<'_> {
         if let Some(length) = response.content_length()
             && length > cap
         {
-            return Fetched::TooLarge(format!(
-                "input is {length} bytes, more than the {cap}-byte cap"
-            ));
+            return Fetched::too_large(length, cap);
         }
         let header = |name| {
             response
@@ -1345,6 +1283,57 @@ enum Fetched {
     Busy(String, Option<Duration>),
     /// Anything else: worth another try.
     Failed(String),
+}
+
+/// The stats and index of a shard the manifest lists, or why it is no longer complete: its
+/// tar gone or not of the listed size, its stats or index gone (deleted by hand, or by a
+/// bucket's lifecycle rule). Such a shard is made again from its plan chunk. A document that
+/// does not parse, or is of another format version (a newer build's), stops the job, named:
+/// it is not for this build to overwrite; so does a failed read.
+async fn completed_shard(
+    output: &Location,
+    shard: &ManifestShard,
+) -> Result<Result<(ShardStats, shards::ShardIndex), String>, IngestError> {
+    let names = ShardNames::for_tar(&shard.name);
+    let tar = output.child(&names.tar);
+    match output.store.head(&tar).await {
+        Ok(meta) if meta.size != shard.bytes => {
+            return Ok(Err(format!(
+                "holds {} bytes, not the {} listed",
+                meta.size, shard.bytes
+            )));
+        }
+        Ok(_) => {}
+        Err(object_store::Error::NotFound { .. }) => return Ok(Err("is missing".into())),
+        Err(source) => {
+            return Err(IngestError::Output(shards::StoreError::Store {
+                url: output.url_of(&tar),
+                source,
+            }));
+        }
+    }
+    let stats = output
+        .get_checked_json_opt(&names.stats, ShardStats::check)
+        .await
+        .map_err(IngestError::Output)?;
+    let index = output
+        .get_checked_json_opt(&names.index, shards::ShardIndex::check)
+        .await
+        .map_err(IngestError::Output)?;
+    Ok(match (stats, index) {
+        (Some(stats), Some(index)) => Ok((stats, index)),
+        (None, _) => Err(format!("has no {}", names.stats)),
+        (_, None) => Err(format!("has no {}", names.index)),
+    })
+}
+
+impl Fetched {
+    /// An input of `size` bytes, over the byte cap `cap`.
+    fn too_large(size: u64, cap: u64) -> Self {
+        Fetched::TooLarge(format!(
+            "input is {size} bytes, more than the {cap}-byte cap"
+        ))
+    }
 }
 
 /// The TLS error behind a failed request, if the client refused the server's TLS. The TLS
