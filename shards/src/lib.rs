@@ -42,44 +42,67 @@ pub use reader::{Sample, SampleReader, ShardStream};
 pub use store::{Location, StoreOptions};
 pub use writer::{FinishedShard, ShardWriter};
 
-/// Writes `bytes` to the file `path` as a whole or not at all: into a temporary file beside
-/// it, then renamed over it. A write that fails (a full disk, say) leaves an earlier file of
-/// that name as it was, and no partial file.
-///
-/// Only a regular file is ever replaced. A link is written through (the file it names is
-/// replaced, the link stays); a device, FIFO or socket (`/dev/stdout`, `/dev/null`, a named
-/// pipe) is written to as it is, never renamed over; a folder, or a link to nothing, is
-/// refused.
-pub fn write_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::{Error, ErrorKind, Write};
-    let resolved;
+/// Where output written to a path goes, once a link there is followed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputTarget {
+    /// A regular file, or nothing yet: written under a temporary name and renamed into place.
+    File(std::path::PathBuf),
+    /// A device, FIFO or socket (`/dev/stdout`, `/dev/null`, a named pipe): written to as it
+    /// is, never renamed over.
+    Special(std::path::PathBuf),
+}
+
+/// What output to `path` writes to: a link is followed to the file it names (the link stays);
+/// a folder, or a link to nothing, is refused.
+pub fn output_target(path: &std::path::Path) -> std::io::Result<OutputTarget> {
+    use std::io::{Error, ErrorKind};
     let path = match std::fs::symlink_metadata(path) {
         Ok(metadata) if metadata.file_type().is_symlink() => {
-            resolved = std::fs::canonicalize(path).map_err(|error| {
+            std::fs::canonicalize(path).map_err(|error| {
                 if error.kind() == ErrorKind::NotFound {
                     Error::new(ErrorKind::NotFound, "a link to a file that does not exist")
                 } else {
                     error
                 }
-            })?;
-            resolved.as_path()
+            })?
         }
-        _ => path,
+        _ => path.to_path_buf(),
     };
-    match std::fs::metadata(path) {
+    match std::fs::metadata(&path) {
         Ok(metadata) if metadata.is_dir() => {
-            return Err(Error::new(ErrorKind::IsADirectory, "is a folder"));
+            Err(Error::new(ErrorKind::IsADirectory, "is a folder"))
         }
-        Ok(metadata) if !metadata.is_file() => {
-            let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
-            return file.write_all(bytes);
-        }
-        _ => {}
+        Ok(metadata) if !metadata.is_file() => Ok(OutputTarget::Special(path)),
+        _ => Ok(OutputTarget::File(path)),
     }
-    let folder = match path.parent() {
+}
+
+/// The folder a file `path` is in (`.` for a bare name).
+pub fn folder_of(path: &std::path::Path) -> &std::path::Path {
+    match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => std::path::Path::new("."),
+    }
+}
+
+/// Writes `bytes` to the file `path` as a whole or not at all: into a temporary file beside
+/// it, then renamed over it. A write that fails (a full disk, say) leaves an earlier file of
+/// that name as it was, and no partial file.
+///
+/// Only a regular file is ever replaced ([`output_target`]): a link is written through, a
+/// device, FIFO or socket is written to as it is, a folder or a link to nothing is refused.
+pub fn write_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = match output_target(path)? {
+        OutputTarget::Special(path) => {
+            return std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)?
+                .write_all(bytes);
+        }
+        OutputTarget::File(path) => path,
     };
+    let folder = folder_of(&path);
     let mut builder = tempfile::Builder::new();
     // As a plain create would make it (0666 less the umask), not a temporary file's 0600.
     #[cfg(unix)]
@@ -87,7 +110,7 @@ pub fn write_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut file = builder.tempfile_in(folder)?;
     file.write_all(bytes)?;
     file.as_file().sync_all()?;
-    file.persist(path).map_err(|e| e.error)?;
+    file.persist(&path).map_err(|e| e.error)?;
     Ok(())
 }
 

@@ -336,29 +336,21 @@ fn stop_on_signals() -> Arc<AtomicBool> {
 /// where the export would overwrite or mix with checkpoints.
 fn export_target(output: &Path, checkpoint_url: &str) -> Result<PathBuf> {
     let shown = output.display();
-    let target = match std::fs::symlink_metadata(output) {
-        Ok(metadata) if metadata.file_type().is_symlink() => std::fs::canonicalize(output)
-            .with_context(|| format!("{shown} is a link to a file that does not exist"))?,
-        _ => output.to_path_buf(),
-    };
-    if let Ok(metadata) = std::fs::metadata(&target) {
-        anyhow::ensure!(!metadata.is_dir(), "{shown} is a folder: give a file name");
-        anyhow::ensure!(
-            metadata.is_file(),
+    let target = match shards::output_target(output) {
+        Ok(shards::OutputTarget::File(target)) => target,
+        Ok(shards::OutputTarget::Special(_)) => anyhow::bail!(
             "{shown} is not a regular file (a device, FIFO or socket): the export is a file, written under a temporary name and renamed into place"
-        );
-    }
+        ),
+        Err(error) => anyhow::bail!("{shown}: {error}"),
+    };
     let checkpoints = shards::store::normalize_url(checkpoint_url)
         .ok()
         .filter(|url| url.scheme() == "file")
         .and_then(|url| url.to_file_path().ok())
         .and_then(|folder| folder.parent().map(Path::to_path_buf))
         .and_then(|folder| std::fs::canonicalize(folder).ok());
-    let parent = match target.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    if let (Some(checkpoints), Ok(parent)) = (checkpoints, std::fs::canonicalize(parent)) {
+    let parent = std::fs::canonicalize(shards::folder_of(&target));
+    if let (Some(checkpoints), Ok(parent)) = (checkpoints, parent) {
         anyhow::ensure!(
             !parent.starts_with(&checkpoints),
             "{shown} is inside {}, the folder of the checkpoints: the export would overwrite or mix with them; write it elsewhere",
