@@ -255,6 +255,20 @@ fn initial_window(radius: usize, len: usize) -> (u32, usize, u32) {
     ((radius + 1) as u32, inside, (radius - inside) as u32)
 }
 
+/// The rows a vertical pass's output row `y` adds to its running sums, removes from them, and
+/// takes as the far pixel below the box (`y + r`, `y - r - 1` and `y + r + 1`), clamped to the
+/// image as Pillow extends its edges.
+#[inline(always)]
+fn moving_rows(src: &[u8], row_bytes: usize, radius: usize, y: usize) -> [&[u8]; 3] {
+    let last = (src.len() / row_bytes) as isize - 1;
+    let row = |y: isize| {
+        let start = y.clamp(0, last) as usize * row_bytes;
+        &src[start..start + row_bytes]
+    };
+    let (y, radius) = (y as isize, radius as isize);
+    [row(y + radius), row(y - radius - 1), row(y + radius + 1)]
+}
+
 /// The running sum of each byte of a row before a vertical pass's first output: positions
 /// `-r - 1 ..= r - 1` of its column, edges extended, in Pillow's wrapping `UINT32` arithmetic.
 #[inline(always)]
@@ -295,16 +309,9 @@ fn vertical_pass_portable(
     kernel: BoxKernel,
     sums: &mut Vec<u32>,
 ) {
-    let last = (src.len() / row_bytes) as isize - 1;
-    let radius = kernel.radius as isize;
-    let row = |y: isize| {
-        let start = y.clamp(0, last) as usize * row_bytes;
-        &src[start..start + row_bytes]
-    };
     initial_column_sums(src, row_bytes, kernel, sums);
     for (y, out) in dst.chunks_exact_mut(row_bytes).enumerate() {
-        let y = y as isize;
-        let (add, remove, far_right) = (row(y + radius), row(y - radius - 1), row(y + radius + 1));
+        let [add, remove, far_right] = moving_rows(src, row_bytes, kernel.radius, y);
         let sums = &mut sums[..row_bytes];
         for i in 0..row_bytes {
             let sum = sums[i]

@@ -13,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{BoxKernel, initial_column_sums};
+use super::{BoxKernel, initial_column_sums, moving_rows};
 
 /// Bytes per step: 32 bytes widen to the 32 words of a 512-bit register.
 const STEP: usize = 32;
@@ -196,12 +196,6 @@ pub(super) unsafe fn vertical_pass(
 ) {
     assert!(kernel.radius <= MAX_RADIUS && src.len() == dst.len() && row_bytes > 0);
     let weights = Weights::new(kernel);
-    let last = (src.len() / row_bytes) as isize - 1;
-    let radius = kernel.radius as isize;
-    let row = |y: isize| {
-        let start = y.clamp(0, last) as usize * row_bytes;
-        &src[start..start + row_bytes]
-    };
     // The window before the first output, as the compiled pass starts it (those sums stay
     // below 2^16, so the words hold them whole).
     initial_column_sums(src, row_bytes, kernel, wide);
@@ -209,8 +203,7 @@ pub(super) unsafe fn vertical_pass(
     sums.extend(wide.iter().map(|&sum| sum as u16));
     sums.resize(row_bytes + STEP, 0);
     for (y, out) in dst.chunks_exact_mut(row_bytes).enumerate() {
-        let y = y as isize;
-        let (add, remove, far_right) = (row(y + radius), row(y - radius - 1), row(y + radius + 1));
+        let [add, remove, far_right] = moving_rows(src, row_bytes, kernel.radius, y);
         for at in (0..row_bytes).step_by(STEP) {
             let mask = first_bytes(row_bytes - at);
             // SAFETY: the masks cover only bytes inside the rows and `out`; `sums` holds
