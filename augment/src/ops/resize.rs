@@ -40,14 +40,36 @@ const BILINEAR_SUPPORT: f64 = 1.0;
 /// after `Image.crop`, reusing its weight tables and intermediate image between calls.
 #[derive(Debug, Default)]
 pub struct CropResizer {
-    horizontal: Weights,
+    horizontal: HorizontalPass,
     vertical: Weights,
     /// The image between the two passes.
     intermediate: Vec<u8>,
     scratch: Scratch,
-    /// The horizontal weights as tables for the VBMI pass.
+}
+
+/// The horizontal pass's weights, and the same weights as tables for the VBMI pass.
+#[derive(Debug, Default)]
+struct HorizontalPass {
+    weights: Weights,
     #[cfg(target_arch = "x86_64")]
     gather: gather::GatherPlan,
+}
+
+impl HorizontalPass {
+    /// Resamples every row of `src` into `out` with the weights: the VBMI pass where the CPU
+    /// has it and the filter's groups fit its window, the compiled one otherwise.
+    fn run(&mut self, src: &CropView<'_>, out: &mut [u8], out_width: usize, scratch: &mut Scratch) {
+        #[cfg(target_arch = "x86_64")]
+        if gather::available() && self.gather.build(&self.weights) {
+            // SAFETY: `available` checked the CPU, and the plan was just built from the
+            // weights for this source width and `out_width`.
+            unsafe {
+                gather::horizontal_pass(src, &self.gather, out, out_width, &mut scratch.planes)
+            };
+            return;
+        }
+        horizontal_pass(src, &self.weights, out, out_width, scratch);
+    }
 }
 
 /// Buffers of the two passes.
@@ -125,8 +147,9 @@ impl CropResizer {
         match (need_horizontal, need_vertical) {
             (false, false) => view.copy_to(dst.data),
             (true, false) => {
-                self.horizontal.compute(in_width, out_width, flip);
-                self.horizontal_pass(&view, dst.data, out_width);
+                self.horizontal.weights.compute(in_width, out_width, flip);
+                self.horizontal
+                    .run(&view, dst.data, out_width, &mut self.scratch);
             }
             (false, true) => {
                 self.vertical.compute(in_height, out_height, false);
@@ -134,55 +157,34 @@ impl CropResizer {
             }
             (true, true) if horizontal_first => {
                 self.vertical.compute(in_height, out_height, false);
-                self.horizontal.compute(in_width, out_width, flip);
+                self.horizontal.weights.compute(in_width, out_width, flip);
                 // Only the rows the vertical pass reads are resampled horizontally.
                 let first_row = self.vertical.starts[0] as usize;
                 let last = out_height - 1;
                 let end_row = (self.vertical.starts[last] + self.vertical.lens[last]) as usize;
                 let rows = end_row - first_row;
-                let mut intermediate = std::mem::take(&mut self.intermediate);
-                let buffer = grown(&mut intermediate, out_width * rows * 3);
-                self.horizontal_pass(&view.rows(first_row, rows), buffer, out_width);
-                self.intermediate = intermediate;
-                let intermediate =
-                    CropView::whole(&self.intermediate[..out_width * rows * 3], out_width, rows);
+                let buffer = grown(&mut self.intermediate, out_width * rows * 3);
+                let scratch = &mut self.scratch;
+                self.horizontal
+                    .run(&view.rows(first_row, rows), buffer, out_width, scratch);
+                let intermediate = CropView::whole(buffer, out_width, rows);
                 let sums = &mut self.scratch.sums;
                 vertical(&intermediate, &self.vertical, first_row, dst.data, sums);
             }
             (true, true) => {
                 self.vertical.compute(in_height, out_height, false);
-                self.horizontal.compute(in_width, out_width, flip);
+                self.horizontal.weights.compute(in_width, out_width, flip);
                 let intermediate = grown(&mut self.intermediate, in_width * out_height * 3);
                 let sums = &mut self.scratch.sums;
                 vertical(&view, &self.vertical, 0, intermediate, sums);
-                let intermediate = std::mem::take(&mut self.intermediate);
-                let view = CropView::whole(
-                    &intermediate[..in_width * out_height * 3],
-                    in_width,
-                    out_height,
-                );
-                self.horizontal_pass(&view, dst.data, out_width);
-                self.intermediate = intermediate;
+                let view = CropView::whole(intermediate, in_width, out_height);
+                self.horizontal
+                    .run(&view, dst.data, out_width, &mut self.scratch);
             }
         }
         if flip && !need_horizontal {
             super::flip_horizontal(dst);
         }
-    }
-
-    /// The horizontal pass with the weights in `self.horizontal`: the VBMI pass where the CPU
-    /// has it and the filter's groups fit its window, the compiled one otherwise.
-    fn horizontal_pass(&mut self, src: &CropView<'_>, out: &mut [u8], out_width: usize) {
-        #[cfg(target_arch = "x86_64")]
-        if gather::available() && self.gather.build(&self.horizontal) {
-            // SAFETY: `available` checked the CPU, and the plan was just built from the
-            // weights for this source width and `out_width`.
-            unsafe {
-                gather::horizontal_pass(src, &self.gather, out, out_width, &mut self.scratch.planes)
-            };
-            return;
-        }
-        horizontal_pass(src, &self.horizontal, out, out_width, &mut self.scratch);
     }
 }
 
