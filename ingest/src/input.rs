@@ -1194,9 +1194,7 @@ mod tests {
             .unwrap();
         assert!(err.to_string().contains("is a folder"), "{err}");
         let fifo = dir.join("urls.fifo");
-        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: a valid C string naming a path in a folder of ours.
-        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        seer_tests::make_fifo(&fifo);
         let err = items(&spec(&fifo, LabelSource::None), &options)
             .await
             .err()

@@ -544,9 +544,7 @@ fn list_file_with_labels_and_retry_of_failed_samples() {
 fn a_list_naming_a_fifo_or_a_folder_finishes_and_counts_them() {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("pipe.jpg");
-    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: a valid NUL-terminated path and a mode; mkfifo touches nothing else.
-    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o644) }, 0);
+    seer_tests::make_fifo(&fifo);
     let folder = dir.path().join("folder.jpg");
     std::fs::create_dir(&folder).unwrap();
     let mut lines: Vec<String> = photos_in("endless-sky", 2)
@@ -597,14 +595,9 @@ fn a_fifo_in_a_listed_folder_fails_alone_named() {
     for (i, photo) in photos_in("endless-sky", 2).iter().enumerate() {
         std::fs::copy(photo, input.join(format!("{i}.jpg"))).unwrap();
     }
-    let fifo = input.join("pipe.jpg");
-    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: a valid NUL-terminated path and a mode; mkfifo touches nothing else.
-    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o644) }, 0);
+    seer_tests::make_fifo(&input.join("pipe.jpg"));
     // A FIFO without an image's name is not planned at all.
-    let other = std::ffi::CString::new(input.join("pipe.txt").to_str().unwrap()).unwrap();
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::mkfifo(other.as_ptr(), 0o644) }, 0);
+    seer_tests::make_fifo(&input.join("pipe.txt"));
     let out = dir.path().join("out");
     let output = run_ok(
         ingest()

@@ -355,9 +355,7 @@ mod tests {
 
         // A named pipe (as /dev/stdout or /dev/null would be, which a test must not risk).
         let fifo = dir.path().join("pipe.png");
-        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path and a mode; mkfifo touches nothing else.
-        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o644) }, 0);
+        seer_tests::make_fifo(&fifo);
         let reader = {
             let fifo = fifo.clone();
             std::thread::spawn(move || std::fs::read(fifo).unwrap())

@@ -43,3 +43,19 @@ pub use testdata::{
     photos_small_dir, photos_small_index,
 };
 pub use upload::{UploadSummary, files_under, upload_dir};
+
+/// Makes a named pipe (FIFO) at `path`, for tests of what meets one where a file was expected.
+#[cfg(unix)]
+pub fn make_fifo(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("a path without NUL");
+    // SAFETY: a valid NUL-terminated path and a mode; mkfifo touches nothing else.
+    let made = unsafe { libc::mkfifo(name.as_ptr(), 0o644) };
+    assert_eq!(
+        made,
+        0,
+        "mkfifo {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}

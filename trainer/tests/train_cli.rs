@@ -576,10 +576,7 @@ fn export_writes_a_trunk_that_load_trunk_reads() {
 
     // Places an export must not go: the checkpoints' own folder (it would overwrite the
     // checkpoint it reads), a folder, a named pipe (renamed over, it would be gone).
-    let fifo = dir.path().join("pipe.safetensors");
-    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: a valid NUL-terminated path and a mode; mkfifo touches nothing else.
-    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o644) }, 0);
+    seer_tests::make_fifo(&dir.path().join("pipe.safetensors"));
     let model_file = "run/checkpoints/ckpt-00000002/model.safetensors";
     let before = std::fs::read(dir.path().join(model_file)).unwrap();
     for (target, says) in [
